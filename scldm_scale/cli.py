@@ -1,0 +1,108 @@
+"""`scldm-scale` / `python -m scldm_scale`: parse, then dispatch. Errors at this boundary print one
+clear line (what is wrong and how to fix it) and exit with status 2, without a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from scldm_scale.config import ConfigError
+from scldm_scale.data.counts import DataError
+from scldm_scale.train.checkpoint import CheckpointError
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+def _pairs(items: list[str], flag: str, cast=str) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = cast(value)
+        except ValueError:
+            raise ConfigError(f"{flag} {item!r}: {value!r} is not a number") from None
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from scldm_scale.config import load_config
+    from scldm_scale.train.stages import run_training
+
+    cfg = load_config(args.config, args.overrides)
+    path = run_training(cfg)
+    print(f"checkpoint: {path}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from scldm_scale.generate import generate
+
+    condition = _pairs(args.condition, "--condition")
+    guidance = _pairs(args.cfg, "--cfg", float)
+    if args.n_cells <= 0:
+        raise ConfigError(f"--n-cells must be positive, got {args.n_cells}")
+    try:
+        adata = generate(
+            args.checkpoint,
+            [(condition, args.n_cells)],
+            guidance=guidance,
+            method=args.sampler,
+            n_steps=args.steps,
+            seed=args.seed,
+            device=args.device,
+        )
+    except ValueError as err:
+        if isinstance(err, USER_ERRORS):
+            raise
+        raise ConfigError(str(err)) from None
+    adata.write_h5ad(args.out)
+    print(f"wrote {adata.n_obs} cells x {adata.n_vars} genes to {args.out}")
+
+
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    from scldm_scale.quickstart import run_quickstart
+
+    report = run_quickstart(args.out, args.overrides)
+    print((__import__("pathlib").Path(args.out) / "report.md").read_text())
+    print(f"wrote {args.out}/generated.h5ad, report.json, report.md in {report['timings']['total_s']:.0f} s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scldm-scale", description="Single-cell latent diffusion at scale.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one stage: scldm-scale train CONFIG.yaml stage=vae key=value ...")
+    p.add_argument("config", help="OmegaConf YAML under configs/, e.g. configs/quickstart.yaml")
+    p.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. model.n_layers=4 train.max_steps=200")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="sample cells from an ldm checkpoint into an .h5ad")
+    p.add_argument("checkpoint")
+    p.add_argument("--n-cells", type=int, required=True)
+    p.add_argument("--condition", action="append", default=[], metavar="KEY=VALUE", help="repeatable")
+    p.add_argument("--cfg", action="append", default=[], metavar="KEY=WEIGHT", help="guidance weight per condition")
+    p.add_argument("--sampler", default="heun", choices=["euler", "heun", "dopri5"])
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="output .h5ad")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("quickstart", help="train both stages on the built-in PBMC data, generate, report")
+    p.add_argument("--out", default="quickstart_out")
+    p.add_argument("overrides", nargs="*", help="dot-list overrides of configs/quickstart.yaml")
+    p.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except USER_ERRORS as err:
+        print(f"scldm-scale {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0

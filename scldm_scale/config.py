@@ -1,0 +1,244 @@
+"""Typed, closed configuration schemas: load YAML -> merge dot-list overrides -> validate.
+
+Every section is a dataclass; OmegaConf's structured configs reject unknown keys and wrong types, and
+`load_config` turns those errors into one line that names the key and says how to fix it. Choices
+(enums spelled as strings) are checked in `validate`, which also checks cross-field constraints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and the fix."""
+
+
+@dataclass
+class DataConfig:
+    # Path to an .h5ad with raw integer counts; null uses the built-in dataset named by `builtin`.
+    path: str | None = None
+    builtin: str = "pbmc68k_reduced"
+    # Layer holding the counts; null means X.
+    layer: str | None = None
+    # obs columns that become the model's conditions (label-encoded; stored in the checkpoint).
+    condition_keys: list[str] = field(default_factory=lambda: ["bulk_labels"])
+    # obs column with "train"/"test"; created (stratified by the first condition key) when absent.
+    split_key: str = "split"
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    # Only for data that is not raw counts (e.g. ambient-corrected): allow non-integer values.
+    allow_non_integer: bool = False
+
+
+@dataclass
+class VAEConfig:
+    d_model: int = 64
+    n_heads: int = 4
+    n_cross_heads: int = 4
+    n_layers: int = 2
+    n_latent_tokens: int = 16
+    latent_dim: int = 16
+    # "layernorm": deterministic latent, LayerNorm without affine (the reference, KL 0);
+    # "gaussian": diagonal Gaussian per token with a KL to N(0, I) weighted by kl_weight.
+    latent_mode: str = "layernorm"
+    kl_weight: float = 1e-4
+    # "scale": E[gene] * log1p(count) (the reference); "concat": Linear([E[gene], log1p(count)]).
+    input_embedding: str = "scale"
+    share_gene_embedding: bool = True
+    # "nb": negative binomial on raw counts; "gaussian": Gaussian on log1p(counts / L * 1e4).
+    likelihood: str = "nb"
+    # "gene": one learned inverse dispersion per gene; "cell": predicted per cell and gene.
+    theta_mode: str = "gene"
+    mlp_ratio: float = 8 / 3
+    dropout: float = 0.0
+
+
+@dataclass
+class PriorConfig:
+    d_model: int = 128
+    n_heads: int = 4
+    n_layers: int = 4
+    mlp_ratio: float = 4.0
+    # Probability that a condition is replaced by its NULL token during training.
+    cond_drop_prob: float = 0.2
+    # "independent": each key dropped on its own; "one_at_a_time": one random key is active per
+    # cell (the rest NULL), the compositional scheme; "joint": all keys dropped together.
+    cond_dropout: str = "independent"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.01
+    # "wsd": linear warmup, constant, sqrt decay to min_lr_ratio; "cosine": warmup then cosine.
+    schedule: str = "wsd"
+    warmup_frac: float = 0.1
+    decay_frac: float = 0.1
+    min_lr_ratio: float = 0.1
+    max_steps: int = 1000
+
+
+@dataclass
+class StageOptimConfig:
+    vae: OptimConfig = field(default_factory=OptimConfig)
+    ldm: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, schedule="cosine"))
+
+
+@dataclass
+class TrainConfig:
+    # Overrides optim.<stage>.max_steps when set.
+    max_steps: int | None = None
+    batch_size: int = 128
+    grad_clip: float = 10.0
+    # EMA of the prior's weights, used for sampling.
+    ema_decay: float = 0.999
+    # "auto": bf16 autocast on CUDA devices that support it, fp32 elsewhere.
+    precision: str = "auto"
+    device: str = "auto"
+    num_threads: int | None = None
+    log_every: int = 50
+    ckpt_dir: str = "runs/default"
+    # The VAE checkpoint the ldm stage encodes cells with.
+    vae_checkpoint: str | None = None
+    metrics_file: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class SampleConfig:
+    method: str = "heun"
+    n_steps: int = 50
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    # Guidance weight w_k the quickstart gives every condition (1 = plain conditioning).
+    guidance: float = 1.0
+
+
+@dataclass
+class Config:
+    stage: str = "vae"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: VAEConfig = field(default_factory=VAEConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    optim: StageOptimConfig = field(default_factory=StageOptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "stage": ("vae", "ldm"),
+    "model.latent_mode": ("layernorm", "gaussian"),
+    "model.input_embedding": ("scale", "concat"),
+    "model.likelihood": ("nb", "gaussian"),
+    "model.theta_mode": ("gene", "cell"),
+    "prior.cond_dropout": ("independent", "one_at_a_time", "joint"),
+    "optim.vae.schedule": ("wsd", "cosine"),
+    "optim.ldm.schedule": ("wsd", "cosine"),
+    "train.precision": ("auto", "bf16", "fp32"),
+    "sample.method": ("euler", "heun", "dopri5"),
+}
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: Config) -> Config:
+    """Check choices and cross-field constraints; raise ConfigError naming the key."""
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+    m = cfg.model
+    for key, value in (("d_model", m.d_model), ("n_heads", m.n_heads), ("n_cross_heads", m.n_cross_heads)):
+        if value <= 0:
+            raise ConfigError(f"model.{key} must be positive, got {value}")
+    for heads_key in ("n_heads", "n_cross_heads"):
+        if m.d_model % getattr(m, heads_key):
+            raise ConfigError(
+                f"model.d_model={m.d_model} must be divisible by model.{heads_key}={getattr(m, heads_key)}"
+            )
+    if cfg.prior.d_model % cfg.prior.n_heads:
+        raise ConfigError(f"prior.d_model={cfg.prior.d_model} must be divisible by prior.n_heads")
+    if m.n_latent_tokens <= 0 or m.latent_dim <= 0 or m.n_layers < 0:
+        raise ConfigError("model.n_latent_tokens and model.latent_dim must be positive, n_layers >= 0")
+    if not 0.0 < cfg.data.test_fraction < 1.0:
+        raise ConfigError(f"data.test_fraction must be in (0, 1), got {cfg.data.test_fraction}")
+    if not 0.0 <= cfg.prior.cond_drop_prob <= 1.0:
+        raise ConfigError(f"prior.cond_drop_prob must be in [0, 1], got {cfg.prior.cond_drop_prob}")
+    if cfg.train.batch_size <= 0:
+        raise ConfigError(f"train.batch_size must be positive, got {cfg.train.batch_size}")
+    if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:
+        raise ConfigError(f"train.max_steps must be positive, got {cfg.train.max_steps}")
+    for stage in ("vae", "ldm"):
+        o = getattr(cfg.optim, stage)
+        if len(o.betas) != 2:
+            raise ConfigError(f"optim.{stage}.betas must have two values, got {list(o.betas)}")
+        if o.warmup_frac + o.decay_frac > 1.0:
+            raise ConfigError(f"optim.{stage}.warmup_frac + decay_frac must be <= 1")
+    if cfg.stage == "ldm" and not cfg.train.vae_checkpoint:
+        raise ConfigError("stage=ldm needs train.vae_checkpoint=PATH (a checkpoint written by stage=vae)")
+    return cfg
+
+
+def _friendly(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or ""
+    if isinstance(err, ConfigAttributeError | ConfigKeyError):
+        return f"unknown config key '{key}': check its spelling against configs/quickstart.yaml"
+    if isinstance(err, ValidationError):
+        return f"wrong type for config key '{key}': {str(err.msg).splitlines()[0]}"
+    return f"invalid configuration at '{key}': {err.msg if hasattr(err, 'msg') else err}"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Merge schema defaults <- YAML file <- dot-list overrides, then validate."""
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = schema
+        if path is not None:
+            path = Path(path)
+            if not path.exists():
+                raise ConfigError(f"config file {path} does not exist")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key=value, got {bad}")
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        raise ConfigError(_friendly(err)) from None
+    return validate(cfg)
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a Config from a checkpoint's stored dict (validated as a fresh one would be)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"checkpoint config: {_friendly(err)}") from None
+    return cfg
+
+
+def stage_optim(cfg: Config, stage: str) -> OptimConfig:
+    optim = getattr(cfg.optim, stage)
+    if cfg.train.max_steps is not None:
+        optim = OptimConfig(**{**optim.__dict__, "max_steps": cfg.train.max_steps})
+    return optim

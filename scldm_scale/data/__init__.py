@@ -1,0 +1,1 @@
+"""Cells in: reading, validating and batching raw counts behind one `CellBatch` interface."""

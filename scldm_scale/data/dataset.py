@@ -1,0 +1,231 @@
+"""An in-memory cell dataset, its label encoders and split, and the `CellBatch` every loader yields.
+
+The batch is the seam between data and model: the streaming SOMA/Census loader of a later issue yields
+the same `CellBatch`. A cell enters the encoder as the set of its expressed genes (padded per batch,
+with a boolean mask that is True on real tokens), and the decoder target is the dense count vector over
+the whole gene vocabulary, zeros included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from scldm_scale.config import DataConfig
+from scldm_scale.data.counts import DataError, load_builtin, read_counts, validate_counts
+
+
+class LabelEncoder:
+    """Condition values <-> integer ids; id len(values) is the NULL (dropped) token."""
+
+    def __init__(self, key: str, values: list[str]):
+        self.key = key
+        self.values = list(values)
+        self._index = {v: i for i, v in enumerate(self.values)}
+
+    @classmethod
+    def fit(cls, key: str, labels: np.ndarray) -> LabelEncoder:
+        return cls(key, sorted({str(v) for v in labels}))
+
+    @property
+    def null_id(self) -> int:
+        return len(self.values)
+
+    def encode(self, labels: np.ndarray | list[str]) -> np.ndarray:
+        out = np.empty(len(labels), dtype=np.int64)
+        for i, v in enumerate(labels):
+            idx = self._index.get(str(v))
+            if idx is None:
+                raise DataError(
+                    f"condition {self.key}={v!r} is not known to this model; known values: {', '.join(self.values)}"
+                )
+            out[i] = idx
+        return out
+
+    def state_dict(self) -> dict:
+        return {"key": self.key, "values": self.values}
+
+    @classmethod
+    def from_state(cls, state: dict) -> LabelEncoder:
+        return cls(state["key"], state["values"])
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
+    """'train'/'test' per cell, the same fraction of every label in test (at least one train cell each)."""
+    rng = np.random.default_rng(seed)
+    split = np.full(len(labels), "train", dtype=object)
+    for value in sorted(set(labels.tolist())):
+        idx = np.flatnonzero(labels == value)
+        idx = idx[rng.permutation(len(idx))]
+        n_test = min(int(round(test_fraction * len(idx))), len(idx) - 1)
+        split[idx[:n_test]] = "test"
+    return split
+
+
+@dataclass
+class CellBatch:
+    gene_ids: torch.Tensor  # (B, S) long, expressed genes of each cell, padded
+    counts: torch.Tensor  # (B, S) float32, their counts (0 on padding)
+    mask: torch.Tensor  # (B, S) bool, True on real tokens
+    target: torch.Tensor  # (B, G) float32, counts over the decoded genes
+    decode_gene_ids: torch.Tensor  # (G,) long, the genes the decoder predicts
+    library_size: torch.Tensor  # (B,) float32, total counts of each cell
+    conditions: dict[str, torch.Tensor]  # key -> (B,) long label ids
+
+    def to(self, device: torch.device | str) -> CellBatch:
+        return CellBatch(
+            gene_ids=self.gene_ids.to(device, non_blocking=True),
+            counts=self.counts.to(device, non_blocking=True),
+            mask=self.mask.to(device, non_blocking=True),
+            target=self.target.to(device, non_blocking=True),
+            decode_gene_ids=self.decode_gene_ids.to(device, non_blocking=True),
+            library_size=self.library_size.to(device, non_blocking=True),
+            conditions={k: v.to(device, non_blocking=True) for k, v in self.conditions.items()},
+        )
+
+    @property
+    def size(self) -> int:
+        return self.target.shape[0]
+
+
+def collate(counts: sp.csr_matrix, conditions: dict[str, np.ndarray]) -> CellBatch:
+    """Build a CellBatch from a CSR block of cells (rows) over the full vocabulary (columns)."""
+    counts = sp.csr_matrix(counts)
+    n_cells, n_genes = counts.shape
+    lengths = np.diff(counts.indptr)
+    seq_len = max(int(lengths.max(initial=0)), 1)
+    gene_ids = np.zeros((n_cells, seq_len), dtype=np.int64)
+    values = np.zeros((n_cells, seq_len), dtype=np.float32)
+    mask = np.zeros((n_cells, seq_len), dtype=bool)
+    rows = np.repeat(np.arange(n_cells), lengths)
+    cols = np.arange(counts.nnz) - np.repeat(counts.indptr[:-1], lengths)
+    gene_ids[rows, cols] = counts.indices
+    values[rows, cols] = counts.data
+    mask[rows, cols] = True
+    dense = counts.toarray().astype(np.float32)
+    return CellBatch(
+        gene_ids=torch.from_numpy(gene_ids),
+        counts=torch.from_numpy(values),
+        mask=torch.from_numpy(mask),
+        target=torch.from_numpy(dense),
+        decode_gene_ids=torch.arange(n_genes),
+        library_size=torch.from_numpy(dense.sum(axis=1)),
+        conditions={k: torch.from_numpy(v) for k, v in conditions.items()},
+    )
+
+
+class CellDataset:
+    """Counts (CSR, cells x vocabulary), condition ids and split of an in-memory AnnData."""
+
+    def __init__(
+        self,
+        counts: sp.csr_matrix,
+        gene_names: list[str],
+        obs: dict[str, np.ndarray],
+        encoders: dict[str, LabelEncoder],
+        split: np.ndarray,
+    ):
+        self.counts = counts
+        self.gene_names = gene_names
+        self.obs = obs
+        self.encoders = encoders
+        self.split = split
+        self.condition_ids = {k: enc.encode(obs[k]) for k, enc in encoders.items()}
+
+    @property
+    def n_genes(self) -> int:
+        return self.counts.shape[1]
+
+    def indices(self, split: str) -> np.ndarray:
+        idx = np.flatnonzero(self.split == split)
+        if idx.size == 0:
+            raise DataError(f"the {split!r} split is empty")
+        return idx
+
+    def batch(self, idx: np.ndarray) -> CellBatch:
+        return collate(self.counts[idx], {k: v[idx] for k, v in self.condition_ids.items()})
+
+    def library_sizes(self, idx: np.ndarray) -> np.ndarray:
+        return np.asarray(self.counts[idx].sum(axis=1)).ravel()
+
+
+def build_dataset(
+    adata: ad.AnnData, cfg: DataConfig, encoders: dict[str, LabelEncoder] | None = None, where: str = "data"
+) -> CellDataset:
+    """Validate an AnnData of counts and turn it into a CellDataset (fitting encoders unless given)."""
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise DataError(f"{where}: empty dataset ({adata.n_obs} cells x {adata.n_vars} genes)")
+    if not adata.var_names.is_unique:
+        dup = adata.var_names[adata.var_names.duplicated()].unique().tolist()[:5]
+        raise DataError(f"{where}: duplicate gene ids in var_names, e.g. {dup}; make them unique first")
+    counts = sp.csr_matrix(adata.X, dtype=np.float32)
+    validate_counts(counts, where, cfg.allow_non_integer)
+    counts.eliminate_zeros()
+    empty = np.flatnonzero(np.diff(counts.indptr) == 0)
+    if empty.size:
+        raise DataError(
+            f"{where}: {empty.size} cells have zero counts (first: {adata.obs_names[empty[0]]}); "
+            "remove them, e.g. sc.pp.filter_cells(adata, min_counts=1)"
+        )
+    missing = [k for k in cfg.condition_keys if k not in adata.obs]
+    if missing:
+        raise DataError(f"{where}: condition keys {missing} are not obs columns; obs has {list(adata.obs)}")
+    obs = {k: adata.obs[k].astype(str).to_numpy() for k in cfg.condition_keys}
+    if encoders is None:
+        encoders = {k: LabelEncoder.fit(k, obs[k]) for k in cfg.condition_keys}
+    if cfg.split_key in adata.obs:
+        split = adata.obs[cfg.split_key].astype(str).to_numpy()
+        unknown = sorted(set(split.tolist()) - {"train", "test"})
+        if unknown:
+            raise DataError(f"{where}: obs[{cfg.split_key!r}] has values {unknown}; expected train/test")
+    else:
+        strata = obs[cfg.condition_keys[0]] if cfg.condition_keys else np.zeros(adata.n_obs, dtype=str)
+        split = stratified_split(strata, cfg.test_fraction, cfg.split_seed)
+    return CellDataset(counts, adata.var_names.tolist(), obs, encoders, split)
+
+
+def load_anndata(cfg: DataConfig) -> ad.AnnData:
+    if cfg.path is None:
+        return load_builtin(cfg.builtin)
+    return read_counts(cfg.path, cfg.layer)
+
+
+class ShuffledBatches:
+    """Endless shuffled batches over a set of items; epoch e uses the permutation from (seed, e).
+
+    `batch_fn(sorted_indices)` builds a batch. The last incomplete batch of each epoch is dropped (fixed
+    batch shapes, equal steps per epoch); a set smaller than one batch makes one batch of all of it.
+    The state (epoch, position, seed) resumes the stream exactly.
+    """
+
+    def __init__(self, batch_fn: Callable[[np.ndarray], Any], idx: np.ndarray, batch_size: int, seed: int):
+        self.batch_fn = batch_fn
+        self.idx = np.asarray(idx)
+        self.batch_size = min(batch_size, len(self.idx))
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        if self.position + self.batch_size > len(self.idx):
+            self.epoch += 1
+            self.position = 0
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.idx))
+        chunk = self.idx[np.sort(order[self.position : self.position + self.batch_size])]
+        self.position += self.batch_size
+        return self.batch_fn(chunk)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]

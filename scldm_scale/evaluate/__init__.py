@@ -1,0 +1,1 @@
+"""Evaluation of generated cells against real ones: distribution metrics and baselines."""

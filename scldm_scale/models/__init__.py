@@ -1,0 +1,1 @@
+"""Autoencoder, latent diffusion transformer, interpolant and samplers."""

@@ -1,0 +1,150 @@
+"""Diffusion Transformer prior over the VAE's M latent tokens, conditioned on cell labels.
+
+Unusual here:
+- adaLN-Zero (DiT): each block's shift/scale/gate for attention and MLP come from SiLU -> Linear of the
+  conditioning vector, zero-initialised along with the final projection, so every block starts as the
+  identity and the network starts by predicting zero velocity.
+- The conditioning vector = timestep embedding + sum over condition keys of a class embedding. Each
+  table has one extra row, the NULL token (index = number of classes), used for classifier-free
+  guidance; `drop_conditions` replaces labels by NULL during training.
+- Fixed 1-D sin-cos positional embedding over the M latent tokens (they are ordered by the VAE's
+  inducing points, unlike gene tokens).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from scldm_scale.config import PriorConfig
+from scldm_scale.models.mcab import Attention
+
+TIME_FREQUENCIES = 256  # sinusoidal features of t in [0, 1], as in DiT
+TIME_SCALE = 1000.0  # t in [0, 1] is stretched to DiT's [0, 1000] range before the sinusoids
+
+
+def sinusoidal_embedding(values: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """(N,) -> (N, dim) cos/sin features with geometrically spaced frequencies."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=values.device, dtype=torch.float32) / half)
+    args = values.float()[:, None] * freqs[None]  # (N, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, dim)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(TIME_FREQUENCIES, d_model), nn.SiLU(), nn.Linear(d_model, d_model))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(sinusoidal_embedding(t * TIME_SCALE, TIME_FREQUENCIES))  # (B, D)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]  # (B, M, D)
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm_attn = nn.LayerNorm(d_model, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(d_model, n_heads)
+        self.norm_mlp = nn.LayerNorm(d_model, elementwise_affine=False, eps=1e-6)
+        hidden = int(d_model * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d_model))
+        self.ada_ln = nn.Sequential(nn.SiLU(), nn.Linear(d_model, 6 * d_model))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.ada_ln(c).chunk(6, dim=-1)  # (B, D) each
+        h = modulate(self.norm_attn(x), shift_a, scale_a)
+        x = x + gate_a[:, None] * self.attn(h, h)
+        return x + gate_m[:, None] * self.mlp(modulate(self.norm_mlp(x), shift_m, scale_m))
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: PriorConfig, n_tokens: int, token_dim: int, n_classes: dict[str, int]):
+        super().__init__()
+        d = cfg.d_model
+        self.n_classes = dict(n_classes)
+        self.x_embed = nn.Linear(token_dim, d)
+        self.register_buffer("pos_embed", sinusoidal_embedding(torch.arange(n_tokens), d)[None], persistent=False)
+        self.t_embed = TimestepEmbedder(d)
+        self.cond_embed = nn.ModuleDict({k: nn.Embedding(n + 1, d) for k, n in n_classes.items()})
+        self.blocks = nn.ModuleList(DiTBlock(d, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_layers))
+        self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.final_ada_ln = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+        self.final = nn.Linear(d, token_dim)
+        self._init_weights()
+
+    @property
+    def null_ids(self) -> dict[str, int]:
+        return dict(self.n_classes)
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for table in self.cond_embed.values():
+            nn.init.normal_(table.weight, std=0.02)
+        for layer in self.t_embed.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=0.02)
+        # adaLN-Zero: modulation and output start at zero, so each block is the identity at init.
+        for block in self.blocks:
+            nn.init.zeros_(block.ada_ln[-1].weight)
+            nn.init.zeros_(block.ada_ln[-1].bias)
+        nn.init.zeros_(self.final_ada_ln[-1].weight)
+        nn.init.zeros_(self.final_ada_ln[-1].bias)
+        nn.init.zeros_(self.final.weight)
+        nn.init.zeros_(self.final.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, conditions: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Velocity for latents x (B, M, L) at times t (B,); a key missing from conditions is NULL."""
+        c = self.t_embed(t)  # (B, D)
+        for key, table in self.cond_embed.items():
+            ids = conditions.get(key)
+            if ids is None:
+                ids = torch.full((x.shape[0],), self.n_classes[key], dtype=torch.long, device=x.device)
+            c = c + table(ids)  # (B, D)
+        h = self.x_embed(x) + self.pos_embed  # (B, M, D)
+        for block in self.blocks:
+            h = block(h, c)
+        shift, scale = self.final_ada_ln(c).chunk(2, dim=-1)  # (B, D) each
+        return self.final(modulate(self.final_norm(h), shift, scale))  # (B, M, L)
+
+
+def drop_conditions(
+    conditions: dict[str, torch.Tensor], null_ids: dict[str, int], p: float, mode: str, generator=None
+) -> dict[str, torch.Tensor]:
+    """Replace labels by NULL for classifier-free guidance training.
+
+    independent: each key of each cell is dropped with probability p.
+    one_at_a_time: per cell, one key chosen at random stays (dropped with probability p), all others
+        are NULL, so the model learns every single-condition velocity v_k used by compositional CFG.
+    joint: all keys of a cell are dropped together with probability p.
+    """
+    keys = list(conditions)
+    if not keys:
+        return {}
+    n = conditions[keys[0]].shape[0]
+    device = conditions[keys[0]].device
+
+    def bernoulli(shape) -> torch.Tensor:
+        return torch.rand(shape, generator=generator, device=device) < p
+
+    if mode == "independent":
+        drop = {k: bernoulli(n) for k in keys}
+    elif mode == "joint":
+        shared = bernoulli(n)
+        drop = {k: shared for k in keys}
+    elif mode == "one_at_a_time":
+        active = torch.randint(len(keys), (n,), generator=generator, device=device)
+        dropped_active = bernoulli(n)
+        drop = {k: (active != i) | dropped_active for i, k in enumerate(keys)}
+    else:
+        raise ValueError(f"unknown condition dropout mode {mode!r}")
+    return {k: torch.where(drop[k], torch.full_like(v, null_ids[k]), v) for k, v in conditions.items()}

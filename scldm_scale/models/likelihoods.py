@@ -1,0 +1,111 @@
+"""Observation models over the decoded genes: negative binomial on raw counts, Gaussian on log-counts.
+
+Unusual here:
+- The NB mean is library_size * softmax_g(logit_g); everything is done in log space
+  (log mu = log L + log_softmax), with log(theta + mu) = logaddexp(log theta, log mu), so counts in
+  the tens of thousands neither overflow nor lose precision. Always fp32 or wider: bf16 holds
+  integers exactly only up to 256.
+- Sampling is gamma-Poisson, which is exact for the NB(mu, theta) parameterisation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Log-counts for the Gaussian head: log1p(counts / library_size * 1e4), as in scanpy's normalize_total.
+TARGET_SUM = 1e4
+# Bounds on log theta: theta in [e^-10, e^10] spans Poisson-like to extremely overdispersed genes.
+LOG_THETA_MIN, LOG_THETA_MAX = -10.0, 10.0
+
+
+def nb_log_prob(x: torch.Tensor, log_mu: torch.Tensor, log_theta: torch.Tensor) -> torch.Tensor:
+    """log NB(x; mu, theta), elementwise, in the dtype of the inputs (pass fp32 or fp64).
+
+    log NB = theta (log theta - log(theta+mu)) + x (log mu - log(theta+mu))
+             + lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)
+    """
+    theta = log_theta.exp()
+    log_theta_mu = torch.logaddexp(log_theta, log_mu)
+    return (
+        theta * (log_theta - log_theta_mu)
+        + x * (log_mu - log_theta_mu)
+        + torch.lgamma(x + theta)
+        - torch.lgamma(theta)
+        - torch.lgamma(x + 1.0)
+    )
+
+
+def sample_nb(mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Counts ~ NB(mu, theta) as Poisson(Gamma(shape=theta, scale=mu/theta)); uses the global torch RNG."""
+    rate = torch.distributions.Gamma(theta, theta / mu.clamp_min(1e-30)).sample()
+    return torch.poisson(rate)
+
+
+class NegativeBinomialHead(nn.Module):
+    """Per-gene hidden vectors -> NB log-likelihood of counts with the cell's library size."""
+
+    def __init__(self, d_model: int, n_genes: int, theta_mode: str):
+        super().__init__()
+        self.theta_mode = theta_mode
+        self.to_logit = nn.Linear(d_model, 1, bias=False)
+        if theta_mode == "gene":
+            self.log_theta = nn.Parameter(torch.zeros(n_genes))  # theta initialised to 1
+        else:
+            self.to_log_theta = nn.Linear(d_model, 1)
+            nn.init.zeros_(self.to_log_theta.weight)
+            nn.init.zeros_(self.to_log_theta.bias)
+
+    def params(
+        self, hidden: torch.Tensor, gene_ids: torch.Tensor, library_size: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log mu, log theta), each (B, G), in fp32."""
+        logits = self.to_logit(hidden).squeeze(-1).float()  # (B, G)
+        log_mu = library_size.float().clamp_min(1.0).log()[:, None] + logits.log_softmax(-1)  # (B, G)
+        if self.theta_mode == "gene":
+            log_theta = self.log_theta[gene_ids].float().expand_as(log_mu)  # (B, G)
+        else:
+            log_theta = self.to_log_theta(hidden).squeeze(-1).float()  # (B, G)
+        return log_mu, log_theta.clamp(LOG_THETA_MIN, LOG_THETA_MAX)
+
+    def log_prob(self, hidden, gene_ids, library_size, counts) -> torch.Tensor:
+        log_mu, log_theta = self.params(hidden, gene_ids, library_size)
+        return nb_log_prob(counts.float(), log_mu, log_theta)  # (B, G)
+
+    def sample(self, hidden, gene_ids, library_size) -> torch.Tensor:
+        log_mu, log_theta = self.params(hidden, gene_ids, library_size)
+        return sample_nb(log_mu.exp(), log_theta.exp())
+
+    def mean(self, hidden, gene_ids, library_size) -> torch.Tensor:
+        return self.params(hidden, gene_ids, library_size)[0].exp()
+
+
+class GaussianHead(nn.Module):
+    """Gaussian on y = log1p(counts / L * 1e4) with a learned per-gene log standard deviation."""
+
+    def __init__(self, d_model: int, n_genes: int):
+        super().__init__()
+        self.to_mean = nn.Linear(d_model, 1)
+        self.log_std = nn.Parameter(torch.zeros(n_genes))
+
+    def params(self, hidden, gene_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.to_mean(hidden).squeeze(-1).float()  # (B, G)
+        return mean, self.log_std[gene_ids].float().expand_as(mean)
+
+    @staticmethod
+    def transform(counts: torch.Tensor, library_size: torch.Tensor) -> torch.Tensor:
+        return torch.log1p(counts.float() / library_size.float().clamp_min(1.0)[:, None] * TARGET_SUM)
+
+    def log_prob(self, hidden, gene_ids, library_size, counts) -> torch.Tensor:
+        mean, log_std = self.params(hidden, gene_ids)
+        y = self.transform(counts, library_size)
+        return torch.distributions.Normal(mean, log_std.exp()).log_prob(y)
+
+    def sample(self, hidden, gene_ids, library_size) -> torch.Tensor:
+        mean, log_std = self.params(hidden, gene_ids)
+        y = mean + log_std.exp() * torch.randn_like(mean)
+        return (y.expm1().clamp_min(0.0) * library_size.float()[:, None] / TARGET_SUM).round()
+
+    def mean(self, hidden, gene_ids, library_size) -> torch.Tensor:
+        mean, _ = self.params(hidden, gene_ids)
+        return mean.expm1().clamp_min(0.0) * library_size.float()[:, None] / TARGET_SUM

@@ -1,0 +1,136 @@
+"""Set VAE over gene tokens: MCAB pooling encoder, MCAB unpooling decoder, NB (or Gaussian) head.
+
+Unusual here:
+- A cell is the *set* of its expressed genes; tokens carry no position, so the encoder is invariant
+  and the decoder equivariant under gene permutations, and any subset of the vocabulary can be decoded.
+- The encoder takes a key padding mask (True = real token) so padding never changes the latent.
+- Two latent modes: "layernorm" (deterministic, LayerNorm without affine, KL weight 0 — what the
+  reference trains) and "gaussian" (reparameterised diagonal Gaussian per token, KL to N(0, I)).
+- The decoder's gene queries are gene-id embeddings (optionally the encoder's table); they depend only
+  on the gene, so they enter the cross-attention with batch size 1 and are projected once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from scldm_scale.config import VAEConfig
+from scldm_scale.models.likelihoods import GaussianHead, NegativeBinomialHead
+from scldm_scale.models.mcab import MCAB, SelfAttentionBlock
+
+
+class GeneTokenEmbedding(nn.Module):
+    """(gene id, count) -> token. "scale": E[g] * log1p(x); "concat": Linear([E[g], log1p(x)])."""
+
+    def __init__(self, gene_embedding: nn.Embedding, mode: str):
+        super().__init__()
+        self.gene_embedding = gene_embedding
+        self.mode = mode
+        if mode == "concat":
+            d = gene_embedding.embedding_dim
+            self.proj = nn.Linear(d + 1, d, bias=False)
+
+    def forward(self, gene_ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        e = self.gene_embedding(gene_ids)  # (B, S, E)
+        log_counts = torch.log1p(counts.float()).unsqueeze(-1).to(e.dtype)  # (B, S, 1)
+        if self.mode == "scale":
+            return e * log_counts
+        return self.proj(torch.cat([e, log_counts], dim=-1))  # (B, S, E)
+
+
+class SetVAE(nn.Module):
+    def __init__(self, cfg: VAEConfig, n_genes: int):
+        super().__init__()
+        self.cfg = cfg
+        self.n_genes = n_genes
+        d, m = cfg.d_model, cfg.n_latent_tokens
+        self.gene_embedding = nn.Embedding(n_genes, d)
+        self.decoder_gene_embedding = self.gene_embedding if cfg.share_gene_embedding else nn.Embedding(n_genes, d)
+        self.tokens = GeneTokenEmbedding(self.gene_embedding, cfg.input_embedding)
+        # Encoder: M inducing points pool the gene set, then self-attention over the M tokens.
+        self.inducing_points = nn.Parameter(torch.randn(1, m, d) * 0.02)
+        self.pool = MCAB(d, cfg.n_cross_heads, cfg.mlp_ratio)
+        self.encoder_blocks = nn.ModuleList(
+            SelfAttentionBlock(d, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_layers)
+        )
+        self.encoder_norm = nn.LayerNorm(d, bias=False)
+        n_out = 2 * cfg.latent_dim if cfg.latent_mode == "gaussian" else cfg.latent_dim
+        self.to_latent = nn.Linear(d, n_out, bias=False)
+        self.latent_norm = nn.LayerNorm(cfg.latent_dim, elementwise_affine=False)
+        # Decoder: latent tokens -> width d, self-attention, then gene queries unpool them.
+        self.from_latent = nn.Sequential(
+            nn.LayerNorm(cfg.latent_dim, bias=False), nn.Linear(cfg.latent_dim, d, bias=False)
+        )
+        self.decoder_blocks = nn.ModuleList(
+            SelfAttentionBlock(d, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_layers)
+        )
+        self.unpool = MCAB(d, cfg.n_cross_heads, cfg.mlp_ratio)
+        self.decoder_norm = nn.LayerNorm(d, bias=False)
+        if cfg.likelihood == "nb":
+            self.head: nn.Module = NegativeBinomialHead(d, n_genes, cfg.theta_mode)
+        else:
+            self.head = GaussianHead(d, n_genes)
+        self.apply(_init_weights)
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        return self.cfg.n_latent_tokens, self.cfg.latent_dim
+
+    def encode(
+        self, gene_ids: torch.Tensor, counts: torch.Tensor, mask: torch.Tensor, sample: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Latent tokens (B, M, L) and, for the Gaussian mode, the KL per cell (B,).
+
+        sample=False returns the posterior mean (Gaussian mode); the LayerNorm mode is deterministic.
+        """
+        x = self.tokens(gene_ids, counts)  # (B, S, E)
+        z = self.pool(self.inducing_points, x, key_mask=mask)  # (B, M, E)
+        for block in self.encoder_blocks:
+            z = block(z)
+        z = self.to_latent(self.encoder_norm(z))  # (B, M, L) or (B, M, 2L)
+        if self.cfg.latent_mode == "layernorm":
+            return self.latent_norm(z), None
+        mean, log_var = z.float().chunk(2, dim=-1)  # (B, M, L) each
+        log_var = log_var.clamp(-20.0, 10.0)
+        kl = 0.5 * (mean.square() + log_var.exp() - 1.0 - log_var).sum(dim=(1, 2))  # (B,)
+        if sample:
+            mean = mean + (0.5 * log_var).exp() * torch.randn_like(mean)
+        return mean, kl
+
+    def decode(self, z: torch.Tensor, decode_gene_ids: torch.Tensor) -> torch.Tensor:
+        """Hidden vector per requested gene: (B, M, L), (G,) -> (B, G, E)."""
+        h = self.from_latent(z)  # (B, M, E)
+        for block in self.decoder_blocks:
+            h = block(h)
+        gene_queries = self.decoder_gene_embedding(decode_gene_ids)[None]  # (1, G, E), shared by all cells
+        y = self.unpool(gene_queries, h)  # (B, G, E)
+        return self.decoder_norm(y)
+
+    def log_prob(self, hidden, decode_gene_ids, library_size, target) -> torch.Tensor:
+        return self.head.log_prob(hidden, decode_gene_ids, library_size, target)  # (B, G)
+
+    def sample_counts(self, z: torch.Tensor, decode_gene_ids: torch.Tensor, library_size: torch.Tensor):
+        return self.head.sample(self.decode(z, decode_gene_ids), decode_gene_ids, library_size)
+
+    def forward(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Training loss on a CellBatch: NLL summed over genes, mean over cells, plus weighted KL."""
+        z, kl = self.encode(batch.gene_ids, batch.counts, batch.mask)
+        hidden = self.decode(z, batch.decode_gene_ids)
+        nll = -self.log_prob(hidden, batch.decode_gene_ids, batch.library_size, batch.target).sum(-1).mean()
+        loss = nll
+        metrics = {"nll": nll.detach()}
+        if kl is not None:
+            kl_mean = kl.mean()
+            loss = loss + self.cfg.kl_weight * kl_mean
+            metrics["kl"] = kl_mean.detach()
+        return loss, metrics
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)

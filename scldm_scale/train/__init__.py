@@ -1,0 +1,1 @@
+"""The training engine: one loop, its optimiser/schedule/EMA, checkpoints and metrics."""

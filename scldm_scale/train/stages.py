@@ -1,0 +1,186 @@
+"""The two training stages as functions of a validated Config.
+
+stage=vae: cells -> SetVAE, trained on the train split; the checkpoint holds the VAE, the resolved
+config, the gene vocabulary, the condition encoders and the library-size model.
+stage=ldm: the frozen VAE encodes the train cells (posterior mean in the Gaussian mode), latents are
+standardised per element, and a DiT prior is trained on them by flow matching; its checkpoint embeds
+the VAE too, so `generate` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scldm_scale.config import Config, VAEConfig, stage_optim, to_dict
+from scldm_scale.data.counts import DataError
+from scldm_scale.data.dataset import (
+    CellDataset,
+    LabelEncoder,
+    ShuffledBatches,
+    build_dataset,
+    load_anndata,
+)
+from scldm_scale.models.dit import DiT
+from scldm_scale.models.library_size import LibrarySizeModel
+from scldm_scale.models.prior import FlowMatchingPrior, LatentBatch
+from scldm_scale.models.vae import SetVAE
+from scldm_scale.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from scldm_scale.train.trainer import Trainer, resolve_device
+
+log = logging.getLogger(__name__)
+ENCODE_BATCH = 256
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _set_threads(cfg: Config) -> None:
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+
+
+def load_vae(ckpt: dict) -> SetVAE:
+    vae_cfg = VAEConfig(**ckpt["vae_config"])
+    vae = SetVAE(vae_cfg, len(ckpt["gene_names"]))
+    vae.load_state_dict(ckpt["vae_state"])
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_latents(vae: SetVAE, dataset: CellDataset, idx: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Posterior-mean latents (N, M, L) of the given cells, in fp32 on the CPU."""
+    vae.eval()
+    out = []
+    for start in range(0, len(idx), ENCODE_BATCH):
+        batch = dataset.batch(idx[start : start + ENCODE_BATCH]).to(device)
+        z, _ = vae.encode(batch.gene_ids, batch.counts, batch.mask, sample=False)
+        out.append(z.float().cpu())
+    return torch.cat(out)
+
+
+def _align_to_vocabulary(dataset_genes: list[str], vocabulary: list[str], where: str) -> np.ndarray | None:
+    """Column order that maps the dataset onto the checkpoint's genes (None when already equal)."""
+    if dataset_genes == vocabulary:
+        return None
+    position = {g: i for i, g in enumerate(dataset_genes)}
+    missing = [g for g in vocabulary if g not in position]
+    if missing:
+        raise DataError(f"{where}: {len(missing)} genes of the VAE's vocabulary are missing, e.g. {missing[:5]}")
+    return np.array([position[g] for g in vocabulary])
+
+
+def train_vae(cfg: Config) -> Path:
+    seed_everything(cfg.seed)
+    _set_threads(cfg)
+    device = resolve_device(cfg.train.device)
+    dataset = build_dataset(load_anndata(cfg.data), cfg.data)
+    train_idx = dataset.indices("train")
+    log.info(
+        "VAE: %d train cells x %d genes, conditions %s",
+        len(train_idx),
+        dataset.n_genes,
+        cfg.data.condition_keys,
+    )
+    vae = SetVAE(cfg.model, dataset.n_genes)
+    optim_cfg = stage_optim(cfg, "vae")
+    batches = ShuffledBatches(dataset.batch, train_idx, cfg.train.batch_size, cfg.seed)
+    trainer = Trainer(vae, optim_cfg, cfg.train, device, desc="VAE")
+    history = trainer.fit(batches)
+    library = LibrarySizeModel.fit(dataset.library_sizes(train_idx), {k: v[train_idx] for k, v in dataset.obs.items()})
+    path = Path(cfg.train.ckpt_dir) / "vae.pt"
+    save_checkpoint(
+        path,
+        "vae",
+        {
+            "config": to_dict(cfg),
+            "vae_config": to_dict(cfg)["model"],
+            "vae_state": vae.state_dict(),
+            "gene_names": dataset.gene_names,
+            "condition_encoders": {k: e.state_dict() for k, e in dataset.encoders.items()},
+            "library_size": library.state_dict(),
+            "step": trainer.step,
+            "optimizer": trainer.optimizer.state_dict(),
+            "loader": batches.state_dict(),
+            "history": history,
+        },
+    )
+    log.info("VAE checkpoint written to %s", path)
+    return path
+
+
+def train_ldm(cfg: Config) -> Path:
+    seed_everything(cfg.seed)
+    _set_threads(cfg)
+    device = resolve_device(cfg.train.device)
+    vae_ckpt = load_checkpoint(cfg.train.vae_checkpoint, kind="vae")
+    vae = load_vae(vae_ckpt).to(device)
+    encoders = {k: LabelEncoder.from_state(s) for k, s in vae_ckpt["condition_encoders"].items()}
+    if list(encoders) != list(cfg.data.condition_keys):
+        raise CheckpointError(
+            f"data.condition_keys={list(cfg.data.condition_keys)} but the VAE was trained with {list(encoders)}; "
+            "the prior is conditioned on the VAE checkpoint's keys — use the same data.condition_keys"
+        )
+    adata = load_anndata(cfg.data)
+    order = _align_to_vocabulary(adata.var_names.tolist(), vae_ckpt["gene_names"], "ldm data")
+    if order is not None:
+        adata = adata[:, order].copy()
+    dataset = build_dataset(adata, cfg.data, encoders=encoders)
+    train_idx = dataset.indices("train")
+    latents = encode_latents(vae, dataset, train_idx, device)  # (N, M, L)
+    latent_mean, latent_std = latents.mean(0), latents.std(0).clamp_min(1e-6)  # (M, L) each
+    standardised = (latents - latent_mean) / latent_std
+    conditions = {k: torch.from_numpy(v[train_idx]) for k, v in dataset.condition_ids.items()}
+    position = np.arange(len(train_idx))
+
+    def latent_batch(rows: np.ndarray) -> LatentBatch:
+        return LatentBatch(standardised[rows], {k: v[rows] for k, v in conditions.items()})
+
+    n_classes = {k: len(e.values) for k, e in encoders.items()}
+    dit = DiT(cfg.prior, vae.cfg.n_latent_tokens, vae.cfg.latent_dim, n_classes)
+    prior = FlowMatchingPrior(dit, cfg.prior.cond_drop_prob, cfg.prior.cond_dropout)
+    log.info(
+        "LDM: DiT with %.2fM parameters on %d latents",
+        sum(p.numel() for p in dit.parameters()) / 1e6,
+        len(position),
+    )
+    batches = ShuffledBatches(latent_batch, position, cfg.train.batch_size, cfg.seed)
+    trainer = Trainer(prior, stage_optim(cfg, "ldm"), cfg.train, device, use_ema=True, desc="LDM")
+    history = trainer.fit(batches)
+    ema_dit = {k[len("dit.") :]: v for k, v in trainer.ema.shadow.items() if k.startswith("dit.")}
+    path = Path(cfg.train.ckpt_dir) / "ldm.pt"
+    save_checkpoint(
+        path,
+        "ldm",
+        {
+            "config": to_dict(cfg),
+            "vae_config": vae_ckpt["vae_config"],
+            "vae_state": vae_ckpt["vae_state"],
+            "prior_config": to_dict(cfg)["prior"],
+            "prior_state": dit.state_dict(),
+            "prior_ema_state": ema_dit,
+            "n_classes": n_classes,
+            "latent_mean": latent_mean,
+            "latent_std": latent_std,
+            "gene_names": vae_ckpt["gene_names"],
+            "condition_encoders": vae_ckpt["condition_encoders"],
+            "library_size": vae_ckpt["library_size"],
+            "step": trainer.step,
+            "optimizer": trainer.optimizer.state_dict(),
+            "loader": batches.state_dict(),
+            "history": history,
+        },
+    )
+    log.info("LDM checkpoint written to %s", path)
+    return path
+
+
+def run_training(cfg: Config) -> Path:
+    return train_vae(cfg) if cfg.stage == "vae" else train_ldm(cfg)
