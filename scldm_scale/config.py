@@ -59,7 +59,6 @@ class VAEConfig:
     # "gene": one learned inverse dispersion per gene; "cell": predicted per cell and gene.
     theta_mode: str = "gene"
     mlp_ratio: float = 8 / 3
-    dropout: float = 0.0
 
 
 @dataclass
@@ -225,16 +224,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def to_dict(cfg: Config) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
-
-
-def from_dict(data: dict) -> Config:
-    """Rebuild a Config from a checkpoint's stored dict (validated as a fresh one would be)."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
-        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"checkpoint config: {_friendly(err)}") from None
-    return cfg
 
 
 def stage_optim(cfg: Config, stage: str) -> OptimConfig:

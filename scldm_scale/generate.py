@@ -68,13 +68,11 @@ class Generator:
             device=device_,
         )
 
-    def _check(self, condition: dict[str, str], guidance: dict[str, float]) -> None:
-        for key in list(condition) + list(guidance):
+    def _check(self, labels: dict[str, np.ndarray], guidance: dict[str, float]) -> None:
+        for key in list(labels) + list(guidance):
             if key not in self.encoders:
                 raise ValueError(f"unknown condition key {key!r}; this model knows {', '.join(self.encoders)}")
-        for key, value in condition.items():
-            self.encoders[key].encode([value])  # raises, listing the known values
-        unguided = [k for k in guidance if k not in condition]
+        unguided = [k for k in guidance if k not in labels]
         if unguided:
             raise ValueError(f"--cfg given for {unguided} without a --condition value for it")
 
@@ -82,41 +80,52 @@ class Generator:
     def sample(
         self,
         n_cells: int,
-        condition: dict[str, str],
+        labels: dict[str, np.ndarray],
         guidance: dict[str, float] | None = None,
         method: str = "heun",
         n_steps: int = 50,
         atol: float = 1e-5,
         rtol: float = 1e-5,
         seed: int = 0,
-        batch_size: int = 512,
+        batch_size: int = 1024,
     ) -> np.ndarray:
-        """Integer counts (n_cells, G) for one condition request."""
+        """Integer counts (N, G) for cells whose condition values are given per cell (key -> (N,) str).
+
+        Cells with different values share one ODE solve (the condition ids are per cell); every key in
+        `labels` is guided with its weight in `guidance` (default 1, plain conditioning); with no labels
+        the cells come from the unconditional (all-NULL) prior and the global library-size fit.
+        """
+        labels = {k: np.asarray(v, dtype=object) for k, v in labels.items()}
         guidance = dict(guidance or {})
-        self._check(condition, guidance)
-        weights = {k: guidance.get(k, DEFAULT_GUIDANCE) for k in condition}
+        self._check(labels, guidance)
+        for key, values in labels.items():
+            if len(values) != n_cells:
+                raise ValueError(f"labels[{key!r}] has {len(values)} values for {n_cells} cells")
+        ids = {k: torch.from_numpy(self.encoders[k].encode(v)).to(self.device) for k, v in labels.items()}
+        weights = {k: guidance.get(k, DEFAULT_GUIDANCE) for k in labels}
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
+        library = np.empty(n_cells)
+        combos = list(zip(*labels.values(), strict=True)) if labels else [()] * n_cells
+        for combo in dict.fromkeys(combos):
+            rows = np.array([c == combo for c in combos])
+            library[rows] = self.library_size.sample(int(rows.sum()), dict(zip(labels, combo, strict=True)), rng)
         m, latent_dim = self.vae.latent_shape
         genes = torch.arange(len(self.gene_names), device=self.device)
         out = []
         for start in range(0, n_cells, batch_size):
-            n = min(batch_size, n_cells - start)
-            ids = {
-                k: torch.full((n,), int(self.encoders[k].encode([v])[0]), device=self.device)
-                for k, v in condition.items()
-            }
+            stop = min(start + batch_size, n_cells)
+            chunk_ids = {k: v[start:stop] for k, v in ids.items()}
             if self.guidance_mode == "joint":
                 joint_weight = max(weights.values()) if weights else 0.0
-                velocity = make_guided_velocity_fn(self.dit, ids, joint_weight, self.dit.null_ids, mode="joint")
+                velocity = make_guided_velocity_fn(self.dit, chunk_ids, joint_weight, self.dit.null_ids, mode="joint")
             else:
-                velocity = make_guided_velocity_fn(self.dit, ids, weights, self.dit.null_ids)
-            noise = torch.randn(n, m, latent_dim, device=self.device)
+                velocity = make_guided_velocity_fn(self.dit, chunk_ids, weights, self.dit.null_ids)
+            noise = torch.randn(stop - start, m, latent_dim, device=self.device)
             x = integrate(velocity, noise, method=method, n_steps=n_steps, atol=atol, rtol=rtol)
             z = x * self.latent_std + self.latent_mean  # (n, M, L)
-            library = torch.from_numpy(self.library_size.sample(n, condition, rng)).float().to(self.device)
-            counts = self.vae.sample_counts(z, genes, library)  # (n, G)
-            out.append(counts.cpu().numpy().astype(np.int64))
+            size = torch.from_numpy(library[start:stop]).float().to(self.device)
+            out.append(self.vae.sample_counts(z, genes, size).cpu().numpy().astype(np.int64))
         return np.concatenate(out) if out else np.zeros((0, len(self.gene_names)), dtype=np.int64)
 
 
@@ -139,13 +148,13 @@ def generate(
 ) -> ad.AnnData:
     """Cells for each (condition, n_cells) request, concatenated into one AnnData."""
     gen = Generator.from_checkpoint(checkpoint, device=device)
-    blocks, labels = [], {k: [] for k in gen.encoders}
-    for i, (condition, n) in enumerate(requests):
-        blocks.append(gen.sample(n, condition, guidance, method=method, n_steps=n_steps, seed=seed + i))
-        for key in labels:
-            labels[key].extend([condition.get(key, "unspecified")] * n)
-    counts = np.concatenate(blocks) if blocks else np.zeros((0, len(gen.gene_names)), dtype=np.int64)
-    labels = {k: v for k, v in labels.items() if any(x != "unspecified" for x in v)}
+    keys = list(dict.fromkeys(k for condition, _ in requests for k in condition))
+    for condition, _ in requests:
+        if set(condition) != set(keys):
+            raise ValueError(f"every request must set the same condition keys {keys}; got {list(condition)}")
+    labels = {k: np.concatenate([np.full(n, c[k], dtype=object) for c, n in requests]) for k in keys}
+    n_total = sum(n for _, n in requests)
+    counts = gen.sample(n_total, labels, guidance, method=method, n_steps=n_steps, seed=seed)
     settings = {
         "checkpoint": str(checkpoint),
         "guidance": {k: float(v) for k, v in (guidance or {}).items()},

@@ -30,10 +30,15 @@ def validate_counts(x: sp.csr_matrix | np.ndarray, where: str, allow_non_integer
         return
     bad = ~np.isfinite(values)
     if bad.any():
-        raise DataError(f"{where}: {int(bad.sum())} NaN/inf values; counts must be finite")
+        raise DataError(
+            f"{where}: {int(bad.sum())} NaN/inf values (first in cell {_first_cell(x, bad)}); counts must be finite"
+        )
     negative = values < 0
     if negative.any():
-        raise DataError(f"{where}: {int(negative.sum())} negative values (min {values.min()}); raw counts are >= 0")
+        raise DataError(
+            f"{where}: {int(negative.sum())} negative values (min {values.min()}, first in cell "
+            f"{_first_cell(x, negative)}); raw counts are >= 0"
+        )
     if not allow_non_integer:
         frac = np.abs(values - np.round(values))
         if (frac > 1e-6).any():

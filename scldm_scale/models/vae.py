@@ -67,11 +67,13 @@ class SetVAE(nn.Module):
         )
         self.unpool = MCAB(d, cfg.n_cross_heads, cfg.mlp_ratio)
         self.decoder_norm = nn.LayerNorm(d, bias=False)
+        self.apply(_init_weights)
+        # Built after the generic init so the head keeps its own (theta = 1 at init).
         if cfg.likelihood == "nb":
             self.head: nn.Module = NegativeBinomialHead(d, n_genes, cfg.theta_mode)
         else:
             self.head = GaussianHead(d, n_genes)
-        self.apply(_init_weights)
+        nn.init.normal_(self.head.to_logit.weight if cfg.likelihood == "nb" else self.head.to_mean.weight, std=0.02)
 
     @property
     def latent_shape(self) -> tuple[int, int]:
