@@ -226,6 +226,18 @@ def to_dict(cfg: Config) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 
 
+def section_from_dict(schema: type, data: dict, where: str):
+    """Rebuild one schema section (e.g. VAEConfig) from a checkpoint's stored dict, strictly."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(data))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(
+            f"{where}: stored config does not fit this version of scldm-scale ({_friendly(err)}); "
+            "retrain with this version or use the version that wrote the checkpoint"
+        ) from None
+
+
 def stage_optim(cfg: Config, stage: str) -> OptimConfig:
     optim = getattr(cfg.optim, stage)
     if cfg.train.max_steps is not None:

@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+from tqdm.auto import tqdm
 
-from scldm_scale.config import PriorConfig
+from scldm_scale.config import PriorConfig, section_from_dict
 from scldm_scale.data.dataset import LabelEncoder
 from scldm_scale.models.dit import DiT
 from scldm_scale.models.library_size import LibrarySizeModel
@@ -45,17 +46,13 @@ class Generator:
         ckpt = load_checkpoint(path, kind="ldm")
         device_ = torch.device(device)
         vae = load_vae(ckpt).to(device_)
-        dit = DiT(
-            PriorConfig(**ckpt["prior_config"]),
-            vae.cfg.n_latent_tokens,
-            vae.cfg.latent_dim,
-            ckpt["n_classes"],
-        )
+        prior_cfg = section_from_dict(PriorConfig, ckpt["prior_config"], f"{path} prior config")
+        dit = DiT(prior_cfg, vae.cfg.n_latent_tokens, vae.cfg.latent_dim, ckpt["n_classes"])
         try:
             dit.load_state_dict(ckpt["prior_ema_state"] if use_ema else ckpt["prior_state"])
         except RuntimeError as err:
             raise CheckpointError(f"{path}: prior weights do not match prior_config ({err})") from None
-        mode = "joint" if ckpt["prior_config"]["cond_dropout"] == "joint" else "compositional"
+        mode = "joint" if prior_cfg.cond_dropout == "joint" else "compositional"
         return cls(
             vae=vae,
             dit=dit.to(device_).eval(),
@@ -88,6 +85,7 @@ class Generator:
         rtol: float = 1e-5,
         seed: int = 0,
         batch_size: int = 1024,
+        progress: bool = True,
     ) -> np.ndarray:
         """Integer counts (N, G) for cells whose condition values are given per cell (key -> (N,) str).
 
@@ -112,6 +110,10 @@ class Generator:
             library[rows] = self.library_size.sample(int(rows.sum()), dict(zip(labels, combo, strict=True)), rng)
         m, latent_dim = self.vae.latent_shape
         genes = torch.arange(len(self.gene_names), device=self.device)
+        evals_per_batch = {"euler": n_steps, "heun": 2 * n_steps}.get(method)  # dopri5: adaptive, unknown
+        n_batches = -(-n_cells // batch_size)
+        total = evals_per_batch * n_batches if evals_per_batch else None
+        bar = tqdm(total=total, desc="generate", unit="eval", disable=not progress, dynamic_ncols=True)
         out = []
         for start in range(0, n_cells, batch_size):
             stop = min(start + batch_size, n_cells)
@@ -122,11 +124,22 @@ class Generator:
             else:
                 velocity = make_guided_velocity_fn(self.dit, chunk_ids, weights, self.dit.null_ids)
             noise = torch.randn(stop - start, m, latent_dim, device=self.device)
-            x = integrate(velocity, noise, method=method, n_steps=n_steps, atol=atol, rtol=rtol)
+            x = integrate(_counted(velocity, bar), noise, method=method, n_steps=n_steps, atol=atol, rtol=rtol)
             z = x * self.latent_std + self.latent_mean  # (n, M, L)
             size = torch.from_numpy(library[start:stop]).float().to(self.device)
             out.append(self.vae.sample_counts(z, genes, size).cpu().numpy().astype(np.int64))
+        bar.close()
         return np.concatenate(out) if out else np.zeros((0, len(self.gene_names)), dtype=np.int64)
+
+
+def _counted(velocity, bar):
+    """The velocity field, ticking the progress bar once per model evaluation."""
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        bar.update(1)
+        return velocity(x, t)
+
+    return fn
 
 
 def to_anndata(counts: np.ndarray, labels: dict[str, list[str]], gene_names: list[str], settings: dict) -> ad.AnnData:
@@ -145,6 +158,7 @@ def generate(
     n_steps: int = 50,
     seed: int = 0,
     device: str = "cpu",
+    progress: bool = True,
 ) -> ad.AnnData:
     """Cells for each (condition, n_cells) request, concatenated into one AnnData."""
     gen = Generator.from_checkpoint(checkpoint, device=device)
@@ -154,7 +168,7 @@ def generate(
             raise ValueError(f"every request must set the same condition keys {keys}; got {list(condition)}")
     labels = {k: np.concatenate([np.full(n, c[k], dtype=object) for c, n in requests]) for k in keys}
     n_total = sum(n for _, n in requests)
-    counts = gen.sample(n_total, labels, guidance, method=method, n_steps=n_steps, seed=seed)
+    counts = gen.sample(n_total, labels, guidance, method=method, n_steps=n_steps, seed=seed, progress=progress)
     settings = {
         "checkpoint": str(checkpoint),
         "guidance": {k: float(v) for k, v in (guidance or {}).items()},

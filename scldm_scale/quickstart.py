@@ -75,14 +75,14 @@ def run_quickstart(out_dir: str | Path, overrides: list[str] = ()) -> dict:
     test_labels = dataset.obs[key][test_idx]
     values, counts = np.unique(test_labels, return_counts=True)
     requests = [({key: str(v)}, int(n)) for v, n in zip(values, counts, strict=True)]
-    s = ldm_cfg.sample
     generated = generate(
         str(ldm_path),
         requests,
         guidance=_guidance(ldm_cfg),
-        method=s.method,
-        n_steps=s.n_steps,
+        method=ldm_cfg.sample.method,
+        n_steps=ldm_cfg.sample.n_steps,
         seed=ldm_cfg.seed,
+        progress=ldm_cfg.train.progress,
     )
     generated.write_h5ad(out / "generated.h5ad")
     timings["generate_s"] = time.perf_counter() - t

@@ -49,6 +49,8 @@ class NegativeBinomialHead(nn.Module):
         super().__init__()
         self.theta_mode = theta_mode
         self.to_logit = nn.Linear(d_model, 1, bias=False)
+        # Per-gene logit offset: the gene's baseline expression, so the hidden vector models deviations.
+        self.gene_bias = nn.Parameter(torch.zeros(n_genes))
         if theta_mode == "gene":
             self.log_theta = nn.Parameter(torch.zeros(n_genes))  # theta initialised to 1
         else:
@@ -60,7 +62,7 @@ class NegativeBinomialHead(nn.Module):
         self, hidden: torch.Tensor, gene_ids: torch.Tensor, library_size: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(log mu, log theta), each (B, G), in fp32."""
-        logits = self.to_logit(hidden).squeeze(-1).float()  # (B, G)
+        logits = self.to_logit(hidden).squeeze(-1).float() + self.gene_bias[gene_ids].float()  # (B, G)
         log_mu = library_size.float().clamp_min(1.0).log()[:, None] + logits.log_softmax(-1)  # (B, G)
         if self.theta_mode == "gene":
             log_theta = self.log_theta[gene_ids].float().expand_as(log_mu)  # (B, G)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scldm_scale.config import Config, VAEConfig, stage_optim, to_dict
+from scldm_scale.config import Config, VAEConfig, section_from_dict, stage_optim, to_dict
 from scldm_scale.data.counts import DataError
 from scldm_scale.data.dataset import (
     CellDataset,
@@ -48,9 +48,12 @@ def _set_threads(cfg: Config) -> None:
 
 
 def load_vae(ckpt: dict) -> SetVAE:
-    vae_cfg = VAEConfig(**ckpt["vae_config"])
+    vae_cfg = section_from_dict(VAEConfig, ckpt["vae_config"], "checkpoint VAE config")
     vae = SetVAE(vae_cfg, len(ckpt["gene_names"]))
-    vae.load_state_dict(ckpt["vae_state"])
+    try:
+        vae.load_state_dict(ckpt["vae_state"])
+    except RuntimeError as err:
+        raise CheckpointError(f"VAE weights do not match the stored VAE config: {err}") from None
     return vae.eval()
 
 

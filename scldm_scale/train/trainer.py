@@ -72,6 +72,8 @@ class Trainer:
         metrics_file = Path(cfg.metrics_file) if cfg.metrics_file else None
         if metrics_file is not None:
             metrics_file.parent.mkdir(parents=True, exist_ok=True)
+            if self.step == 0:
+                metrics_file.write_text("")  # a fresh run starts a fresh log
         bar = tqdm(total=max_steps, initial=self.step, desc=self.desc, disable=not cfg.progress, dynamic_ncols=True)
         self.model.train()
         cells, window_start = 0, time.perf_counter()
