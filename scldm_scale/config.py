@@ -24,10 +24,23 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    # Path to an .h5ad with raw integer counts; null uses the built-in dataset named by `builtin`.
+    # "soma": a SOMA experiment at `uri` (made by `scldm-scale prepare`); "census": the CELLxGENE Census
+    # (`census_version`, or a local Census-shaped collection at `uri`); "h5ad": in memory, for small data.
+    source: str = "soma"
+    uri: str | None = None
+    census_version: str = "stable"
+    organism: str = "homo_sapiens"
+    # SOMA value filters, e.g. "is_primary_data == True and tissue_general == 'lung'".
+    obs_filter: str | None = None
+    var_filter: str | None = None
+    # Scatter-gather shuffling: contiguous chunks of cells, a buffer of several chunks shuffled together.
+    chunk_size: int = 64
+    buffer_chunks: int = 8
+    num_workers: int = 0
+    # h5ad source: path to an .h5ad with raw integer counts; null uses the built-in dataset `builtin`.
     path: str | None = None
     builtin: str = "pbmc68k_reduced"
-    # Layer holding the counts; null means X.
+    # Layer holding the counts; null means X (h5ad), "counts" (soma) or "raw" (census).
     layer: str | None = None
     # obs columns that become the model's conditions (label-encoded; stored in the checkpoint).
     condition_keys: list[str] = field(default_factory=lambda: ["bulk_labels"])
@@ -137,6 +150,7 @@ class Config:
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "stage": ("vae", "ldm"),
+    "data.source": ("soma", "census", "h5ad"),
     "model.latent_mode": ("layernorm", "gaussian"),
     "model.input_embedding": ("scale", "concat"),
     "model.likelihood": ("nb", "gaussian"),
@@ -174,6 +188,13 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"prior.d_model={cfg.prior.d_model} must be divisible by prior.n_heads")
     if m.n_latent_tokens <= 0 or m.latent_dim <= 0 or m.n_layers < 0:
         raise ConfigError("model.n_latent_tokens and model.latent_dim must be positive, n_layers >= 0")
+    if cfg.data.path is not None and cfg.data.source != "h5ad":
+        raise ConfigError(
+            f"data.path is read by data.source=h5ad, but data.source={cfg.data.source}: add data.source=h5ad, or "
+            "ingest the file with `scldm-scale prepare FILE --out URI` and pass data.uri=URI"
+        )
+    if cfg.data.chunk_size <= 0 or cfg.data.buffer_chunks <= 0 or cfg.data.num_workers < 0:
+        raise ConfigError("data.chunk_size and data.buffer_chunks must be positive, data.num_workers >= 0")
     if not 0.0 < cfg.data.test_fraction < 1.0:
         raise ConfigError(f"data.test_fraction must be in (0, 1), got {cfg.data.test_fraction}")
     if not 0.0 <= cfg.prior.cond_drop_prob <= 1.0:

@@ -17,7 +17,11 @@ import numpy as np
 import torch
 
 from scldm_scale.config import CONFIG_DIR, load_config
-from scldm_scale.data.dataset import build_dataset, load_anndata
+from scldm_scale.data.counts import load_builtin
+from scldm_scale.data.dataset import build_dataset
+from scldm_scale.data.prepare import prepare
+from scldm_scale.data.soma import read_anndata
+from scldm_scale.data.source import soma_spec
 from scldm_scale.evaluate.baselines import IndependentNB
 from scldm_scale.evaluate.reconstruction import reconstruction_metrics
 from scldm_scale.evaluate.report import compare, per_condition_table, summary_table
@@ -30,15 +34,20 @@ QUICKSTART_CONFIG = CONFIG_DIR / "quickstart.yaml"
 
 
 def prepare_builtin(out_dir: Path, overrides: list[str]) -> Path:
-    """Write the built-in dataset with its fixed split column as an .h5ad of counts."""
+    """Ingest the built-in dataset into a SOMA experiment with the fixed stratified split."""
     cfg = load_config(QUICKSTART_CONFIG, overrides)
-    adata = load_anndata(cfg.data)
-    dataset = build_dataset(adata, cfg.data)
-    adata.obs[cfg.data.split_key] = dataset.split
     path = out_dir / "data" / f"{cfg.data.builtin}_counts.h5ad"
     path.parent.mkdir(parents=True, exist_ok=True)
-    adata.write_h5ad(path)
-    return path
+    load_builtin(cfg.data.builtin).write_h5ad(path)
+    return prepare(
+        path,
+        out_dir / "data" / f"{cfg.data.builtin}.soma",
+        labels=list(cfg.data.condition_keys),
+        test_fraction=cfg.data.test_fraction,
+        val_fraction=0.0,
+        seed=cfg.data.split_seed,
+        overwrite=True,
+    )
 
 
 def run_quickstart(out_dir: str | Path, overrides: list[str] = ()) -> dict:
@@ -46,8 +55,8 @@ def run_quickstart(out_dir: str | Path, overrides: list[str] = ()) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    data_path = prepare_builtin(out, list(overrides))
-    common = [f"data.path={data_path}", f"train.ckpt_dir={out / 'checkpoints'}", *overrides]
+    data_uri = prepare_builtin(out, list(overrides))
+    common = [f"data.uri={data_uri}", f"train.ckpt_dir={out / 'checkpoints'}", *overrides]
     timings["prepare_s"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -69,7 +78,8 @@ def run_quickstart(out_dir: str | Path, overrides: list[str] = ()) -> dict:
     timings["train_ldm_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    dataset = build_dataset(load_anndata(ldm_cfg.data), ldm_cfg.data)
+    # Evaluation-sized: all cells of the experiment in memory, with the split column from prepare.
+    dataset = build_dataset(read_anndata(soma_spec(ldm_cfg.data, None)), ldm_cfg.data)
     key = ldm_cfg.data.condition_keys[0]
     train_idx, test_idx = dataset.indices("train"), dataset.indices("test")
     test_labels = dataset.obs[key][test_idx]

@@ -9,8 +9,9 @@ import torch
 
 from scldm_scale.cli import main
 from scldm_scale.config import CONFIG_DIR, load_config
-from scldm_scale.data.counts import DataError
+from scldm_scale.data.counts import DataError, load_builtin
 from scldm_scale.data.dataset import build_dataset
+from scldm_scale.data.prepare import prepare
 from scldm_scale.models.vae import SetVAE
 from scldm_scale.train.checkpoint import CheckpointError, load_checkpoint
 from scldm_scale.train.stages import load_vae, train_ldm, train_vae
@@ -27,14 +28,19 @@ def _train_both(out_dir, overrides) -> dict:
 
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory, synthetic_h5ad, tiny_overrides) -> dict:
-    data = [f"data.path={synthetic_h5ad}", "data.condition_keys=[cell_type]"]
+    data = ["data.source=h5ad", f"data.path={synthetic_h5ad}", "data.condition_keys=[cell_type]"]
     paths = _train_both(tmp_path_factory.mktemp("synthetic_run"), [*tiny_overrides, *data])
     return {**paths, "key": "cell_type", "value": "type_1", "n_genes": 50}
 
 
 @pytest.fixture(scope="module")
 def builtin_run(tmp_path_factory, tiny_overrides) -> dict:
-    paths = _train_both(tmp_path_factory.mktemp("builtin_run"), list(tiny_overrides))
+    """The built-in PBMC cells ingested into a SOMA experiment and streamed from it (the default source)."""
+    out = tmp_path_factory.mktemp("builtin_run")
+    h5ad = out / "pbmc.h5ad"
+    load_builtin("pbmc68k_reduced").write_h5ad(h5ad)
+    uri = prepare(h5ad, out / "pbmc.soma", labels=["bulk_labels"], test_fraction=0.2, val_fraction=0.0)
+    paths = _train_both(out, [*tiny_overrides, f"data.uri={uri}"])
     return {**paths, "key": "bulk_labels", "value": "CD14+ Monocyte", "n_genes": 765}
 
 
@@ -145,6 +151,7 @@ def test_ldm_with_other_condition_keys_than_the_vae_is_refused(synthetic_run, sy
         [
             "stage=ldm",
             *tiny_overrides,
+            "data.source=h5ad",
             f"data.path={synthetic_h5ad}",
             "data.condition_keys=[]",
             f"train.vae_checkpoint={synthetic_run['vae']}",
@@ -161,6 +168,7 @@ def _ldm_cfg(data_path, vae_path, ckpt_dir, tiny_overrides):
         [
             "stage=ldm",
             *tiny_overrides,
+            "data.source=h5ad",
             f"data.path={data_path}",
             "data.condition_keys=[cell_type]",
             f"train.vae_checkpoint={vae_path}",
@@ -188,13 +196,19 @@ def test_ldm_refuses_a_dataset_missing_vae_genes(synthetic_run, synthetic_h5ad, 
     source = ad.read_h5ad(synthetic_h5ad)
     source[:, 3:].copy().write_h5ad(tmp_path / "fewer.h5ad")
     with pytest.raises(
-        DataError, match=r"3 genes of the VAE's vocabulary are missing, e\.g\. \['gene_0', 'gene_1', 'gene_2'\]"
+        DataError, match=r"3 genes of the model's vocabulary are missing from the data, e\.g\. \['gene_0', 'gene_1', 'gene_2'\]"
     ):
         train_ldm(_ldm_cfg(tmp_path / "fewer.h5ad", synthetic_run["vae"], tmp_path, tiny_overrides))
 
 
 def test_cli_train_writes_a_checkpoint(synthetic_h5ad, tiny_overrides, tmp_path, capsys):
-    argv = ["train", str(CONFIG_DIR / "quickstart.yaml"), *tiny_overrides, f"data.path={synthetic_h5ad}"]
+    argv = [
+        "train",
+        str(CONFIG_DIR / "quickstart.yaml"),
+        *tiny_overrides,
+        "data.source=h5ad",
+        f"data.path={synthetic_h5ad}",
+    ]
     argv += ["data.condition_keys=[cell_type]", "train.max_steps=2", f"train.ckpt_dir={tmp_path}"]
     assert main(argv) == 0
     assert f"checkpoint: {tmp_path / 'vae.pt'}" in capsys.readouterr().out
@@ -208,6 +222,7 @@ def test_vae_training_loss_decreases(synthetic_h5ad, tiny_overrides, tmp_path):
         [
             "stage=vae",
             *tiny_overrides,
+            "data.source=h5ad",
             f"data.path={synthetic_h5ad}",
             "data.condition_keys=[cell_type]",
             "train.max_steps=30",

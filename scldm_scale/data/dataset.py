@@ -94,8 +94,13 @@ class CellBatch:
         return self.target.shape[0]
 
 
-def collate(counts: sp.csr_matrix, conditions: dict[str, np.ndarray]) -> CellBatch:
-    """Build a CellBatch from a CSR block of cells (rows) over the full vocabulary (columns)."""
+def collate(
+    counts: sp.csr_matrix, conditions: dict[str, np.ndarray], decode_gene_ids: np.ndarray | None = None
+) -> CellBatch:
+    """Build a CellBatch from a CSR block of cells (rows) over genes (columns).
+
+    Column j is vocabulary gene decode_gene_ids[j] (default: column j is gene j, the full vocabulary).
+    """
     counts = sp.csr_matrix(counts)
     n_cells, n_genes = counts.shape
     lengths = np.diff(counts.indptr)
@@ -105,7 +110,8 @@ def collate(counts: sp.csr_matrix, conditions: dict[str, np.ndarray]) -> CellBat
     mask = np.zeros((n_cells, seq_len), dtype=bool)
     rows = np.repeat(np.arange(n_cells), lengths)
     cols = np.arange(counts.nnz) - np.repeat(counts.indptr[:-1], lengths)
-    gene_ids[rows, cols] = counts.indices
+    column_gene = np.arange(n_genes) if decode_gene_ids is None else np.asarray(decode_gene_ids, dtype=np.int64)
+    gene_ids[rows, cols] = column_gene[counts.indices]
     values[rows, cols] = counts.data
     mask[rows, cols] = True
     dense = counts.toarray().astype(np.float32)
@@ -114,7 +120,7 @@ def collate(counts: sp.csr_matrix, conditions: dict[str, np.ndarray]) -> CellBat
         counts=torch.from_numpy(values),
         mask=torch.from_numpy(mask),
         target=torch.from_numpy(dense),
-        decode_gene_ids=torch.arange(n_genes),
+        decode_gene_ids=torch.from_numpy(column_gene.copy()),
         library_size=torch.from_numpy(dense.sum(axis=1)),
         conditions={k: torch.from_numpy(v) for k, v in conditions.items()},
     )

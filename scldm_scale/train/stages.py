@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from scldm_scale.config import Config, VAEConfig, section_from_dict, stage_optim, to_dict
-from scldm_scale.data.counts import DataError
-from scldm_scale.data.dataset import (
-    CellDataset,
-    LabelEncoder,
-    ShuffledBatches,
-    build_dataset,
-    load_anndata,
-)
+from scldm_scale.data.dataset import CellBatch, LabelEncoder, ShuffledBatches
+from scldm_scale.data.source import open_train_cells
 from scldm_scale.models.dit import DiT
 from scldm_scale.models.library_size import LibrarySizeModel
 from scldm_scale.models.prior import FlowMatchingPrior, LatentBatch
@@ -33,7 +28,6 @@ from scldm_scale.train.checkpoint import CheckpointError, load_checkpoint, save_
 from scldm_scale.train.trainer import Trainer, resolve_device
 
 log = logging.getLogger(__name__)
-ENCODE_BATCH = 256
 
 
 def seed_everything(seed: int) -> None:
@@ -58,46 +52,28 @@ def load_vae(ckpt: dict) -> SetVAE:
 
 
 @torch.no_grad()
-def encode_latents(vae: SetVAE, dataset: CellDataset, idx: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Posterior-mean latents (N, M, L) of the given cells, in fp32 on the CPU."""
+def encode_latents(vae: SetVAE, batches: Iterator[CellBatch], device: torch.device) -> torch.Tensor:
+    """Posterior-mean latents (N, M, L) of the cells of an ordered batch stream, in fp32 on the CPU."""
     vae.eval()
     out = []
-    for start in range(0, len(idx), ENCODE_BATCH):
-        batch = dataset.batch(idx[start : start + ENCODE_BATCH]).to(device)
+    for batch in batches:
+        batch = batch.to(device)
         z, _ = vae.encode(batch.gene_ids, batch.counts, batch.mask, sample=False)
         out.append(z.float().cpu())
     return torch.cat(out)
-
-
-def _align_to_vocabulary(dataset_genes: list[str], vocabulary: list[str], where: str) -> np.ndarray | None:
-    """Column order that maps the dataset onto the checkpoint's genes (None when already equal)."""
-    if dataset_genes == vocabulary:
-        return None
-    position = {g: i for i, g in enumerate(dataset_genes)}
-    missing = [g for g in vocabulary if g not in position]
-    if missing:
-        raise DataError(f"{where}: {len(missing)} genes of the VAE's vocabulary are missing, e.g. {missing[:5]}")
-    return np.array([position[g] for g in vocabulary])
 
 
 def train_vae(cfg: Config) -> Path:
     seed_everything(cfg.seed)
     _set_threads(cfg)
     device = resolve_device(cfg.train.device)
-    dataset = build_dataset(load_anndata(cfg.data), cfg.data)
-    train_idx = dataset.indices("train")
-    log.info(
-        "VAE: %d train cells x %d genes, conditions %s",
-        len(train_idx),
-        dataset.n_genes,
-        cfg.data.condition_keys,
-    )
-    vae = SetVAE(cfg.model, dataset.n_genes)
-    optim_cfg = stage_optim(cfg, "vae")
-    batches = ShuffledBatches(dataset.batch, train_idx, cfg.train.batch_size, cfg.seed)
-    trainer = Trainer(vae, optim_cfg, cfg.train, device, desc="VAE")
-    history = trainer.fit(batches)
-    library = LibrarySizeModel.fit(dataset.library_sizes(train_idx), {k: v[train_idx] for k, v in dataset.obs.items()})
+    cells = open_train_cells(cfg.data, cfg.train.batch_size, cfg.seed)
+    n_genes = len(cells.gene_names)
+    log.info("VAE: %d train cells x %d genes, conditions %s", cells.n_cells, n_genes, cfg.data.condition_keys)
+    vae = SetVAE(cfg.model, n_genes)
+    trainer = Trainer(vae, stage_optim(cfg, "vae"), cfg.train, device, desc="VAE")
+    history = trainer.fit(cells.batches)
+    library = LibrarySizeModel.fit(cells.library_sizes, cells.labels)
     path = Path(cfg.train.ckpt_dir) / "vae.pt"
     save_checkpoint(
         path,
@@ -106,12 +82,12 @@ def train_vae(cfg: Config) -> Path:
             "config": to_dict(cfg),
             "vae_config": to_dict(cfg)["model"],
             "vae_state": vae.state_dict(),
-            "gene_names": dataset.gene_names,
-            "condition_encoders": {k: e.state_dict() for k, e in dataset.encoders.items()},
+            "gene_names": cells.gene_names,
+            "condition_encoders": {k: e.state_dict() for k, e in cells.encoders.items()},
             "library_size": library.state_dict(),
             "step": trainer.step,
             "optimizer": trainer.optimizer.state_dict(),
-            "loader": batches.state_dict(),
+            "loader": cells.batches.state_dict(),
             "history": history,
         },
     )
@@ -131,17 +107,13 @@ def train_ldm(cfg: Config) -> Path:
             f"data.condition_keys={list(cfg.data.condition_keys)} but the VAE was trained with {list(encoders)}; "
             "the prior is conditioned on the VAE checkpoint's keys — use the same data.condition_keys"
         )
-    adata = load_anndata(cfg.data)
-    order = _align_to_vocabulary(adata.var_names.tolist(), vae_ckpt["gene_names"], "ldm data")
-    if order is not None:
-        adata = adata[:, order].copy()
-    dataset = build_dataset(adata, cfg.data, encoders=encoders)
-    train_idx = dataset.indices("train")
-    latents = encode_latents(vae, dataset, train_idx, device)  # (N, M, L)
+    cells = open_train_cells(
+        cfg.data, cfg.train.batch_size, cfg.seed, vocabulary=vae_ckpt["gene_names"], encoders=encoders
+    )
+    latents = encode_latents(vae, cells.ordered(), device)  # (N, M, L)
     latent_mean, latent_std = latents.mean(0), latents.std(0).clamp_min(1e-6)  # (M, L) each
     standardised = (latents - latent_mean) / latent_std
-    conditions = {k: torch.from_numpy(v[train_idx]) for k, v in dataset.condition_ids.items()}
-    position = np.arange(len(train_idx))
+    conditions = {k: torch.from_numpy(v) for k, v in cells.condition_ids.items()}
 
     def latent_batch(rows: np.ndarray) -> LatentBatch:
         return LatentBatch(standardised[rows], {k: v[rows] for k, v in conditions.items()})
@@ -149,12 +121,10 @@ def train_ldm(cfg: Config) -> Path:
     n_classes = {k: len(e.values) for k, e in encoders.items()}
     dit = DiT(cfg.prior, vae.cfg.n_latent_tokens, vae.cfg.latent_dim, n_classes)
     prior = FlowMatchingPrior(dit, cfg.prior.cond_drop_prob, cfg.prior.cond_dropout)
-    log.info(
-        "LDM: DiT with %.2fM parameters on %d latents",
-        sum(p.numel() for p in dit.parameters()) / 1e6,
-        len(position),
-    )
-    batches = ShuffledBatches(latent_batch, position, cfg.train.batch_size, cfg.seed)
+    n_params = sum(p.numel() for p in dit.parameters()) / 1e6
+    log.info("LDM: DiT with %.2fM parameters on %d latents", n_params, len(latents))
+    # Latents fit in memory (N x M x L floats), so the prior shuffles them in memory.
+    batches = ShuffledBatches(latent_batch, np.arange(len(latents)), cfg.train.batch_size, cfg.seed)
     trainer = Trainer(prior, stage_optim(cfg, "ldm"), cfg.train, device, use_ema=True, desc="LDM")
     history = trainer.fit(batches)
     ema_dit = {k[len("dit.") :]: v for k, v in trainer.ema.shadow.items() if k.startswith("dit.")}

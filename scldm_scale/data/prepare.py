@@ -1,0 +1,172 @@
+"""`scldm-scale prepare`: cells (h5ad, 10x h5, Matrix Market folder, CSV) -> a TileDB-SOMA Experiment.
+
+The experiment has measurement `RNA` with an integer-count X layer `counts`, var `feature_id` /
+`feature_name`, obs with the requested label columns, `n_counts` (total counts, used for library-size
+fits without a pass over X) and a stratified `split` column (train / val / test).
+
+Everything is validated before anything is written: non-integer, negative, NaN or inf counts, duplicate
+gene ids, a missing label column, cells with zero counts (dropped with a count shown, or refused with
+`zero_cells="refuse"`). The validation of X reads row chunks in backed mode with a progress bar, so
+validation never holds the whole matrix. The experiment is written into a temporary sibling folder and
+renamed onto URI at the end, so an interrupted ingestion leaves nothing half-written at URI.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from scldm_scale.data.counts import DataError, validate_counts
+
+log = logging.getLogger(__name__)
+
+MEASUREMENT = "RNA"
+X_LAYER = "counts"
+SPLIT_COLUMN = "split"
+VALIDATE_CHUNK_ROWS = 10_000
+
+
+def read_input(path: str | Path, layer: str | None = None) -> ad.AnnData:
+    """Open an input file; .h5ad stays backed (on disk) so large files are never loaded whole here."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path} does not exist")
+    import scanpy as sc
+
+    if path.is_dir():
+        if not any(p.name.startswith("matrix.mtx") for p in path.iterdir()):
+            raise DataError(f"{path} is a folder without matrix.mtx(.gz): expected a 10x Matrix Market folder")
+        adata = sc.read_10x_mtx(path, var_names="gene_ids")
+    elif path.suffix == ".h5ad":
+        adata = ad.read_h5ad(path, backed="r")
+    elif path.suffix == ".h5":
+        adata = sc.read_10x_h5(path, gex_only=True)
+        adata.var_names = adata.var["gene_ids"].astype(str) if "gene_ids" in adata.var else adata.var_names
+    elif path.suffix in (".csv", ".gz") and path.name.endswith((".csv", ".csv.gz")):
+        frame = pd.read_csv(path, index_col=0)
+        adata = ad.AnnData(X=sp.csr_matrix(frame.to_numpy(dtype=np.float64)), obs=pd.DataFrame(index=frame.index))
+        adata.var_names = frame.columns.astype(str)
+    else:
+        raise DataError(
+            f"{path}: unsupported input; use .h5ad, a 10x .h5, a Matrix Market folder or a cells x genes CSV"
+        )
+    if layer is not None and layer not in adata.layers:
+        raise DataError(f"{path}: no layer {layer!r}; layers are {list(adata.layers)} (omit --layer to use X)")
+    return adata
+
+
+def _matrix(adata: ad.AnnData, layer: str | None):
+    return adata.layers[layer] if layer is not None else adata.X
+
+
+def scan_counts(adata: ad.AnnData, layer: str | None, where: str, allow_non_integer: bool = False) -> np.ndarray:
+    """Validate X chunk by chunk; return each cell's total count."""
+    totals = np.empty(adata.n_obs, dtype=np.float64)
+    x = _matrix(adata, layer)
+    for start in tqdm(range(0, adata.n_obs, VALIDATE_CHUNK_ROWS), desc="validate", unit="chunk", leave=False):
+        stop = min(start + VALIDATE_CHUNK_ROWS, adata.n_obs)
+        block = x[start:stop]
+        block = sp.csr_matrix(block) if not isinstance(block, np.ndarray) else block
+        try:
+            validate_counts(block, where, allow_non_integer)
+        except DataError as err:
+            raise DataError(f"{err} (cells {start}..{stop - 1})") from None
+        totals[start:stop] = np.asarray(block.sum(axis=1)).ravel()
+    return totals
+
+
+def stratified_three_way(labels: np.ndarray, test_fraction: float, val_fraction: float, seed: int) -> np.ndarray:
+    """'train' / 'val' / 'test' per cell with the same fractions within every label."""
+    rng = np.random.default_rng(seed)
+    split = np.full(len(labels), "train", dtype=object)
+    for value in sorted(set(labels.tolist())):
+        idx = np.flatnonzero(labels == value)
+        idx = idx[rng.permutation(len(idx))]
+        n_test = min(int(round(test_fraction * len(idx))), max(len(idx) - 1, 0))
+        n_val = min(int(round(val_fraction * len(idx))), max(len(idx) - 1 - n_test, 0))
+        split[idx[:n_test]] = "test"
+        split[idx[n_test : n_test + n_val]] = "val"
+    return split
+
+
+def prepare(
+    input_path: str | Path,
+    out_uri: str | Path,
+    layer: str | None = None,
+    labels: list[str] | tuple[str, ...] = (),
+    test_fraction: float = 0.1,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    zero_cells: str = "drop",
+    allow_non_integer: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Ingest one input into a new SOMA experiment at out_uri; return its path."""
+    out = Path(out_uri)
+    if out.exists() and not overwrite:
+        raise DataError(f"{out} already exists; choose another --out or pass --overwrite")
+    if zero_cells not in ("drop", "refuse"):
+        raise DataError(f"zero_cells must be 'drop' or 'refuse', got {zero_cells!r}")
+    if not (0 <= test_fraction < 1 and 0 <= val_fraction < 1 and test_fraction + val_fraction < 1):
+        raise DataError("test and val fractions must be in [0, 1) and sum to less than 1")
+    where = str(input_path)
+    adata = read_input(input_path, layer)
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise DataError(f"{where}: empty ({adata.n_obs} cells x {adata.n_vars} genes)")
+    if not adata.var_names.is_unique:
+        dup = adata.var_names[adata.var_names.duplicated()].unique().tolist()[:5]
+        raise DataError(f"{where}: duplicate gene ids, e.g. {dup}; make var_names unique first")
+    missing = [k for k in labels if k not in adata.obs]
+    if missing:
+        raise DataError(f"{where}: label columns {missing} are not in obs; obs has {list(adata.obs)}")
+    totals = scan_counts(adata, layer, where, allow_non_integer)
+    keep = totals > 0
+    if not keep.all():
+        n_zero = int((~keep).sum())
+        if zero_cells == "refuse":
+            raise DataError(f"{where}: {n_zero} cells have zero counts; drop them or pass --zero-cells drop")
+        log.warning("%s: dropping %d cells with zero counts", where, n_zero)
+
+    # From here on the data is valid; build the in-memory copy that is written.
+    x = _matrix(adata, layer)
+    rows = np.flatnonzero(keep)
+    counts = sp.csr_matrix(x[rows] if not hasattr(x, "to_memory") else x.to_memory()[rows])
+    counts = sp.csr_matrix(counts, dtype=np.float32 if allow_non_integer else np.int32)
+    obs = adata.obs.iloc[rows][list(labels)].copy() if labels else pd.DataFrame(index=adata.obs_names[rows])
+    for key in labels:
+        obs[key] = obs[key].astype(str)
+    obs["n_counts"] = totals[rows]
+    strata = obs[labels[0]].to_numpy() if labels else np.zeros(len(rows), dtype=str)
+    obs[SPLIT_COLUMN] = stratified_three_way(strata, test_fraction, val_fraction, seed).astype(str)
+    obs.index = obs.index.astype(str)
+    var = pd.DataFrame(index=adata.var_names.astype(str))
+    var["feature_id"] = var.index.to_numpy()
+    name_col = next((c for c in ("feature_name", "gene_symbols", "gene_name") if c in adata.var), None)
+    var["feature_name"] = adata.var[name_col].astype(str).to_numpy() if name_col else var.index.to_numpy()
+    if getattr(adata, "isbacked", False):
+        adata.file.close()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        import tiledbsoma.io
+
+        written = ad.AnnData(X=counts, obs=obs, var=var)
+        tiledbsoma.io.from_anndata(
+            str(staging / "exp"), written, MEASUREMENT, X_layer_name=X_LAYER, obs_id_name="obs_id", var_id_name="var_id"
+        )
+        if out.exists():
+            shutil.rmtree(out)
+        (staging / "exp").rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("wrote %d cells x %d genes to %s", counts.shape[0], counts.shape[1], out)
+    return out

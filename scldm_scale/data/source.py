@@ -1,0 +1,129 @@
+"""One entry point from a DataConfig to the training cells, whatever the source.
+
+`open_train_cells` returns a `TrainCells`: a shuffled endless batch stream with a resumable state, the
+gene vocabulary, the condition encoders, and per-cell labels / library sizes / condition ids of the
+train split in a fixed order (for library-size fits and for encoding latents in order).
+Sources: `soma` (a local SOMA experiment, the default), `census` (the CELLxGENE Census or a local
+collection laid out like it), `h5ad` (in memory, for small data; also the built-in dataset).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from scldm_scale.config import DataConfig
+from scldm_scale.data.counts import DataError
+from scldm_scale.data.dataset import CellBatch, LabelEncoder, ShuffledBatches, build_dataset, collate, load_anndata
+
+ORDERED_BATCH = 256
+
+
+@dataclass
+class TrainCells:
+    batches: Any  # iterator of CellBatch with state_dict() / load_state_dict()
+    gene_names: list[str]
+    encoders: dict[str, LabelEncoder]
+    labels: dict[str, np.ndarray]  # key -> (N,) str, train cells in order
+    condition_ids: dict[str, np.ndarray]  # key -> (N,) int64
+    library_sizes: np.ndarray  # (N,)
+    ordered: Any  # () -> Iterator[CellBatch] over the train cells in order
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.library_sizes)
+
+
+def soma_spec(cfg: DataConfig, split: str | None):
+    from scldm_scale.data.soma import SomaSpec
+
+    census = cfg.source == "census"
+    if cfg.source == "soma" and not cfg.uri:
+        raise DataError(
+            "data.source=soma needs data.uri=PATH of a SOMA experiment (make one with `scldm-scale prepare`)"
+        )
+    filters = [f for f in (cfg.obs_filter, f"{cfg.split_key} == '{split}'" if split else None) if f]
+    return SomaSpec(
+        uri=cfg.uri or "",
+        layer=cfg.layer or ("raw" if census else "counts"),
+        obs_filter=" and ".join(f"({f})" for f in filters) or None,
+        var_filter=cfg.var_filter,
+        census=census,
+        census_version=cfg.census_version,
+        organism=cfg.organism,
+        condition_keys=list(cfg.condition_keys),
+    )
+
+
+def _has_split_column(cfg: DataConfig) -> bool:
+    from scldm_scale.data.soma import obs_columns
+
+    return cfg.split_key in obs_columns(soma_spec(cfg, None))
+
+
+def open_train_cells(
+    cfg: DataConfig,
+    batch_size: int,
+    seed: int,
+    vocabulary: list[str] | None = None,
+    encoders: dict[str, LabelEncoder] | None = None,
+) -> TrainCells:
+    if cfg.source == "h5ad":
+        return _h5ad_train_cells(cfg, batch_size, seed, vocabulary, encoders)
+    from scldm_scale.data.soma import SomaBatches, SomaCells
+
+    split = "train" if _has_split_column(cfg) else None
+    cells = SomaCells(soma_spec(cfg, split), vocabulary=vocabulary)
+    if encoders is None:
+        encoders = {k: LabelEncoder.fit(k, v) for k, v in cells.labels.items()}
+    if cells.n_counts is None:
+        raise DataError(f"{cfg.uri}: obs has no n_counts (or raw_sum) column; ingest with `scldm-scale prepare`")
+    batches = SomaBatches(cells, encoders, batch_size, seed, cfg.chunk_size, cfg.buffer_chunks, cfg.num_workers)
+
+    def ordered() -> Iterator[CellBatch]:
+        for start in range(0, len(cells), ORDERED_BATCH):
+            positions = np.arange(start, min(start + ORDERED_BATCH, len(cells)))
+            block = cells.read(positions)
+            yield batches.make_batch(block, positions, positions)
+
+    return TrainCells(
+        batches=batches,
+        gene_names=cells.vocabulary,
+        encoders=encoders,
+        labels=cells.labels,
+        condition_ids=batches.condition_ids,
+        library_sizes=cells.n_counts,
+        ordered=ordered,
+    )
+
+
+def _h5ad_train_cells(cfg, batch_size, seed, vocabulary, encoders) -> TrainCells:
+    adata = load_anndata(cfg)
+    if vocabulary is not None:
+        position = {g: i for i, g in enumerate(adata.var_names)}
+        missing = [g for g in vocabulary if g not in position]
+        if missing:
+            raise DataError(
+                f"{len(missing)} genes of the model's vocabulary are missing from the data, e.g. {missing[:5]}"
+            )
+        adata = adata[:, [position[g] for g in vocabulary]].copy()
+    dataset = build_dataset(adata, cfg, encoders=encoders)
+    idx = dataset.indices("train")
+
+    def ordered() -> Iterator[CellBatch]:
+        for start in range(0, len(idx), ORDERED_BATCH):
+            rows = idx[start : start + ORDERED_BATCH]
+            yield collate(dataset.counts[rows], {k: v[rows] for k, v in dataset.condition_ids.items()})
+
+    return TrainCells(
+        batches=ShuffledBatches(dataset.batch, idx, batch_size, seed),
+        gene_names=dataset.gene_names,
+        encoders=dataset.encoders,
+        labels={k: v[idx] for k, v in dataset.obs.items()},
+        condition_ids={k: v[idx] for k, v in dataset.condition_ids.items()},
+        library_sizes=dataset.library_sizes(idx),
+        ordered=ordered,
+    )
