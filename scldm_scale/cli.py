@@ -61,6 +61,25 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"wrote {adata.n_obs} cells x {adata.n_vars} genes to {args.out}")
 
 
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from scldm_scale.data.prepare import prepare
+
+    labels = [k for k in args.labels.split(",") if k] if args.labels else []
+    out = prepare(
+        args.input,
+        args.out,
+        layer=args.layer,
+        labels=labels,
+        test_fraction=args.test_fraction,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        zero_cells=args.zero_cells,
+        allow_non_integer=args.allow_non_integer,
+        overwrite=args.overwrite,
+    )
+    print(f"SOMA experiment: {out}  (train with data.uri={out})")
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from scldm_scale.quickstart import run_quickstart
 
@@ -89,6 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="output .h5ad")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("prepare", help="ingest .h5ad / 10x .h5 / Matrix Market folder / CSV into a SOMA experiment")
+    p.add_argument("input")
+    p.add_argument("--out", required=True, help="URI (folder) of the new SOMA experiment")
+    p.add_argument("--layer", default=None, help="layer with raw counts (default: X)")
+    p.add_argument("--labels", default="", help="comma-separated obs columns to keep, e.g. cell_type,tissue")
+    p.add_argument("--test-fraction", type=float, default=0.1)
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--zero-cells", choices=["drop", "refuse"], default="drop", help="cells with zero counts")
+    p.add_argument("--allow-non-integer", action="store_true", help="accept non-integer values (not raw counts)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing experiment at --out")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("quickstart", help="train both stages on the built-in PBMC data, generate, report")
     p.add_argument("--out", default="quickstart_out")

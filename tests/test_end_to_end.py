@@ -196,7 +196,7 @@ def test_ldm_refuses_a_dataset_missing_vae_genes(synthetic_run, synthetic_h5ad, 
     source = ad.read_h5ad(synthetic_h5ad)
     source[:, 3:].copy().write_h5ad(tmp_path / "fewer.h5ad")
     with pytest.raises(
-        DataError, match=r"3 genes of the model's vocabulary are missing from the data, e\.g\. \['gene_0', 'gene_1', 'gene_2'\]"
+        DataError, match=r"3 genes of the model's vocabulary are missing from the data, e\.g\. \['gene_0', 'gene_1'"
     ):
         train_ldm(_ldm_cfg(tmp_path / "fewer.h5ad", synthetic_run["vae"], tmp_path, tiny_overrides))
 
