@@ -80,6 +80,21 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     print(f"SOMA experiment: {out}  (train with data.uri={out})")
 
 
+def cmd_bench_loader(args: argparse.Namespace) -> None:
+    from scldm_scale.bench.loader import run_loader_bench
+
+    workers = [int(w) for w in args.workers.split(",") if w]
+    run_loader_bench(
+        n_cells=args.cells,
+        n_genes=args.genes,
+        batch_size=args.batch_size,
+        workers=workers,
+        json_path=args.json,
+        work_dir=args.dir,
+        seed=args.seed,
+    )
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from scldm_scale.quickstart import run_quickstart
 
@@ -121,6 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-non-integer", action="store_true", help="accept non-integer values (not raw counts)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing experiment at --out")
     p.set_defaults(func=cmd_prepare)
+
+    bench = sub.add_parser("bench", help="benchmarks: print a table, write JSON").add_subparsers(
+        dest="bench", required=True
+    )
+    p = bench.add_parser("loader", help="our SOMA loader vs tiledbsoma-ml on a synthetic experiment")
+    p.add_argument("--cells", type=int, default=100_000)
+    p.add_argument("--genes", type=int, default=2_000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", default="0,2", help="comma-separated DataLoader worker counts")
+    p.add_argument("--json", default=None, help="write the records here")
+    p.add_argument("--dir", default=None, help="where to build the experiment (default: a temp dir)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_bench_loader)
 
     p = sub.add_parser("quickstart", help="train both stages on the built-in PBMC data, generate, report")
     p.add_argument("--out", default="quickstart_out")

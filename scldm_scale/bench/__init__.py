@@ -1,0 +1,1 @@
+"""Benchmarks behind `scldm-scale bench ...`: each prints a table and can write JSON records."""
