@@ -1,6 +1,7 @@
-"""Shared fixtures: one torch thread, tiny model sizes, seeded synthetic counts, the built-in dataset."""
+"""Shared fixtures: one torch thread, tiny model sizes, seeded synthetic counts (also as SOMA), the built-in dataset."""
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
@@ -89,3 +90,63 @@ def _builtin_adata() -> ad.AnnData:
 def builtin_adata(_builtin_adata) -> ad.AnnData:
     """A fresh copy of the recovered pbmc68k_reduced counts (loaded once per session)."""
     return _builtin_adata.copy()
+
+
+MARKER_GENE = "cell_marker"
+
+
+def make_marked_counts_adata(n_cells: int = 120, n_genes: int = 50, n_types: int = 3, seed: int = 0) -> ad.AnnData:
+    """make_counts_adata plus a last gene MARKER_GENE whose count in row i is i + 1, so a batch row names its cell."""
+    adata = make_counts_adata(n_cells, n_genes, n_types, seed)
+    marker = sp.csr_matrix(np.arange(1, n_cells + 1, dtype=np.float32)[:, None])  # (N, 1)
+    var = pd.DataFrame(index=[*adata.var_names, MARKER_GENE])
+    return ad.AnnData(X=sp.hstack([adata.X, marker], format="csr"), obs=adata.obs.copy(), var=var)
+
+
+@pytest.fixture
+def marked_counts_adata() -> Callable[..., ad.AnnData]:
+    """Factory: make_marked_counts_adata(n_cells=120, n_genes=50, n_types=3, seed=0)."""
+    return make_marked_counts_adata
+
+
+@dataclass(frozen=True)
+class SomaExperiment:
+    """A SOMA experiment laid out like `scldm-scale prepare` writes it, and the arrays it was written from."""
+
+    uri: str
+    counts: np.ndarray  # (N, G) float32, row i is the cell with soma_joinid i
+    gene_ids: list[str]  # feature_id of var soma_joinid 0..G-1; the last is MARKER_GENE
+    cell_type: np.ndarray  # (N,) str
+    split: np.ndarray  # (N,) "train" / "test"
+
+    @property
+    def marker_column(self) -> int:
+        return self.gene_ids.index(MARKER_GENE)
+
+
+@pytest.fixture(scope="session")
+def soma_experiment(tmp_path_factory) -> SomaExperiment:
+    """400 cells x 41 genes (40 NB + MARKER_GENE) in measurement RNA, layer counts; every 5th cell is 'test'.
+
+    Written with tiledbsoma directly (not with `prepare`), so loader tests do not depend on ingestion.
+    """
+    import tiledbsoma.io
+
+    adata = make_marked_counts_adata(n_cells=400, n_genes=40, seed=1)
+    n_cells = adata.n_obs
+    split = np.where(np.arange(n_cells) % 5 == 4, "test", "train")
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(str)
+    adata.obs["n_counts"] = np.asarray(adata.X.sum(axis=1)).ravel().astype(np.float64)
+    adata.obs["split"] = split
+    adata.var["feature_id"] = adata.var_names.to_numpy()
+    adata.var["feature_name"] = adata.var_names.to_numpy()
+    uri = str(tmp_path_factory.mktemp("soma") / "cells.soma")
+    adata.X = sp.csr_matrix(adata.X, dtype=np.int32)
+    tiledbsoma.io.from_anndata(uri, adata, "RNA", X_layer_name="counts", obs_id_name="obs_id", var_id_name="var_id")
+    return SomaExperiment(
+        uri=uri,
+        counts=adata.X.toarray().astype(np.float32),
+        gene_ids=adata.var_names.tolist(),
+        cell_type=adata.obs["cell_type"].to_numpy(dtype=str),
+        split=split,
+    )

@@ -89,6 +89,18 @@ class CellBatch:
             conditions={k: v.to(device, non_blocking=True) for k, v in self.conditions.items()},
         )
 
+    def pin_memory(self) -> CellBatch:
+        """Called by DataLoader(pin_memory=True) so host-to-GPU copies can be asynchronous."""
+        return CellBatch(
+            gene_ids=self.gene_ids.pin_memory(),
+            counts=self.counts.pin_memory(),
+            mask=self.mask.pin_memory(),
+            target=self.target.pin_memory(),
+            decode_gene_ids=self.decode_gene_ids.pin_memory(),
+            library_size=self.library_size.pin_memory(),
+            conditions={k: v.pin_memory() for k, v in self.conditions.items()},
+        )
+
     @property
     def size(self) -> int:
         return self.target.shape[0]

@@ -139,11 +139,14 @@ def prepare(
     x = _matrix(adata, layer)
     rows = np.flatnonzero(keep)
     counts = sp.csr_matrix(x[rows] if not hasattr(x, "to_memory") else x.to_memory()[rows])
+    if not allow_non_integer:
+        counts = sp.csr_matrix(counts, dtype=np.float64)
+        counts.data = np.rint(counts.data)  # validation accepts values within 1e-6 of an integer; a cast truncates
     counts = sp.csr_matrix(counts, dtype=np.float32 if allow_non_integer else np.int32)
     obs = adata.obs.iloc[rows][list(labels)].copy() if labels else pd.DataFrame(index=adata.obs_names[rows])
     for key in labels:
         obs[key] = obs[key].astype(str)
-    obs["n_counts"] = totals[rows]
+    obs["n_counts"] = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
     strata = obs[labels[0]].to_numpy() if labels else np.zeros(len(rows), dtype=str)
     obs[SPLIT_COLUMN] = stratified_three_way(strata, test_fraction, val_fraction, seed).astype(str)
     obs.index = obs.index.astype(str)

@@ -366,6 +366,7 @@ class SomaBatches:
                 "stream differs, so an exact resume needs the same number of ranks"
             )
         self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
+        self._limits.clear()  # steps per epoch depend on the seed
         self._stream = None
 
 

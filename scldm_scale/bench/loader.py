@@ -1,0 +1,426 @@
+"""`scldm-scale bench loader`: our SOMA loader (SomaBatches) against tiledbsoma-ml 0.1.0 on a synthetic experiment.
+
+What is unusual here:
+- The experiment imitates an atlas: cells come in "samples" (a few thousand cells each, their own cell-type
+  mixture), and within a sample the cells are sorted by cell type, as concatenated annotated h5ads are. Cell
+  types are therefore clustered along soma_joinid, which is what makes shuffle quality measurable: a loader
+  that reads contiguous runs of cells yields batches of few cell types.
+- Every (loader, worker count) is measured in a fresh spawned process, so its peak RSS is its own (not the
+  build's or an earlier loader's) and numba / import costs fall into its own warm-up. DataLoader workers are
+  spawned processes too: this module has no import-time side effects.
+- Throughput is cells/s over a window after `warmup_batches`: it includes epoch ends, where both loaders
+  start new (non-persistent) DataLoader workers, because training pays for those too.
+- Shuffle score = mean total-variation distance between each measured batch's cell-type composition and the
+  global one (0 = every batch looks like the whole experiment); the `random_permutation` row is the floor a
+  full shuffle reaches at this batch size.
+- tiledbsoma-ml runs twice: with our read buffer (shuffle_chunk_size = chunk_size, io_batch_size =
+  chunk_size * buffer_chunks: the same shuffle granularity and about the same memory, the baseline of the
+  ratio) and with its default io_batch_size (65,536 cells per read: better shuffling, more memory).
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+MEASUREMENT = "RNA"
+X_LAYER = "counts"
+LABEL = "cell_type"
+N_CELL_TYPES = 8
+GENERATOR_VERSION = 1  # part of the experiment's folder name: a changed generator never reuses an old experiment
+ROWS_PER_CHUNK = 5_000  # cells generated and written at once: bounds the build's memory (~5,000 x n_genes x 8 B)
+
+# Our loader's shuffle settings (the SomaBatches defaults); tiledbsoma-ml is matched to them.
+CHUNK_SIZE = 64
+BUFFER_CHUNKS = 8
+TILEDBSOMA_ML_DEFAULT_IO_BATCH = 2**16
+
+OURS = "scldm_scale"
+TSML_MATCHED = "tiledbsoma_ml"
+TSML_DEFAULT = "tiledbsoma_ml_default_io"
+RANDOM = "random_permutation"
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How long each (loader, workers) case runs: warm-up batches are discarded, then the clock runs until
+    `measure_s` seconds or `max_batches` batches, whichever comes first."""
+
+    warmup_batches: int = 10
+    measure_s: float = 12.0
+    max_batches: int = 2_000
+
+
+# --- the synthetic experiment ---------------------------------------------------------------------------------
+
+
+@dataclass
+class SyntheticDesign:
+    cell_types: np.ndarray  # (N,) int, cell-type code of each cell, clustered along the cell order
+    library_sizes: np.ndarray  # (N,) float, expected total counts of each cell
+    profiles: np.ndarray  # (T, G) float, each type's expression proportions (rows sum to 1)
+    theta: float  # NB inverse dispersion, shared by all genes
+
+
+def synthetic_design(n_cells: int, n_genes: int, seed: int) -> SyntheticDesign:
+    """Cell types in sample blocks, lognormal library sizes, per-type NB mean profiles (~10% non-zeros)."""
+    rng = np.random.default_rng([seed, 0])
+    global_mix = rng.dirichlet(np.full(N_CELL_TYPES, 2.0))  # some types common, some rare
+    blocks = []
+    while sum(len(b) for b in blocks) < n_cells:
+        size = int(rng.lognormal(np.log(2_000), 0.5)) + 1
+        mix = rng.dirichlet(5.0 * global_mix)  # each sample has its own composition
+        blocks.append(np.sort(rng.choice(N_CELL_TYPES, size=size, p=mix)))
+    cell_types = np.concatenate(blocks)[:n_cells]
+    # Gene proportions are heavy-tailed (a few genes take most counts); each type shifts every gene a little
+    # and ~3% of genes (its markers) a lot.
+    base = rng.lognormal(0.0, 1.8, size=n_genes)
+    log_fold = rng.normal(0.0, 0.6, size=(N_CELL_TYPES, n_genes))  # (T, G)
+    log_fold += (rng.random((N_CELL_TYPES, n_genes)) < 0.03) * rng.normal(2.0, 0.5, size=(N_CELL_TYPES, n_genes))
+    profiles = base * np.exp(log_fold)  # (T, G)
+    profiles /= profiles.sum(axis=1, keepdims=True)
+    # A median of 500 counts over 2,000 genes with theta = 0.5 gives ~10% non-zeros; scale with the gene count.
+    median_library = 500.0 * n_genes / 2_000
+    library_sizes = rng.lognormal(np.log(median_library), 0.5, size=n_cells)
+    return SyntheticDesign(cell_types=cell_types, library_sizes=library_sizes, profiles=profiles, theta=0.5)
+
+
+def synthetic_chunk(design: SyntheticDesign, start: int, stop: int, seed: int) -> sp.csr_matrix:
+    """NB counts of cells start..stop-1 (int32 CSR); an empty cell gets one count in its type's top gene."""
+    rng = np.random.default_rng([seed, 1, start])
+    types = design.cell_types[start:stop]
+    mu = design.library_sizes[start:stop, None] * design.profiles[types]  # (n, G)
+    theta = design.theta
+    counts = rng.negative_binomial(theta, theta / (theta + mu)).astype(np.int32)  # mean theta (1 - p) / p = mu
+    empty = np.flatnonzero(counts.sum(axis=1) == 0)
+    counts[empty, design.profiles[types[empty]].argmax(axis=1)] = 1
+    return sp.csr_matrix(counts)
+
+
+def type_names() -> list[str]:
+    return [f"type_{t}" for t in range(N_CELL_TYPES)]
+
+
+def experiment_uri(work_dir: str | Path, n_cells: int, n_genes: int, seed: int) -> Path:
+    return Path(work_dir) / f"synthetic_{n_cells}x{n_genes}_seed{seed}_v{GENERATOR_VERSION}"
+
+
+def build_experiment(uri: str | Path, n_cells: int, n_genes: int, seed: int) -> Path:
+    """Write the synthetic experiment at uri in chunks of ROWS_PER_CHUNK cells, unless it exists already.
+
+    The first chunk creates the experiment with tiledbsoma.io.from_anndata, the others are appended to it
+    (register_anndatas + prepare_experiment + from_anndata); obs has `cell_type` and `n_counts`, var
+    `feature_id`, X layer `counts` is int32, as `scldm-scale prepare` writes. The build happens in a
+    staging folder renamed onto uri at the end, so an interrupted build is never reused.
+    """
+    import tiledbsoma.io
+
+    uri = Path(uri)
+    if uri.exists():
+        return uri
+    uri.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{uri.name}.", suffix=".partial", dir=uri.parent))
+    exp_uri = str(staging / "exp")
+    design = synthetic_design(n_cells, n_genes, seed)
+    names = type_names()
+    var = pd.DataFrame(index=[f"gene_{j:05d}" for j in range(n_genes)])
+    var["feature_id"] = var.index.to_numpy()
+    try:
+        for start in tqdm(range(0, n_cells, ROWS_PER_CHUNK), desc="build experiment", unit="chunk"):
+            stop = min(start + ROWS_PER_CHUNK, n_cells)
+            counts = synthetic_chunk(design, start, stop, seed)
+            obs = pd.DataFrame(
+                {
+                    LABEL: pd.Categorical.from_codes(design.cell_types[start:stop], categories=names),
+                    "n_counts": np.asarray(counts.sum(axis=1), dtype=np.float64).ravel(),
+                },
+                index=[f"cell_{i}" for i in range(start, stop)],
+            )
+            adata = ad.AnnData(X=counts, obs=obs, var=var)
+            kwargs = {"X_layer_name": X_LAYER, "obs_id_name": "obs_id", "var_id_name": "var_id"}
+            if start == 0:
+                tiledbsoma.io.from_anndata(exp_uri, adata, MEASUREMENT, **kwargs)
+            else:
+                mapping = tiledbsoma.io.register_anndatas(
+                    exp_uri, [adata], measurement_name=MEASUREMENT, obs_field_name="obs_id", var_field_name="var_id"
+                )
+                mapping.prepare_experiment(exp_uri)
+                tiledbsoma.io.from_anndata(exp_uri, adata, MEASUREMENT, registration_mapping=mapping, **kwargs)
+        (staging / "exp").rename(uri)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return uri
+
+
+def read_cell_types(uri: str | Path) -> np.ndarray:
+    """Cell-type code (index into type_names()) of every cell, indexed by soma_joinid."""
+    import tiledbsoma
+
+    with tiledbsoma.Experiment.open(str(uri)) as exp:
+        obs = exp.obs.read(column_names=["soma_joinid", LABEL]).concat().to_pandas()
+    codes = np.full(int(obs["soma_joinid"].max()) + 1, -1, dtype=np.int64)
+    codes[obs["soma_joinid"].to_numpy()] = pd.Categorical(obs[LABEL].astype(str), categories=type_names()).codes
+    return codes
+
+
+# --- shuffle quality --------------------------------------------------------------------------------------
+
+
+def type_counts(codes: np.ndarray) -> np.ndarray:
+    return np.bincount(codes, minlength=N_CELL_TYPES)
+
+
+def shuffle_score(batch_type_counts: np.ndarray, global_fraction: np.ndarray) -> float:
+    """Mean over batches of the total-variation distance between a batch's and the global composition."""
+    fractions = batch_type_counts / batch_type_counts.sum(axis=1, keepdims=True)  # (B, T)
+    return float(0.5 * np.abs(fractions - global_fraction).sum(axis=1).mean())
+
+
+def random_permutation_counts(codes: np.ndarray, batch_size: int, seed: int) -> np.ndarray:
+    """(B, T) cell-type counts of the full batches of one uniformly random permutation of all cells."""
+    order = np.random.default_rng([seed, 2]).permutation(len(codes))
+    n_batches = len(codes) // batch_size
+    batches = codes[order[: n_batches * batch_size]].reshape(n_batches, batch_size)  # (B, batch_size)
+    return np.stack([type_counts(b) for b in batches])
+
+
+# --- the loaders, each as a stream of per-batch cell-type codes -------------------------------------------
+
+
+def _ours(uri: str, batch_size: int, seed: int, num_workers: int) -> Iterator[np.ndarray]:
+    from scldm_scale.data.dataset import LabelEncoder
+    from scldm_scale.data.soma import SomaBatches, SomaCells, SomaSpec
+
+    cells = SomaCells(SomaSpec(uri, condition_keys=[LABEL]))
+    encoders = {LABEL: LabelEncoder(LABEL, type_names())}  # ids are then type codes
+    batches = SomaBatches(
+        cells,
+        encoders,
+        batch_size,
+        seed,
+        chunk_size=CHUNK_SIZE,
+        buffer_chunks=BUFFER_CHUNKS,
+        num_workers=num_workers,
+        rank=0,
+        world_size=1,
+    )
+    for batch in batches:
+        yield batch.conditions[LABEL].numpy()
+
+
+def _tiledbsoma_ml(
+    uri: str, batch_size: int, seed: int, num_workers: int, io_batch_size: int, codes_by_joinid: np.ndarray
+) -> Iterator[np.ndarray]:
+    import tiledbsoma
+    import tiledbsoma_ml
+
+    with tiledbsoma.Experiment.open(uri) as exp, exp.axis_query(MEASUREMENT) as query:
+        dataset = tiledbsoma_ml.ExperimentDataset(
+            query,
+            layer_name=X_LAYER,
+            batch_size=batch_size,
+            shuffle=True,
+            shuffle_chunk_size=CHUNK_SIZE,
+            io_batch_size=io_batch_size,
+            seed=seed,
+        )
+    loader = tiledbsoma_ml.experiment_dataloader(dataset, num_workers=num_workers)
+    for epoch in itertools.count():
+        dataset.set_epoch(epoch)
+        for _x, obs in loader:
+            yield codes_by_joinid[obs["soma_joinid"].to_numpy()]
+
+
+def _peak_rss_mb(who: int) -> float:
+    # ru_maxrss is in KiB on Linux, in bytes on macOS.
+    return resource.getrusage(who).ru_maxrss / (1024**2 if sys.platform == "darwin" else 1024)
+
+
+def measure(
+    loader: str, uri: str, batch_size: int, seed: int, num_workers: int, timing: Timing, codes_by_joinid: np.ndarray
+) -> dict:
+    """Run one loader in this (fresh) process; cells/s after warm-up, batch compositions, peak RSS."""
+    if loader == OURS:
+        stream = _ours(uri, batch_size, seed, num_workers)
+    else:
+        io_batch = CHUNK_SIZE * BUFFER_CHUNKS if loader == TSML_MATCHED else TILEDBSOMA_ML_DEFAULT_IO_BATCH
+        stream = _tiledbsoma_ml(uri, batch_size, seed, num_workers, io_batch, codes_by_joinid)
+    for _ in range(timing.warmup_batches):
+        next(stream)
+    counts = []
+    start = time.perf_counter()
+    while True:
+        counts.append(type_counts(next(stream)))
+        elapsed = time.perf_counter() - start
+        if elapsed >= timing.measure_s or len(counts) >= timing.max_batches:
+            break
+    stream.close()  # drops the DataLoader iterator, which joins its workers so RUSAGE_CHILDREN counts them
+    batch_counts = np.stack(counts)
+    return {
+        "cells_per_s": float(batch_counts.sum() / elapsed),
+        "n_batches_measured": len(counts),
+        "measured_s": elapsed,
+        "batch_type_counts": batch_counts,
+        "peak_rss_mb": _peak_rss_mb(resource.RUSAGE_SELF),
+        "worker_peak_rss_mb": _peak_rss_mb(resource.RUSAGE_CHILDREN) if num_workers > 0 else None,
+    }
+
+
+def _measure_in_fresh_process(*args) -> dict:
+    # One process per case: its ru_maxrss is then this case's peak alone.
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(measure, *args).result()
+
+
+# --- the report -------------------------------------------------------------------------------------------
+
+
+def _machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _format_table(records: list[dict]) -> str:
+    header = (
+        f"{'loader':<26} {'workers':>7} {'cells/s':>9} {'x tsml':>7} {'x tsml_def':>10} "
+        f"{'RSS main MB':>11} {'RSS worker MB':>13} {'shuffle TV':>10}"
+    )
+    lines = [header, "-" * len(header)]
+
+    def fmt(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    for r in records:
+        lines.append(
+            f"{r['loader']:<26} {fmt(r['num_workers'], 'd'):>7} {fmt(r['cells_per_s'], ',.0f'):>9} "
+            f"{fmt(r.get('ratio_vs_tiledbsoma_ml'), '.2f'):>7} "
+            f"{fmt(r.get('ratio_vs_tiledbsoma_ml_default_io'), '.2f'):>10} "
+            f"{fmt(r['peak_rss_mb'], ',.0f'):>11} {fmt(r.get('worker_peak_rss_mb'), ',.0f'):>13} "
+            f"{r['shuffle_score']:>10.3f}"
+        )
+    return "\n".join(lines)
+
+
+def run_loader_bench(
+    n_cells: int,
+    n_genes: int,
+    batch_size: int,
+    workers: list[int],
+    json_path: str | None,
+    work_dir: str | None,
+    seed: int,
+    timing: Timing | None = None,
+    isolate: bool = True,
+) -> list[dict]:
+    """Build (or reuse) the synthetic experiment, measure every (loader, workers) case, print the table.
+
+    isolate=False measures in this process (saves a process start and numba JIT per case, for tests); peak
+    RSS is then the whole run's, not a case's own.
+    """
+    timing = timing or Timing()
+    run_case = _measure_in_fresh_process if isolate else measure
+    machine = _machine()
+    temp_dir = tempfile.mkdtemp(prefix="scldm_bench_loader_") if work_dir is None else None
+    try:
+        uri = str(
+            build_experiment(experiment_uri(work_dir or temp_dir, n_cells, n_genes, seed), n_cells, n_genes, seed)
+        )
+        codes_by_joinid = read_cell_types(uri)
+        global_fraction = type_counts(codes_by_joinid) / len(codes_by_joinid)
+        common = {
+            **machine,
+            "n_cells": n_cells,
+            "n_genes": n_genes,
+            "batch_size": batch_size,
+            "chunk_size": CHUNK_SIZE,
+            "buffer_chunks": BUFFER_CHUNKS,
+            "peak_rss_scope": (
+                "peak_rss_mb: ru_maxrss of "
+                + ("a fresh process per case (includes torch/tiledbsoma imports)" if isolate else "the whole run")
+                + "; worker_peak_rss_mb: the largest single DataLoader worker (RUSAGE_CHILDREN)"
+            ),
+        }
+        cases = [(w, loader) for w in workers for loader in (TSML_MATCHED, TSML_DEFAULT, OURS)]
+        records = []
+        for num_workers, loader in tqdm(cases, desc="measure loaders", unit="case"):
+            result = run_case(loader, uri, batch_size, seed, num_workers, timing, codes_by_joinid)
+            io_batch = {TSML_MATCHED: CHUNK_SIZE * BUFFER_CHUNKS, TSML_DEFAULT: TILEDBSOMA_ML_DEFAULT_IO_BATCH}
+            records.append(
+                {
+                    "loader": loader,
+                    "num_workers": num_workers,
+                    "cells_per_s": result["cells_per_s"],
+                    "peak_rss_mb": result["peak_rss_mb"],
+                    "worker_peak_rss_mb": result["worker_peak_rss_mb"],
+                    "shuffle_score": shuffle_score(result["batch_type_counts"], global_fraction),
+                    "n_batches_measured": result["n_batches_measured"],
+                    "measured_s": result["measured_s"],
+                    "io_batch_size": io_batch.get(loader),
+                    **common,
+                }
+            )
+        by_case = {(r["loader"], r["num_workers"]): r for r in records}
+        for r in records:
+            if r["loader"] == OURS:
+                for baseline, key in (
+                    (TSML_MATCHED, "ratio_vs_tiledbsoma_ml"),
+                    (TSML_DEFAULT, f"ratio_vs_{TSML_DEFAULT}"),
+                ):
+                    r[key] = r["cells_per_s"] / by_case[(baseline, r["num_workers"])]["cells_per_s"]
+        reference = random_permutation_counts(codes_by_joinid, batch_size, seed)
+        records.append(
+            {
+                "loader": RANDOM,
+                "num_workers": None,
+                "cells_per_s": None,
+                "peak_rss_mb": None,
+                "worker_peak_rss_mb": None,
+                "shuffle_score": shuffle_score(reference, global_fraction),
+                **common,
+            }
+        )
+    finally:
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+    print(
+        f"\nloader benchmark: {n_cells:,} cells x {n_genes:,} genes, batch {batch_size}, chunk {CHUNK_SIZE} x "
+        f"{BUFFER_CHUNKS} per buffer; {machine['platform']}, {machine['cpu_count']} CPUs, "
+        f"load average {machine['load_avg_1m']:.2f} at start, {machine['date']}"
+    )
+    print(
+        f"cells/s after {timing.warmup_batches} warm-up batches, over {timing.measure_s:g} s or "
+        f"{timing.max_batches} batches; x tsml = ours / tiledbsoma_ml (io_batch_size {CHUNK_SIZE * BUFFER_CHUNKS}, "
+        f"our buffer), x tsml_def = ours / tiledbsoma_ml with io_batch_size {TILEDBSOMA_ML_DEFAULT_IO_BATCH:,}"
+    )
+    print("RSS main = peak of the measuring process; RSS worker = peak of its largest DataLoader worker")
+    print("shuffle TV = mean total-variation distance of batch vs global cell-type composition (lower is better)\n")
+    print(_format_table(records))
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(records, indent=2) + "\n")
+        print(f"\nwrote {len(records)} records to {json_path}")
+    return records

@@ -1,0 +1,72 @@
+"""`scldm-scale bench loader` end to end on a tiny experiment: the JSON records and their schema (no timings)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from scldm_scale.bench.loader import (
+    N_CELL_TYPES,
+    Timing,
+    build_experiment,
+    experiment_uri,
+    random_permutation_counts,
+    run_loader_bench,
+    shuffle_score,
+)
+
+pytest.importorskip("tiledbsoma_ml")
+
+MACHINE_KEYS = {"platform", "cpu_count", "date"}
+
+
+def test_loader_bench_writes_one_record_per_case_and_a_random_reference(tmp_path):
+    json_path = tmp_path / "bench.json"
+    timing = Timing(warmup_batches=2, measure_s=0.5, max_batches=8)
+    run_loader_bench(
+        n_cells=3000,
+        n_genes=200,
+        batch_size=64,
+        workers=[0],
+        json_path=str(json_path),
+        work_dir=str(tmp_path),
+        seed=0,
+        timing=timing,
+        isolate=False,
+    )
+    records = json.loads(json_path.read_text())
+    by_loader = {r["loader"]: r for r in records}
+    assert set(by_loader) == {"scldm_scale", "tiledbsoma_ml", "tiledbsoma_ml_default_io", "random_permutation"}
+    for r in records:
+        assert MACHINE_KEYS <= set(r) and r["cpu_count"] >= 1
+        assert 0.0 <= r["shuffle_score"] <= 1.0
+    for name in ("scldm_scale", "tiledbsoma_ml", "tiledbsoma_ml_default_io"):
+        r = by_loader[name]
+        assert r["num_workers"] == 0
+        assert r["cells_per_s"] > 0 and r["peak_rss_mb"] > 0
+        assert 1 <= r["n_batches_measured"] <= timing.max_batches
+    ours = by_loader["scldm_scale"]
+    assert ours["ratio_vs_tiledbsoma_ml"] == pytest.approx(
+        ours["cells_per_s"] / by_loader["tiledbsoma_ml"]["cells_per_s"]
+    )
+    reference = by_loader["random_permutation"]
+    assert reference["num_workers"] is None and reference["cells_per_s"] is None
+    # The experiment stays in work_dir under its parameters' name, and a later run reuses it as it is.
+    uri = experiment_uri(tmp_path, 3000, 200, 0)
+    written = uri.stat().st_mtime_ns
+    assert build_experiment(uri, 3000, 200, 0) == uri and uri.stat().st_mtime_ns == written
+
+
+def test_shuffle_score_is_zero_for_batches_like_the_whole_and_one_for_single_type_batches():
+    global_fraction = np.full(N_CELL_TYPES, 1 / N_CELL_TYPES)
+    assert shuffle_score(np.full((3, N_CELL_TYPES), 4), global_fraction) == pytest.approx(0.0)
+    one_type = np.zeros((2, N_CELL_TYPES), dtype=int)
+    one_type[:, 0] = 32
+    assert shuffle_score(one_type, global_fraction) == pytest.approx(1 - 1 / N_CELL_TYPES)
+
+
+def test_random_permutation_keeps_every_cell_once_per_full_batch():
+    codes = np.repeat(np.arange(N_CELL_TYPES), 50)  # 400 cells, clustered by type
+    counts = random_permutation_counts(codes, batch_size=64, seed=0)
+    assert counts.shape == (400 // 64, N_CELL_TYPES)
+    assert (counts.sum(axis=1) == 64).all()

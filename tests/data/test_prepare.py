@@ -1,0 +1,264 @@
+"""`prepare`: h5ad / 10x Matrix Market / CSV -> a SOMA experiment read back equal, and every refusal leaving nothing."""
+
+import gzip
+import io
+import logging
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import scipy.io
+import scipy.sparse as sp
+import tiledbsoma
+import tiledbsoma.io
+
+from scldm_scale.data.counts import DataError
+from scldm_scale.data.prepare import prepare
+from scldm_scale.data.soma import SomaSpec, read_anndata
+
+
+def _read_back(uri: Path) -> ad.AnnData:
+    return read_anndata(SomaSpec(str(uri)))
+
+
+def _entries(folder: Path) -> list[str]:
+    """Everything in a folder, hidden staging folders included."""
+    return sorted(p.name for p in folder.iterdir())
+
+
+# --- h5ad round trip -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, synthetic_h5ad) -> tuple[ad.AnnData, Path]:
+    """The session's 120 cells x 50 genes (3 cell types of 40) ingested once with test 0.2 / val 0.1."""
+    out = prepare(
+        synthetic_h5ad,
+        tmp_path_factory.mktemp("prepare") / "cells.soma",
+        labels=["cell_type"],
+        test_fraction=0.2,
+        val_fraction=0.1,
+        seed=3,
+    )
+    return ad.read_h5ad(synthetic_h5ad), out
+
+
+def test_h5ad_round_trip_keeps_counts_labels_and_gene_ids(prepared):
+    source, out = prepared
+    back = _read_back(out)
+    assert back.obs_names.tolist() == source.obs_names.tolist()
+    np.testing.assert_array_equal(back.X.toarray(), source.X.toarray())
+    np.testing.assert_array_equal(
+        back.obs["cell_type"].to_numpy(dtype=str), source.obs["cell_type"].to_numpy(dtype=str)
+    )
+    assert back.var["feature_id"].tolist() == source.var_names.tolist()
+    assert back.var["feature_name"].tolist() == source.var_names.tolist()  # no symbol column: the id
+
+
+def test_h5ad_round_trip_n_counts_are_the_row_sums(prepared):
+    source, out = prepared
+    back = _read_back(out)
+    np.testing.assert_array_equal(back.obs["n_counts"].to_numpy(), source.X.toarray().sum(axis=1))
+
+
+def test_split_is_stratified_by_the_first_label(prepared):
+    _, out = prepared
+    obs = _read_back(out).obs
+    assert set(obs["split"]) == {"train", "val", "test"}
+    for cell_type, group in obs.groupby("cell_type", observed=True):
+        # 40 cells of each type: round(0.2 * 40) = 8 test, round(0.1 * 40) = 4 val, the rest train.
+        assert group["split"].value_counts().to_dict() == {"train": 28, "test": 8, "val": 4}, cell_type
+
+
+def test_experiment_layout_is_rna_with_an_integer_counts_layer(prepared):
+    _, out = prepared
+    with tiledbsoma.Experiment.open(str(out)) as exp:
+        assert list(exp.ms) == ["RNA"]
+        assert list(exp.ms["RNA"].X) == ["counts"]
+        assert exp.ms["RNA"].X["counts"].schema.field("soma_data").type == pa.int32()
+    assert _entries(out.parent) == ["cells.soma"]  # the staging folder is gone
+
+
+def test_a_layer_is_ingested_instead_of_x(counts_adata, tmp_path):
+    source = counts_adata(n_cells=30, n_genes=10)
+    source.layers["counts"] = source.X.copy()
+    source.X = sp.csr_matrix(np.log1p(source.X.toarray()))  # not counts: would be refused as X
+    source.write_h5ad(tmp_path / "cells.h5ad")
+    back = _read_back(prepare(tmp_path / "cells.h5ad", tmp_path / "cells.soma", layer="counts"))
+    np.testing.assert_array_equal(back.X.toarray(), source.layers["counts"].toarray())
+
+
+def test_near_integer_counts_are_stored_as_the_nearest_integer(tmp_path):
+    # validate_counts accepts values within 1e-6 of an integer (float32 arithmetic leaves such values);
+    # the stored count must then be that integer, not the value truncated towards zero.
+    x = np.array([[3.0 - 1e-9, 1.0], [2.0, 5.0 - 1e-9]])  # (2, 2) float64
+    source = ad.AnnData(X=sp.csr_matrix(x), obs=pd.DataFrame(index=["a", "b"]), var=pd.DataFrame(index=["g0", "g1"]))
+    source.write_h5ad(tmp_path / "cells.h5ad")
+    back = _read_back(prepare(tmp_path / "cells.h5ad", tmp_path / "cells.soma", test_fraction=0.0, val_fraction=0.0))
+    np.testing.assert_array_equal(back.X.toarray(), [[3, 1], [2, 5]])
+    np.testing.assert_array_equal(back.obs["n_counts"].to_numpy(), back.X.toarray().sum(axis=1))
+
+
+# --- other input formats -------------------------------------------------------------------------------
+
+
+def _gzip_text(path: Path, lines: list[str]) -> None:
+    with gzip.open(path, "wt") as f:
+        f.write("".join(f"{line}\n" for line in lines))
+
+
+def test_10x_matrix_market_folder_round_trip(counts_adata, tmp_path):
+    source = counts_adata(n_cells=30, n_genes=12)
+    counts = source.X.toarray().astype(np.int64)  # (N, G)
+    antibody = np.full((counts.shape[0], 1), 7)  # (N, 1) a non-gene feature that must not be ingested
+    folder = tmp_path / "filtered_feature_bc_matrix"
+    folder.mkdir()
+    buffer = io.BytesIO()
+    scipy.io.mmwrite(buffer, sp.coo_matrix(np.hstack([counts, antibody]).T))  # 10x stores features x cells
+    with gzip.open(folder / "matrix.mtx.gz", "wb") as f:
+        f.write(buffer.getvalue())
+    features = [f"{g}\tSYM{j}\tGene Expression" for j, g in enumerate(source.var_names)]
+    _gzip_text(folder / "features.tsv.gz", [*features, "CD3_TotalSeqB\tCD3\tAntibody Capture"])
+    _gzip_text(folder / "barcodes.tsv.gz", source.obs_names.tolist())
+
+    back = _read_back(prepare(folder, tmp_path / "cells.soma"))
+    assert back.obs_names.tolist() == source.obs_names.tolist()
+    np.testing.assert_array_equal(back.X.toarray(), counts)
+    assert back.var["feature_id"].tolist() == source.var_names.tolist()
+    assert back.var["feature_name"].tolist() == [f"SYM{j}" for j in range(12)]
+    np.testing.assert_array_equal(back.obs["n_counts"].to_numpy(), counts.sum(axis=1))
+
+
+@pytest.mark.parametrize("name", ["cells.csv", "cells.csv.gz"])
+def test_csv_round_trip(counts_adata, tmp_path, name):
+    source = counts_adata(n_cells=30, n_genes=12)
+    frame = pd.DataFrame(source.X.toarray().astype(int), index=source.obs_names, columns=source.var_names)
+    frame.to_csv(tmp_path / name)  # cells x genes, cell names in the first column; .gz compresses
+    back = _read_back(prepare(tmp_path / name, tmp_path / "cells.soma"))
+    assert back.obs_names.tolist() == source.obs_names.tolist()
+    np.testing.assert_array_equal(back.X.toarray(), source.X.toarray())
+    assert back.var["feature_id"].tolist() == source.var_names.tolist()
+    assert set(back.obs["split"]) <= {"train", "val", "test"}
+
+
+# --- refusals: an error naming the problem, and nothing at (or next to) the output URI -------------------
+
+
+def _set_value(value: float):
+    def mutate(adata: ad.AnnData) -> dict:
+        x = adata.X.toarray()
+        x[4, 2] = value
+        adata.X = sp.csr_matrix(x)
+        return {}
+
+    return mutate
+
+
+def _duplicate_gene(adata: ad.AnnData) -> dict:
+    adata.var_names = ["gene_0", *adata.var_names[1:-1], "gene_0"]
+    return {}
+
+
+def _zero_cells(adata: ad.AnnData) -> dict:
+    x = adata.X.toarray()
+    x[[3, 7]] = 0
+    adata.X = sp.csr_matrix(x)
+    return {"zero_cells": "refuse"}
+
+
+REFUSALS = {
+    "non_integer": (_set_value(2.5), "1 non-integer values \\(first in cell 4\\)"),
+    "negative": (_set_value(-1.0), "1 negative values .*first in cell 4"),
+    "nan": (_set_value(np.nan), "1 NaN/inf values \\(first in cell 4\\)"),
+    "inf": (_set_value(np.inf), "1 NaN/inf values \\(first in cell 4\\)"),
+    "duplicate_gene_ids": (_duplicate_gene, "duplicate gene ids, e.g. \\['gene_0'\\]"),
+    "missing_label": (lambda adata: {"labels": ["tissue"]}, "label columns \\['tissue'\\] are not in obs"),
+    "zero_cells_refused": (_zero_cells, "2 cells have zero counts"),
+    "missing_layer": (lambda adata: {"layer": "counts"}, "no layer 'counts'"),
+    "unknown_zero_cells_choice": (lambda adata: {"zero_cells": "keep"}, "zero_cells must be 'drop' or 'refuse'"),
+    "fractions_over_one": (lambda adata: {"test_fraction": 0.6, "val_fraction": 0.5}, "sum to less than 1"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Variable names are not unique")
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_bad_input_is_refused_and_nothing_is_written(counts_adata, tmp_path, case):
+    mutate, message = REFUSALS[case]
+    source = counts_adata(n_cells=30, n_genes=10)
+    kwargs = mutate(source)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    source.write_h5ad(tmp_path / "in" / "cells.h5ad")
+    with pytest.raises(DataError, match=message):
+        prepare(tmp_path / "in" / "cells.h5ad", tmp_path / "out" / "cells.soma", **kwargs)
+    assert _entries(tmp_path / "out") == []
+
+
+def test_zero_count_cells_are_dropped_with_a_count(counts_adata, tmp_path, caplog):
+    source = counts_adata(n_cells=30, n_genes=10)
+    _zero_cells(source)
+    source.write_h5ad(tmp_path / "cells.h5ad")
+    with caplog.at_level(logging.WARNING, logger="scldm_scale.data.prepare"):
+        back = _read_back(prepare(tmp_path / "cells.h5ad", tmp_path / "cells.soma", labels=["cell_type"]))
+    assert "dropping 2 cells with zero counts" in caplog.text
+    kept = np.setdiff1d(np.arange(30), [3, 7])
+    assert back.obs_names.tolist() == source.obs_names[kept].tolist()
+    np.testing.assert_array_equal(back.X.toarray(), source.X.toarray()[kept])
+    np.testing.assert_array_equal(
+        back.obs["cell_type"].to_numpy(dtype=str), source.obs["cell_type"].to_numpy(str)[kept]
+    )
+
+
+def test_existing_output_is_refused_without_overwrite_and_replaced_with_it(counts_adata, tmp_path):
+    source = counts_adata(n_cells=30, n_genes=10)
+    source.write_h5ad(tmp_path / "cells.h5ad")
+    out = tmp_path / "cells.soma"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier work")
+    with pytest.raises(DataError, match="already exists; choose another --out or pass --overwrite"):
+        prepare(tmp_path / "cells.h5ad", out)
+    assert _entries(out) == ["keep.txt"]
+    assert _entries(tmp_path) == ["cells.h5ad", "cells.soma"]
+
+    prepare(tmp_path / "cells.h5ad", out, overwrite=True)
+    assert not (out / "keep.txt").exists()
+    np.testing.assert_array_equal(_read_back(out).X.toarray(), source.X.toarray())
+    assert _entries(tmp_path) == ["cells.h5ad", "cells.soma"]
+
+
+def _interrupted_ingestion(monkeypatch) -> list[str]:
+    """Make from_anndata write part of an experiment, then fail; return the URIs it was given."""
+    given: list[str] = []
+
+    def half_write(uri, *args, **kwargs):
+        given.append(uri)
+        Path(uri, "ms").mkdir(parents=True)
+        Path(uri, "ms", "half-written").write_text("x")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tiledbsoma.io, "from_anndata", half_write)
+    return given
+
+
+def test_interrupted_ingestion_leaves_nothing_at_the_uri(counts_adata, tmp_path, monkeypatch):
+    counts_adata(n_cells=30, n_genes=10).write_h5ad(tmp_path / "cells.h5ad")
+    given = _interrupted_ingestion(monkeypatch)
+    with pytest.raises(OSError, match="disk full"):
+        prepare(tmp_path / "cells.h5ad", tmp_path / "cells.soma")
+    assert len(given) == 1 and not Path(given[0]).exists()
+    assert _entries(tmp_path) == ["cells.h5ad"]
+
+
+def test_interrupted_overwrite_keeps_the_previous_experiment(counts_adata, tmp_path, monkeypatch):
+    first = counts_adata(n_cells=30, n_genes=10, seed=1)
+    first.write_h5ad(tmp_path / "first.h5ad")
+    counts_adata(n_cells=30, n_genes=10, seed=2).write_h5ad(tmp_path / "second.h5ad")
+    out = prepare(tmp_path / "first.h5ad", tmp_path / "cells.soma")
+    _interrupted_ingestion(monkeypatch)
+    with pytest.raises(OSError, match="disk full"):
+        prepare(tmp_path / "second.h5ad", out, overwrite=True)
+    np.testing.assert_array_equal(_read_back(out).X.toarray(), first.X.toarray())
+    assert _entries(tmp_path) == ["cells.soma", "first.h5ad", "second.h5ad"]

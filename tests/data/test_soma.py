@@ -1,0 +1,443 @@
+"""Streaming from SOMA: batch contents, the shuffle plan, rank/worker sharding, exact resume, vocabulary
+alignment, a Census-shaped local collection, and the `open_train_cells` entry point.
+
+The `soma_experiment` fixture gives every cell a marker gene counting soma_joinid + 1, so the cells of a
+batch are read off its target column instead of being inferred.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import tiledbsoma
+import tiledbsoma.io
+import torch
+
+import scldm_scale.data.soma as soma
+from scldm_scale.config import ConfigError, DataConfig, load_config
+from scldm_scale.data.counts import DataError
+from scldm_scale.data.dataset import LabelEncoder, collate
+from scldm_scale.data.soma import (
+    SomaBatches,
+    SomaCells,
+    SomaSpec,
+    buffer_batches,
+    epoch_chunks,
+    rank_buffers,
+    steps_per_epoch,
+)
+from scldm_scale.data.source import open_train_cells
+
+TRAIN = "split == 'train'"
+# 320 train cells: 40 chunks of 8, buffers of 3 chunks (24 cells, 4 batches of 6; the last buffer of a
+# rank may hold fewer chunks).
+PLAN = {"batch_size": 6, "chunk_size": 8, "buffer_chunks": 3}
+
+
+@pytest.fixture(scope="module")
+def train_cells(soma_experiment) -> SomaCells:
+    return SomaCells(SomaSpec(soma_experiment.uri, obs_filter=TRAIN, condition_keys=["cell_type"]))
+
+
+def _loader(cells: SomaCells, seed: int = 0, **kwargs) -> SomaBatches:
+    encoders = {k: LabelEncoder.fit(k, v) for k, v in cells.labels.items()}
+    return SomaBatches(cells, encoders, seed=seed, **{**PLAN, **kwargs})
+
+
+def _joinids(batch, marker_column: int) -> np.ndarray:
+    """soma_joinid of each row of a batch, read off the marker gene (count = joinid + 1)."""
+    return batch.target[:, marker_column].numpy().astype(np.int64) - 1
+
+
+def _take(loader: SomaBatches, n: int, marker_column: int) -> list[np.ndarray]:
+    return [_joinids(next(loader), marker_column) for _ in range(n)]
+
+
+# --- what a batch holds --------------------------------------------------------------------------------
+
+
+def test_cells_are_the_filtered_split_in_joinid_order(train_cells, soma_experiment):
+    exp = soma_experiment
+    train = np.flatnonzero(exp.split == "train")
+    np.testing.assert_array_equal(train_cells.joinids, train)
+    np.testing.assert_array_equal(train_cells.labels["cell_type"], exp.cell_type[train])
+    np.testing.assert_array_equal(train_cells.n_counts, exp.counts[train].sum(axis=1))
+    assert train_cells.vocabulary == exp.gene_ids
+    np.testing.assert_array_equal(train_cells.decode_gene_ids, np.arange(len(exp.gene_ids)))
+    positions = np.array([0, 5, 6, 200, 319])
+    np.testing.assert_array_equal(train_cells.read(positions).toarray(), exp.counts[train[positions]])
+
+
+def test_batches_equal_collate_of_the_source_rows(train_cells, soma_experiment):
+    exp = soma_experiment
+    loader = _loader(train_cells)
+    encoder = loader.encoders["cell_type"]
+    for _ in range(5):
+        batch = next(loader)
+        joinids = _joinids(batch, exp.marker_column)
+        assert np.isin(joinids, train_cells.joinids).all()
+        expected = collate(
+            sp.csr_matrix(exp.counts[joinids]),
+            {"cell_type": encoder.encode(exp.cell_type[joinids])},
+        )
+        assert batch.size == PLAN["batch_size"]
+        for name in ("gene_ids", "counts", "mask", "target", "decode_gene_ids", "library_size"):
+            torch.testing.assert_close(getattr(batch, name), getattr(expected, name), rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(batch.conditions["cell_type"], expected.conditions["cell_type"], rtol=0, atol=0)
+    assert encoder.values == ["type_0", "type_1", "type_2"]
+
+
+# --- the shuffle plan (pure functions) -----------------------------------------------------------------
+
+
+def test_epoch_chunks_are_a_permutation_of_contiguous_chunks():
+    n_cells, chunk_size = 317, 8  # not a multiple: the last chunk holds 5 cells
+    chunks = epoch_chunks(n_cells, chunk_size, seed=0, epoch=0)
+    assert len(chunks) == 40
+    np.testing.assert_array_equal(np.sort(np.concatenate(chunks)), np.arange(n_cells))
+    for chunk in chunks:
+        np.testing.assert_array_equal(chunk, np.arange(chunk[0], chunk[0] + len(chunk)))
+        assert chunk[0] % chunk_size == 0
+    starts = [int(c[0]) for c in chunks]
+    assert starts != sorted(starts)
+    assert starts == [int(c[0]) for c in epoch_chunks(n_cells, chunk_size, seed=0, epoch=0)]
+    assert starts != [int(c[0]) for c in epoch_chunks(n_cells, chunk_size, seed=0, epoch=1)]
+    assert starts != [int(c[0]) for c in epoch_chunks(n_cells, chunk_size, seed=1, epoch=0)]
+
+
+def test_a_rank_reads_from_the_whole_range_and_other_cells_each_epoch():
+    n_cells = 320
+    rank0 = [np.concatenate(rank_buffers(n_cells, 8, 3, seed=0, epoch=e, rank=0, world_size=2)) for e in (0, 1)]
+    for cells in rank0:
+        assert len(cells) == n_cells // 2
+        # A contiguous block per rank would be cells 0..159; these come from every quarter of the range.
+        assert [int(((cells >= q * 80) & (cells < (q + 1) * 80)).sum()) > 0 for q in range(4)] == [True] * 4
+    assert set(rank0[0].tolist()) != set(rank0[1].tolist())
+
+
+def test_buffer_batches_are_a_seeded_shuffle_that_drops_the_remainder():
+    buffer = np.arange(100, 124)
+    batches = buffer_batches(buffer[:23], batch_size=6, seed=0, epoch=0, rank=0, index=0)
+    assert [len(b) for b in batches] == [6, 6, 6]  # 23 cells: 5 dropped, no batch straddles buffers
+    assert len(np.unique(np.concatenate(batches))) == 18
+    full = np.concatenate(buffer_batches(buffer, 6, seed=0, epoch=0, rank=0, index=0))
+    assert sorted(full.tolist()) == buffer.tolist() and full.tolist() != buffer.tolist()
+    for other in ({"epoch": 1}, {"rank": 1}, {"index": 1}):
+        args = {"seed": 0, "epoch": 0, "rank": 0, "index": 0, **other}
+        assert np.concatenate(buffer_batches(buffer, 6, **args)).tolist() != full.tolist(), other
+
+
+# --- order: seeded, new each epoch -------------------------------------------------------------------
+
+
+def test_same_seed_same_stream_other_seed_or_epoch_other_order(train_cells, soma_experiment):
+    marker = soma_experiment.marker_column
+    first = _take(_loader(train_cells, seed=0), 4, marker)
+    again = _take(_loader(train_cells, seed=0), 4, marker)
+    assert [b.tolist() for b in first] == [b.tolist() for b in again]
+    other_seed = _take(_loader(train_cells, seed=1), 4, marker)
+    assert set(np.concatenate(first).tolist()) != set(np.concatenate(other_seed).tolist())
+
+    loader = _loader(train_cells, seed=0)
+    epoch0 = _take(loader, loader.limit(0), marker)
+    epoch1 = _take(loader, 4, marker)
+    assert loader.state_dict() == {"epoch": 1, "position": 4, "seed": 0, "world_size": 1}
+    assert set(epoch0[0].tolist()) != set(epoch1[0].tolist())
+    assert [b.tolist() for b in epoch0[:4]] == [b.tolist() for b in first]
+    # One epoch, no cell twice: 13 buffers of 24 cells (4 batches each) and one of 8 (1 batch, 2 cells dropped).
+    seen = np.concatenate(epoch0)
+    assert len(np.unique(seen)) == len(seen) == 13 * 24 + 6
+
+
+# --- sharding over ranks and workers -------------------------------------------------------------------
+
+
+def test_ranks_and_workers_partition_an_epoch(train_cells, soma_experiment, monkeypatch):
+    marker = soma_experiment.marker_column
+    n_cells, world_size, n_workers = len(train_cells), 2, 2
+    limit = steps_per_epoch(n_cells, 8, 3, 6, seed=0, epoch=0, world_size=world_size)
+
+    # Before the drop-last, the ranks' buffers cover the split exactly once.
+    planned = [np.concatenate(rank_buffers(n_cells, 8, 3, 0, 0, r, world_size)) for r in range(world_size)]
+    np.testing.assert_array_equal(np.sort(np.concatenate(planned)), np.arange(n_cells))
+
+    streams = {}
+    for rank in range(world_size):
+        loader = _loader(train_cells, rank=rank, world_size=world_size, num_workers=n_workers)
+        assert loader.limit(0) == limit
+        for worker in range(n_workers):
+            # What DataLoader worker `worker` of `n_workers` would produce, run in this process.
+            monkeypatch.setattr(soma, "get_worker_info", lambda w=worker: SimpleNamespace(id=w, num_workers=n_workers))
+            streams[rank, worker] = list(soma._EpochStream(loader, epoch=0, skip=0))
+        positions = sorted(p for w in range(n_workers) for p, _ in streams[rank, w])
+        assert positions == list(range(limit))  # the workers together yield the rank's stream once
+        assert all(streams[rank, w] for w in range(n_workers))  # and both workers take part
+
+    cells = {key: np.concatenate([_joinids(b, marker) for _, b in tagged]) for key, tagged in streams.items()}
+    every = np.concatenate(list(cells.values()))
+    assert len(np.unique(every)) == len(every) == world_size * limit * PLAN["batch_size"]
+    for rank in range(world_size):
+        mine = np.concatenate([cells[rank, w] for w in range(n_workers)])
+        assert np.isin(mine, train_cells.joinids[planned[rank]]).all()
+
+
+def test_ranks_stream_disjoint_cells_in_equal_steps(train_cells, soma_experiment):
+    marker = soma_experiment.marker_column
+    per_rank = []
+    for rank in range(2):
+        loader = _loader(train_cells, rank=rank, world_size=2)
+        assert loader.limit(0) == steps_per_epoch(len(train_cells), 8, 3, 6, seed=0, epoch=0, world_size=2)
+        per_rank.append(np.concatenate(_take(loader, loader.limit(0), marker)))
+    assert len(per_rank[0]) == len(per_rank[1])
+    assert not set(per_rank[0].tolist()) & set(per_rank[1].tolist())
+
+
+def test_two_spawned_workers_give_the_in_process_stream_also_when_resumed(train_cells, soma_experiment):
+    # One test pays for spawning DataLoader workers (~8 s of imports): rank 1 of 2, resumed at batch 3.
+    reference = _loader(train_cells, rank=1, world_size=2)
+    limit = reference.limit(0)
+    expected = [next(reference) for _ in range(limit)]
+    loader = _loader(train_cells, rank=1, world_size=2, num_workers=2)
+    loader.load_state_dict({"epoch": 0, "position": 3, "seed": 0, "world_size": 2})
+    got = [next(loader) for _ in range(limit - 3)]
+    assert loader.state_dict() == {"epoch": 0, "position": limit, "seed": 0, "world_size": 2}
+    for want, have in zip(expected[3:], got, strict=True):
+        torch.testing.assert_close(have.target, want.target, rtol=0, atol=0)
+        torch.testing.assert_close(have.conditions["cell_type"], want.conditions["cell_type"], rtol=0, atol=0)
+
+
+# --- resume --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("consumed", ["mid_epoch", "two_before_the_end", "at_the_end"])
+def test_resume_continues_with_exactly_the_remaining_batches(train_cells, soma_experiment, consumed):
+    marker = soma_experiment.marker_column
+    loader = _loader(train_cells, seed=5, rank=0, world_size=2)
+    limit = loader.limit(0)
+    k = {"mid_epoch": 5, "two_before_the_end": limit - 2, "at_the_end": limit}[consumed]
+    _take(loader, k, marker)
+    state = loader.state_dict()
+    assert state == {"epoch": 0, "position": k, "seed": 5, "world_size": 2}
+    remaining = _take(loader, 6, marker)  # crosses into epoch 1 for the last two cases
+
+    resumed = _loader(train_cells, seed=0, rank=0, world_size=2)  # the state's seed wins
+    resumed.load_state_dict(state)
+    assert [b.tolist() for b in _take(resumed, 6, marker)] == [b.tolist() for b in remaining]
+
+
+def test_resume_after_the_plan_was_queried_uses_the_state_seed(soma_experiment):
+    # The steps per epoch depend on the seed (which rank's buffer gets the short last chunk), so a step
+    # count computed for the constructor's seed must not outlive load_state_dict with another seed: a
+    # stale one lets a rank yield a batch the other ranks do not (DDP then hangs at the epoch's end).
+    marker = soma_experiment.marker_column
+    cells = SomaCells(SomaSpec(soma_experiment.uri, obs_filter=f"{TRAIN} and soma_joinid < 396"))
+    n_cells = len(cells)  # 317 train cells: the last chunk holds 5
+    limit = steps_per_epoch(n_cells, 8, 3, 6, seed=0, epoch=0, world_size=2)
+    seed = next(s for s in range(1, 20) if steps_per_epoch(n_cells, 8, 3, 6, s, 0, 2) != limit)
+    for rank in range(2):
+        fresh = SomaBatches(cells, {}, seed=0, rank=rank, world_size=2, **PLAN)
+        resumed = SomaBatches(cells, {}, seed=seed, rank=rank, world_size=2, **PLAN)
+        resumed.limit(0)  # e.g. a trainer asking for the epoch length before restoring the checkpoint
+        resumed.load_state_dict(fresh.state_dict())
+        want = [b.tolist() for b in _take(fresh, limit + 1, marker)]  # the last is epoch 1's first
+        assert [b.tolist() for b in _take(resumed, limit + 1, marker)] == want, rank
+
+
+def test_resume_with_another_world_size_is_refused(train_cells):
+    state = _loader(train_cells, rank=0, world_size=2).state_dict()
+    with pytest.raises(DataError, match="saved with 2 ranks, now 1"):
+        _loader(train_cells, rank=0, world_size=1).load_state_dict(state)
+
+
+# --- multi-process: rank and world size from torch.distributed ------------------------------------------
+
+RANK_SCRIPT = """
+import json
+import sys
+
+import numpy as np
+import torch.distributed as dist
+
+from scldm_scale.data.soma import SomaBatches, SomaCells, SomaSpec
+
+
+def main():
+    uri, marker, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    dist.init_process_group("gloo")
+    cells = SomaCells(SomaSpec(uri, obs_filter="split == 'train'"))
+    batches = SomaBatches(cells, {}, batch_size=6, seed=0, chunk_size=8, buffer_chunks=3)
+    joinids = []
+    for _ in range(batches.limit(0)):
+        joinids.append((next(batches).target[:, marker].numpy().astype(np.int64) - 1).tolist())
+    with open(f"{out}/rank{dist.get_rank()}.json", "w") as f:
+        json.dump({"rank": batches.rank, "world_size": batches.world_size, "batches": joinids}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+@pytest.mark.multiproc
+def test_torchrun_ranks_read_disjoint_cells_in_equal_steps(train_cells, soma_experiment, tmp_path):
+    script = tmp_path / "ranks.py"
+    script.write_text(textwrap.dedent(RANK_SCRIPT))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    command += [soma_experiment.uri, str(soma_experiment.marker_column), str(tmp_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [(r["rank"], r["world_size"]) for r in ranks] == [(0, 2), (1, 2)]
+    assert len(ranks[0]["batches"]) == len(ranks[1]["batches"]) > 0
+    cells = [np.concatenate(r["batches"]) for r in ranks]
+    assert not set(cells[0].tolist()) & set(cells[1].tolist())
+    for rank, got in enumerate(ranks):  # the same stream as a loader told its rank explicitly
+        loader = SomaBatches(train_cells, {}, seed=0, rank=rank, world_size=2, **PLAN)
+        want = _take(loader, loader.limit(0), soma_experiment.marker_column)
+        assert got["batches"] == [b.tolist() for b in want]
+
+
+# --- vocabulary alignment ------------------------------------------------------------------------------
+
+
+def test_a_model_vocabulary_maps_the_experiment_genes_by_id(soma_experiment):
+    exp = soma_experiment
+    rng = np.random.default_rng(0)
+    subset = [exp.gene_ids[j] for j in rng.permutation(len(exp.gene_ids))[:25]]
+    vocabulary = [*subset[:10], "gene_not_in_the_experiment", *subset[10:]]
+    cells = SomaCells(SomaSpec(exp.uri, obs_filter=TRAIN), vocabulary=vocabulary)
+    assert cells.vocabulary == vocabulary
+    present = [i for i, g in enumerate(vocabulary) if g in exp.gene_ids]
+    np.testing.assert_array_equal(cells.decode_gene_ids, present)
+
+    positions = np.arange(0, 320, 7)
+    source_columns = [exp.gene_ids.index(vocabulary[i]) for i in cells.decode_gene_ids]
+    expected = exp.counts[cells.joinids[positions]][:, source_columns]  # (P, 25)
+    np.testing.assert_array_equal(cells.read(positions).toarray(), expected)
+
+    batch = next(SomaBatches(cells, {}, seed=0, **PLAN))
+    np.testing.assert_array_equal(batch.decode_gene_ids.numpy(), present)
+    for row in range(batch.size):  # every token names a vocabulary gene and carries that gene's count
+        genes = batch.gene_ids[row][batch.mask[row]].numpy()
+        target = dict(zip(batch.decode_gene_ids.tolist(), batch.target[row].tolist(), strict=True))
+        assert [target[g] for g in genes] == batch.counts[row][batch.mask[row]].tolist()
+
+
+def test_a_vocabulary_without_overlap_is_refused(soma_experiment):
+    with pytest.raises(DataError, match="none of its genes are in the model's vocabulary"):
+        SomaCells(SomaSpec(soma_experiment.uri), vocabulary=["other_0", "other_1"])
+
+
+def test_missing_experiment_layer_or_condition_key_is_refused(soma_experiment, tmp_path):
+    with pytest.raises(DataError, match="cannot open SOMA experiment .*scldm-scale prepare"):
+        SomaCells(SomaSpec(str(tmp_path / "nothing.soma")))
+    with pytest.raises(DataError, match="no X layer 'raw'; layers are \\['counts'\\]"):
+        SomaCells(SomaSpec(soma_experiment.uri, layer="raw"))
+    with pytest.raises(DataError, match="condition keys \\['tissue'\\] are not obs columns"):
+        SomaCells(SomaSpec(soma_experiment.uri, condition_keys=["tissue"]))
+    with pytest.raises(DataError, match="no cells match"):
+        SomaCells(SomaSpec(soma_experiment.uri, obs_filter="split == 'val'"))
+
+
+# --- Census-shaped local collection -------------------------------------------------------------------
+
+
+@pytest.fixture
+def local_census(marked_counts_adata, tmp_path):
+    """census/{census_info, census_data/homo_sapiens}: 90 cells, layer `raw`, raw_sum = row sum + 1000."""
+    adata = marked_counts_adata(n_cells=90, n_genes=30)
+    n_cells = adata.n_obs
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(str)
+    adata.obs["tissue_general"] = np.where(np.arange(n_cells) % 3 == 0, "blood", "lung")
+    adata.obs["is_primary_data"] = np.arange(n_cells) % 5 != 0
+    # The Census's raw_sum counts genes a var_filter may leave out; +1000 tells it apart from the row sum.
+    adata.obs["raw_sum"] = np.asarray(adata.X.sum(axis=1)).ravel() + 1000.0
+    adata.var["feature_id"] = adata.var_names.to_numpy()
+    adata.var["feature_name"] = [f"SYM{j}" for j in range(adata.n_vars)]
+    root = tmp_path / "census"
+    with tiledbsoma.Collection.create(str(root)) as census:
+        census.add_new_collection("census_info")
+        census.add_new_collection("census_data")
+    experiment = str(root / "census_data" / "homo_sapiens")
+    tiledbsoma.io.from_anndata(experiment, adata, "RNA", X_layer_name="raw")
+    with tiledbsoma.Collection.open(str(root / "census_data"), "w") as data:
+        with tiledbsoma.Experiment.open(experiment) as exp:
+            data.set("homo_sapiens", exp, use_relative_uri=True)
+    return root, adata
+
+
+def test_census_collection_streams_only_matching_cells_from_raw(local_census):
+    root, adata = local_census
+    cfg = DataConfig(
+        source="census",
+        uri=str(root),
+        obs_filter="is_primary_data == True and tissue_general == 'lung'",
+        condition_keys=["cell_type"],
+        split_key="split",
+        chunk_size=8,
+        buffer_chunks=2,
+    )
+    cells = open_train_cells(cfg, batch_size=4, seed=0)
+    obs = adata.obs
+    matching = np.flatnonzero(obs["is_primary_data"].to_numpy() & (obs["tissue_general"] == "lung").to_numpy())
+    assert cells.n_cells == len(matching) == 48
+    assert cells.batches.cells.spec.layer == "raw"  # the default for the Census; "counts" does not exist here
+    np.testing.assert_array_equal(cells.library_sizes, obs["raw_sum"].to_numpy()[matching])
+    np.testing.assert_array_equal(cells.labels["cell_type"], obs["cell_type"].to_numpy(dtype=str)[matching])
+
+    marker = adata.n_vars - 1
+    dense = adata.X.toarray()
+    seen = []
+    for _ in range(cells.batches.limit(0)):
+        batch = next(cells.batches)
+        joinids = _joinids(batch, marker)
+        np.testing.assert_array_equal(batch.target.numpy(), dense[joinids])
+        seen.extend(joinids.tolist())
+    # 48 cells = 6 chunks = 3 buffers of 16 cells = 12 batches of 4: one epoch streams every matching cell once.
+    assert sorted(seen) == matching.tolist()
+
+
+def test_census_without_the_organism_is_refused(local_census):
+    root, _ = local_census
+    with pytest.raises(DataError, match="no organism 'mus_musculus'"):
+        SomaCells(SomaSpec(str(root), layer="raw", census=True, organism="mus_musculus"))
+
+
+# --- open_train_cells and the config -------------------------------------------------------------------
+
+
+def test_open_train_cells_reads_the_train_split_of_a_soma_experiment(soma_experiment):
+    exp = soma_experiment
+    cfg = DataConfig(source="soma", uri=exp.uri, condition_keys=["cell_type"], chunk_size=8, buffer_chunks=3)
+    cells = open_train_cells(cfg, batch_size=6, seed=0)
+    train = np.flatnonzero(exp.split == "train")
+    assert cells.n_cells == len(train)
+    assert cells.gene_names == exp.gene_ids
+    np.testing.assert_array_equal(cells.library_sizes, exp.counts[train].sum(axis=1))
+    ordered = np.concatenate([_joinids(b, exp.marker_column) for b in cells.ordered()])
+    np.testing.assert_array_equal(ordered, train)
+    np.testing.assert_array_equal(
+        cells.condition_ids["cell_type"], cells.encoders["cell_type"].encode(exp.cell_type[train])
+    )
+
+
+def test_soma_source_without_uri_is_refused():
+    with pytest.raises(DataError, match="data.source=soma needs data.uri"):
+        open_train_cells(DataConfig(source="soma", uri=None, condition_keys=[]), batch_size=4, seed=0)
+
+
+def test_data_path_with_the_soma_source_is_a_config_error():
+    with pytest.raises(ConfigError, match="data.path is read by data.source=h5ad, but data.source=soma"):
+        load_config(overrides=["data.source=soma", "data.path=cells.h5ad"])
