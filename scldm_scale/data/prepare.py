@@ -6,8 +6,9 @@ fits without a pass over X) and a stratified `split` column (train / val / test)
 
 Everything is validated before anything is written: non-integer, negative, NaN or inf counts, duplicate
 gene ids, a missing label column, cells with zero counts (dropped with a count shown, or refused with
-`zero_cells="refuse"`). The validation of X reads row chunks in backed mode with a progress bar, so
-validation never holds the whole matrix. The experiment is written into a temporary sibling folder and
+`zero_cells="refuse"`). An .h5ad is opened in backed mode, and X is validated and then copied in row
+chunks with progress bars, so the whole matrix is never in memory (10x and CSV inputs are read whole by
+their readers). The experiment is written into a temporary sibling folder and
 renamed onto URI at the end, so an interrupted ingestion leaves nothing half-written at URI.
 """
 
@@ -79,8 +80,48 @@ def scan_counts(adata: ad.AnnData, layer: str | None, where: str, allow_non_inte
             validate_counts(block, where, allow_non_integer)
         except DataError as err:
             raise DataError(f"{err} (cells {start}..{stop - 1})") from None
-        totals[start:stop] = np.asarray(block.sum(axis=1)).ravel()
+        totals[start:stop] = np.asarray(_as_counts(block, allow_non_integer).sum(axis=1)).ravel()
     return totals
+
+
+def _as_counts(block, allow_non_integer: bool) -> sp.csr_matrix:
+    """A validated block as CSR: float32 when non-integer values are allowed, else rounded int32 (validation
+    accepts values within 1e-6 of an integer, and a plain cast would truncate 2.9999999 to 2)."""
+    block = sp.csr_matrix(block, dtype=np.float64)
+    if allow_non_integer:
+        return sp.csr_matrix(block, dtype=np.float32)
+    block.data = np.rint(block.data)
+    return sp.csr_matrix(block, dtype=np.int32)
+
+
+def _write_experiment(uri: Path, obs: pd.DataFrame, var: pd.DataFrame, x, rows: np.ndarray, allow_non_integer: bool):
+    """obs/var via tiledbsoma.io, then X written in row chunks (never the whole matrix in memory)."""
+    import pyarrow as pa
+    import tiledbsoma
+    import tiledbsoma.io
+
+    tiledbsoma.io.from_anndata(
+        str(uri), ad.AnnData(obs=obs, var=var), MEASUREMENT, obs_id_name="obs_id", var_id_name="var_id"
+    )
+    value_type = pa.float32() if allow_non_integer else pa.int32()
+    with tiledbsoma.Experiment.open(str(uri), "w") as exp:
+        layer = exp.ms[MEASUREMENT].X.add_new_sparse_ndarray(X_LAYER, type=value_type, shape=(len(rows), len(var)))
+        written = 0
+        for start in tqdm(range(0, len(rows), VALIDATE_CHUNK_ROWS), desc="write", unit="chunk", leave=False):
+            chunk_rows = rows[start : start + VALIDATE_CHUNK_ROWS]
+            # Read the contiguous source range covering the kept rows, then keep those rows.
+            lo, hi = int(chunk_rows[0]), int(chunk_rows[-1]) + 1
+            block = _as_counts(x[lo:hi], allow_non_integer)[chunk_rows - lo].tocoo()
+            layer.write(
+                pa.Table.from_pydict(
+                    {
+                        "soma_dim_0": (block.row + written).astype(np.int64),
+                        "soma_dim_1": block.col.astype(np.int64),
+                        "soma_data": block.data,
+                    }
+                )
+            )
+            written += len(chunk_rows)
 
 
 def stratified_three_way(labels: np.ndarray, test_fraction: float, val_fraction: float, seed: int) -> np.ndarray:
@@ -135,18 +176,13 @@ def prepare(
             raise DataError(f"{where}: {n_zero} cells have zero counts; drop them or pass --zero-cells drop")
         log.warning("%s: dropping %d cells with zero counts", where, n_zero)
 
-    # From here on the data is valid; build the in-memory copy that is written.
+    # From here on the data is valid: obs/var in memory, X copied in row chunks.
     x = _matrix(adata, layer)
     rows = np.flatnonzero(keep)
-    counts = sp.csr_matrix(x[rows] if not hasattr(x, "to_memory") else x.to_memory()[rows])
-    if not allow_non_integer:
-        counts = sp.csr_matrix(counts, dtype=np.float64)
-        counts.data = np.rint(counts.data)  # validation accepts values within 1e-6 of an integer; a cast truncates
-    counts = sp.csr_matrix(counts, dtype=np.float32 if allow_non_integer else np.int32)
     obs = adata.obs.iloc[rows][list(labels)].copy() if labels else pd.DataFrame(index=adata.obs_names[rows])
     for key in labels:
         obs[key] = obs[key].astype(str)
-    obs["n_counts"] = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+    obs["n_counts"] = totals[rows]
     strata = obs[labels[0]].to_numpy() if labels else np.zeros(len(rows), dtype=str)
     obs[SPLIT_COLUMN] = stratified_three_way(strata, test_fraction, val_fraction, seed).astype(str)
     obs.index = obs.index.astype(str)
@@ -154,22 +190,16 @@ def prepare(
     var["feature_id"] = var.index.to_numpy()
     name_col = next((c for c in ("feature_name", "gene_symbols", "gene_name") if c in adata.var), None)
     var["feature_name"] = adata.var[name_col].astype(str).to_numpy() if name_col else var.index.to_numpy()
-    if getattr(adata, "isbacked", False):
-        adata.file.close()
-
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        import tiledbsoma.io
-
-        written = ad.AnnData(X=counts, obs=obs, var=var)
-        tiledbsoma.io.from_anndata(
-            str(staging / "exp"), written, MEASUREMENT, X_layer_name=X_LAYER, obs_id_name="obs_id", var_id_name="var_id"
-        )
+        _write_experiment(staging / "exp", obs, var, x, rows, allow_non_integer)
         if out.exists():
             shutil.rmtree(out)
         (staging / "exp").rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("wrote %d cells x %d genes to %s", counts.shape[0], counts.shape[1], out)
+        if getattr(adata, "isbacked", False):
+            adata.file.close()
+    log.info("wrote %d cells x %d genes to %s", len(rows), len(var), out)
     return out

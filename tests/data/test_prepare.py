@@ -212,6 +212,18 @@ def test_zero_count_cells_are_dropped_with_a_count(counts_adata, tmp_path, caplo
     )
 
 
+def test_x_is_copied_in_row_chunks_across_dropped_cells(counts_adata, tmp_path, monkeypatch):
+    """With 4-row chunks, 30 cells and two dropped ones, every chunk boundary and gap is exercised."""
+    monkeypatch.setattr("scldm_scale.data.prepare.VALIDATE_CHUNK_ROWS", 4)
+    source = counts_adata(n_cells=30, n_genes=10)
+    _zero_cells(source)
+    source.write_h5ad(tmp_path / "cells.h5ad")
+    back = _read_back(prepare(tmp_path / "cells.h5ad", tmp_path / "cells.soma", labels=["cell_type"]))
+    kept = np.setdiff1d(np.arange(30), [3, 7])
+    np.testing.assert_array_equal(back.X.toarray(), source.X.toarray()[kept])
+    np.testing.assert_array_equal(back.obs["n_counts"].to_numpy(), source.X.toarray()[kept].sum(axis=1))
+
+
 def test_existing_output_is_refused_without_overwrite_and_replaced_with_it(counts_adata, tmp_path):
     source = counts_adata(n_cells=30, n_genes=10)
     source.write_h5ad(tmp_path / "cells.h5ad")
