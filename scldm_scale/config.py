@@ -37,6 +37,10 @@ class DataConfig:
     chunk_size: int = 64
     buffer_chunks: int = 8
     num_workers: int = 0
+    # Encoder tokens per cell: "expressed" genes only, "dense" (all genes), or "expressed_plus_zeros"
+    # (the expressed genes plus n_zero_tokens genes sampled among the cell's zeros).
+    gene_tokens: str = "expressed"
+    n_zero_tokens: int = 0
     # h5ad source: path to an .h5ad with raw integer counts; null uses the built-in dataset `builtin`.
     path: str | None = None
     builtin: str = "pbmc68k_reduced"
@@ -151,6 +155,7 @@ class Config:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "stage": ("vae", "ldm"),
     "data.source": ("soma", "census", "h5ad"),
+    "data.gene_tokens": ("expressed", "dense", "expressed_plus_zeros"),
     "model.latent_mode": ("layernorm", "gaussian"),
     "model.input_embedding": ("scale", "concat"),
     "model.likelihood": ("nb", "gaussian"),
@@ -195,6 +200,8 @@ def validate(cfg: Config) -> Config:
         )
     if cfg.data.chunk_size <= 0 or cfg.data.buffer_chunks <= 0 or cfg.data.num_workers < 0:
         raise ConfigError("data.chunk_size and data.buffer_chunks must be positive, data.num_workers >= 0")
+    if cfg.data.n_zero_tokens < 0:
+        raise ConfigError(f"data.n_zero_tokens must be >= 0, got {cfg.data.n_zero_tokens}")
     if not 0.0 < cfg.data.test_fraction < 1.0:
         raise ConfigError(f"data.test_fraction must be in (0, 1), got {cfg.data.test_fraction}")
     if not 0.0 <= cfg.prior.cond_drop_prob <= 1.0:

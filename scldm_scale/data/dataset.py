@@ -106,27 +106,66 @@ class CellBatch:
         return self.target.shape[0]
 
 
+@dataclass(frozen=True)
+class TokenPolicy:
+    """Which genes of a cell the encoder sees.
+
+    expressed: only the expressed genes (the default; padded per batch with a mask).
+    dense: every gene of the vocabulary, zeros included.
+    expressed_plus_zeros: the expressed genes plus `n_zero_tokens` genes sampled among the cell's zeros,
+        drawn from a generator seeded by the batch's cells (and the loader's seed/epoch), so reproducible.
+    """
+
+    mode: str = "expressed"
+    n_zero_tokens: int = 0
+
+
+EXPRESSED_ONLY = TokenPolicy()
+
+
+def _tokens_of_row(indices: np.ndarray, n_genes: int, policy: TokenPolicy, rng) -> np.ndarray:
+    if policy.mode == "dense":
+        return np.arange(n_genes)
+    if policy.mode == "expressed_plus_zeros" and policy.n_zero_tokens > 0:
+        zeros = np.setdiff1d(np.arange(n_genes), indices, assume_unique=True)
+        picked = rng.choice(zeros, size=min(policy.n_zero_tokens, len(zeros)), replace=False)
+        return np.concatenate([indices, np.sort(picked)])
+    return indices
+
+
 def collate(
-    counts: sp.csr_matrix, conditions: dict[str, np.ndarray], decode_gene_ids: np.ndarray | None = None
+    counts: sp.csr_matrix,
+    conditions: dict[str, np.ndarray],
+    decode_gene_ids: np.ndarray | None = None,
+    policy: TokenPolicy = EXPRESSED_ONLY,
+    rng: np.random.Generator | None = None,
 ) -> CellBatch:
     """Build a CellBatch from a CSR block of cells (rows) over genes (columns).
 
     Column j is vocabulary gene decode_gene_ids[j] (default: column j is gene j, the full vocabulary).
+    The encoder tokens of each cell follow `policy`; the target is always the dense row.
     """
-    counts = sp.csr_matrix(counts)
+    counts = sp.csr_matrix(counts, copy=True)
+    counts.eliminate_zeros()  # explicitly stored zeros are not expressed genes
+    counts.sort_indices()
     n_cells, n_genes = counts.shape
-    lengths = np.diff(counts.indptr)
+    dense = counts.toarray().astype(np.float32)
+    columns = [counts.indices[counts.indptr[i] : counts.indptr[i + 1]] for i in range(n_cells)]
+    if policy.mode != "expressed":
+        rng = rng if rng is not None else np.random.default_rng(0)
+        columns = [_tokens_of_row(c, n_genes, policy, rng) for c in columns]
+    lengths = np.array([len(c) for c in columns], dtype=np.int64)
     seq_len = max(int(lengths.max(initial=0)), 1)
+    rows = np.repeat(np.arange(n_cells), lengths)
+    slots = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    flat_columns = np.concatenate(columns) if n_cells else np.zeros(0, dtype=np.int64)
+    column_gene = np.arange(n_genes) if decode_gene_ids is None else np.asarray(decode_gene_ids, dtype=np.int64)
     gene_ids = np.zeros((n_cells, seq_len), dtype=np.int64)
     values = np.zeros((n_cells, seq_len), dtype=np.float32)
     mask = np.zeros((n_cells, seq_len), dtype=bool)
-    rows = np.repeat(np.arange(n_cells), lengths)
-    cols = np.arange(counts.nnz) - np.repeat(counts.indptr[:-1], lengths)
-    column_gene = np.arange(n_genes) if decode_gene_ids is None else np.asarray(decode_gene_ids, dtype=np.int64)
-    gene_ids[rows, cols] = column_gene[counts.indices]
-    values[rows, cols] = counts.data
-    mask[rows, cols] = True
-    dense = counts.toarray().astype(np.float32)
+    gene_ids[rows, slots] = column_gene[flat_columns]
+    values[rows, slots] = dense[rows, flat_columns]
+    mask[rows, slots] = True
     return CellBatch(
         gene_ids=torch.from_numpy(gene_ids),
         counts=torch.from_numpy(values),
@@ -148,7 +187,9 @@ class CellDataset:
         obs: dict[str, np.ndarray],
         encoders: dict[str, LabelEncoder],
         split: np.ndarray,
+        policy: TokenPolicy = EXPRESSED_ONLY,
     ):
+        self.policy = policy
         self.counts = counts
         self.gene_names = gene_names
         self.obs = obs
@@ -167,7 +208,9 @@ class CellDataset:
         return idx
 
     def batch(self, idx: np.ndarray) -> CellBatch:
-        return collate(self.counts[idx], {k: v[idx] for k, v in self.condition_ids.items()})
+        rng = np.random.default_rng(idx) if self.policy.mode == "expressed_plus_zeros" else None
+        conditions = {k: v[idx] for k, v in self.condition_ids.items()}
+        return collate(self.counts[idx], conditions, policy=self.policy, rng=rng)
 
     def library_sizes(self, idx: np.ndarray) -> np.ndarray:
         return np.asarray(self.counts[idx].sum(axis=1)).ravel()
@@ -205,7 +248,8 @@ def build_dataset(
     else:
         strata = obs[cfg.condition_keys[0]] if cfg.condition_keys else np.zeros(adata.n_obs, dtype=str)
         split = stratified_split(strata, cfg.test_fraction, cfg.split_seed)
-    return CellDataset(counts, adata.var_names.tolist(), obs, encoders, split)
+    policy = TokenPolicy(cfg.gene_tokens, cfg.n_zero_tokens)
+    return CellDataset(counts, adata.var_names.tolist(), obs, encoders, split, policy)
 
 
 def load_anndata(cfg: DataConfig) -> ad.AnnData:

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from scldm_scale.data.counts import DataError
-from scldm_scale.data.dataset import CellBatch, LabelEncoder, collate
+from scldm_scale.data.dataset import EXPRESSED_ONLY, CellBatch, LabelEncoder, TokenPolicy, collate
 
 MEASUREMENT = "RNA"
 
@@ -280,7 +280,9 @@ class SomaBatches:
         num_workers: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
+        policy: TokenPolicy = EXPRESSED_ONLY,
     ):
+        self.policy = policy
         self.cells = cells
         self.encoders = encoders
         self.condition_ids = {k: enc.encode(cells.labels[k]) for k, enc in encoders.items()}
@@ -316,7 +318,9 @@ class SomaBatches:
     def make_batch(self, block: sp.csr_matrix, block_positions: np.ndarray, positions: np.ndarray) -> CellBatch:
         rows = np.searchsorted(block_positions, positions)
         conditions = {k: v[positions] for k, v in self.condition_ids.items()}
-        return collate(block[rows], conditions, decode_gene_ids=self.cells.decode_gene_ids)
+        # Sampled zero tokens depend on the cells of the batch and the seed only: reproducible on resume.
+        rng = np.random.default_rng([self.seed, *positions.tolist()]) if self.policy.mode != "expressed" else None
+        return collate(block[rows], conditions, self.cells.decode_gene_ids, self.policy, rng)
 
     def _epoch_stream(self) -> Iterator[CellBatch]:
         while True:

@@ -17,7 +17,14 @@ import numpy as np
 
 from scldm_scale.config import DataConfig
 from scldm_scale.data.counts import DataError
-from scldm_scale.data.dataset import CellBatch, LabelEncoder, ShuffledBatches, build_dataset, collate, load_anndata
+from scldm_scale.data.dataset import (
+    CellBatch,
+    LabelEncoder,
+    ShuffledBatches,
+    TokenPolicy,
+    build_dataset,
+    load_anndata,
+)
 
 ORDERED_BATCH = 256
 
@@ -81,7 +88,16 @@ def open_train_cells(
         encoders = {k: LabelEncoder.fit(k, v) for k, v in cells.labels.items()}
     if cells.n_counts is None:
         raise DataError(f"{cfg.uri}: obs has no n_counts (or raw_sum) column; ingest with `scldm-scale prepare`")
-    batches = SomaBatches(cells, encoders, batch_size, seed, cfg.chunk_size, cfg.buffer_chunks, cfg.num_workers)
+    batches = SomaBatches(
+        cells,
+        encoders,
+        batch_size,
+        seed,
+        cfg.chunk_size,
+        cfg.buffer_chunks,
+        cfg.num_workers,
+        policy=TokenPolicy(cfg.gene_tokens, cfg.n_zero_tokens),
+    )
 
     def ordered() -> Iterator[CellBatch]:
         for start in range(0, len(cells), ORDERED_BATCH):
@@ -116,7 +132,7 @@ def _h5ad_train_cells(cfg, batch_size, seed, vocabulary, encoders) -> TrainCells
     def ordered() -> Iterator[CellBatch]:
         for start in range(0, len(idx), ORDERED_BATCH):
             rows = idx[start : start + ORDERED_BATCH]
-            yield collate(dataset.counts[rows], {k: v[rows] for k, v in dataset.condition_ids.items()})
+            yield dataset.batch(rows)
 
     return TrainCells(
         batches=ShuffledBatches(dataset.batch, idx, batch_size, seed),

@@ -291,3 +291,44 @@ def test_anndata_with_categorical_conditions_and_numeric_labels(counts_adata):
     ds = build_dataset(adata, _cfg(condition_keys=["batch", "cell_type"]))
     assert ds.encoders["batch"].values == ["0", "1"]
     np.testing.assert_array_equal(ds.condition_ids["batch"], np.arange(12) % 2)
+
+
+# --- encoder token policies -------------------------------------------------------------------------------
+
+
+def _token_sets(batch) -> list[set[int]]:
+    return [set(batch.gene_ids[i][batch.mask[i]].tolist()) for i in range(batch.size)]
+
+
+def test_dense_tokens_cover_every_gene_with_its_count():
+    from scldm_scale.data.dataset import TokenPolicy, collate
+
+    rng = np.random.default_rng(0)
+    counts = sp.csr_matrix(rng.poisson(0.3, size=(5, 12)).astype(np.float32))
+    batch = collate(counts, {}, policy=TokenPolicy("dense"))
+    assert batch.gene_ids.shape == (5, 12) and bool(batch.mask.all())
+    dense = counts.toarray()
+    for i in range(5):
+        np.testing.assert_array_equal(batch.counts[i].numpy(), dense[i, batch.gene_ids[i].numpy()])
+
+
+def test_expressed_plus_zeros_adds_sampled_zero_genes_reproducibly():
+    from scldm_scale.data.dataset import TokenPolicy, collate
+
+    rng = np.random.default_rng(1)
+    counts = sp.csr_matrix(rng.poisson(0.2, size=(6, 30)).astype(np.float32))
+    counts[0] = 0  # a row with no expressed genes (stored explicitly as zeros) still gets its zeros
+    counts[1, :] = 1  # a row with no zeros gets nothing extra
+    counts = sp.csr_matrix(counts)
+    policy = TokenPolicy("expressed_plus_zeros", n_zero_tokens=4)
+    batch = collate(counts, {}, policy=policy, rng=np.random.default_rng(7))
+    again = collate(counts, {}, policy=policy, rng=np.random.default_rng(7))
+    assert _token_sets(batch) == _token_sets(again)
+    dense = counts.toarray()
+    for i, tokens in enumerate(_token_sets(batch)):
+        expressed = set(np.flatnonzero(dense[i]).tolist())
+        extra = tokens - expressed
+        assert expressed <= tokens
+        assert len(extra) == min(4, 30 - len(expressed))
+        assert all(dense[i, g] == 0 for g in extra)
+    np.testing.assert_array_equal(batch.target.numpy(), dense)  # the target stays the dense row
