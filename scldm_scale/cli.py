@@ -76,6 +76,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         zero_cells=args.zero_cells,
         allow_non_integer=args.allow_non_integer,
         overwrite=args.overwrite,
+        append=args.append,
     )
     print(f"SOMA experiment: {out}  (train with data.uri={out})")
 
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero-cells", choices=["drop", "refuse"], default="drop", help="cells with zero counts")
     p.add_argument("--allow-non-integer", action="store_true", help="accept non-integer values (not raw counts)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing experiment at --out")
+    p.add_argument("--append", action="store_true", help="add these cells to the experiment at --out")
     p.set_defaults(func=cmd_prepare)
 
     bench = sub.add_parser("bench", help="benchmarks: print a table, write JSON").add_subparsers(

@@ -94,18 +94,41 @@ def _as_counts(block, allow_non_integer: bool) -> sp.csr_matrix:
     return sp.csr_matrix(block, dtype=np.int32)
 
 
-def _write_experiment(uri: Path, obs: pd.DataFrame, var: pd.DataFrame, x, rows: np.ndarray, allow_non_integer: bool):
-    """obs/var via tiledbsoma.io, then X written in row chunks (never the whole matrix in memory)."""
+def _write_experiment(
+    uri: Path, obs: pd.DataFrame, var: pd.DataFrame, x, rows: np.ndarray, allow_non_integer: bool, append: bool
+) -> None:
+    """obs/var via tiledbsoma.io, then X written in row chunks (never the whole matrix in memory).
+
+    append: uri already holds an experiment; tiledbsoma's registration assigns the new cells joinids after
+    the existing ones and the new genes joinids after the existing vocabulary (the union, new genes last).
+    """
     import pyarrow as pa
     import tiledbsoma
     import tiledbsoma.io
 
-    tiledbsoma.io.from_anndata(
-        str(uri), ad.AnnData(obs=obs, var=var), MEASUREMENT, obs_id_name="obs_id", var_id_name="var_id"
-    )
+    meta = ad.AnnData(obs=obs, var=var)
+    ids = {"obs_id_name": "obs_id", "var_id_name": "var_id"}
+    if append:
+        try:
+            mapping = tiledbsoma.io.register_anndatas(
+                str(uri), [meta], measurement_name=MEASUREMENT, obs_field_name="obs_id", var_field_name="var_id"
+            )
+        except Exception as err:  # duplicate cell ids, schema mismatches, ...
+            raise DataError(f"cannot append to {uri.name}: {err}") from None
+        mapping.prepare_experiment(str(uri))
+        tiledbsoma.io.from_anndata(str(uri), meta, MEASUREMENT, registration_mapping=mapping, **ids)
+        joinids = mapping.id_mappings_for_anndata(meta)
+        obs_joinids = np.asarray(joinids.obs_axis.data, dtype=np.int64)
+        var_joinids = np.asarray(joinids.var_axes[MEASUREMENT].data, dtype=np.int64)
+    else:
+        tiledbsoma.io.from_anndata(str(uri), meta, MEASUREMENT, **ids)
+        obs_joinids, var_joinids = np.arange(len(rows)), np.arange(len(var))
     value_type = pa.float32() if allow_non_integer else pa.int32()
     with tiledbsoma.Experiment.open(str(uri), "w") as exp:
-        layer = exp.ms[MEASUREMENT].X.add_new_sparse_ndarray(X_LAYER, type=value_type, shape=(len(rows), len(var)))
+        if append:
+            layer = exp.ms[MEASUREMENT].X[X_LAYER]
+        else:
+            layer = exp.ms[MEASUREMENT].X.add_new_sparse_ndarray(X_LAYER, type=value_type, shape=(len(rows), len(var)))
         written = 0
         for start in tqdm(range(0, len(rows), VALIDATE_CHUNK_ROWS), desc="write", unit="chunk", leave=False):
             chunk_rows = rows[start : start + VALIDATE_CHUNK_ROWS]
@@ -115,13 +138,20 @@ def _write_experiment(uri: Path, obs: pd.DataFrame, var: pd.DataFrame, x, rows: 
             layer.write(
                 pa.Table.from_pydict(
                     {
-                        "soma_dim_0": (block.row + written).astype(np.int64),
-                        "soma_dim_1": block.col.astype(np.int64),
+                        "soma_dim_0": obs_joinids[block.row + written],
+                        "soma_dim_1": var_joinids[block.col],
                         "soma_data": block.data,
                     }
                 )
             )
             written += len(chunk_rows)
+
+
+def _existing_labels(uri: Path) -> list[str]:
+    import tiledbsoma
+
+    with tiledbsoma.Experiment.open(str(uri)) as exp:
+        return [c for c in exp.obs.schema.names if c not in ("soma_joinid", "obs_id", "n_counts", SPLIT_COLUMN)]
 
 
 def stratified_three_way(labels: np.ndarray, test_fraction: float, val_fraction: float, seed: int) -> np.ndarray:
@@ -149,11 +179,24 @@ def prepare(
     zero_cells: str = "drop",
     allow_non_integer: bool = False,
     overwrite: bool = False,
+    append: bool = False,
 ) -> Path:
-    """Ingest one input into a new SOMA experiment at out_uri; return its path."""
+    """Ingest one input into a new SOMA experiment at out_uri (or append it to one); return its path.
+
+    Appending works on a copy of the experiment that replaces the original only when complete, so an
+    interrupted append leaves the original untouched (at the cost of one copy of the experiment).
+    """
     out = Path(out_uri)
-    if out.exists() and not overwrite:
-        raise DataError(f"{out} already exists; choose another --out or pass --overwrite")
+    if append and overwrite:
+        raise DataError("--append and --overwrite exclude each other")
+    if append and not out.exists():
+        raise DataError(f"{out} does not exist: there is no experiment to append to (drop --append to create it)")
+    if out.exists() and not (overwrite or append):
+        raise DataError(f"{out} already exists; choose another --out, pass --overwrite, or --append to add cells")
+    if append and sorted(_existing_labels(out)) != sorted(labels):
+        raise DataError(
+            f"{out} has label columns {_existing_labels(out)}; appended data must bring the same (--labels)"
+        )
     if zero_cells not in ("drop", "refuse"):
         raise DataError(f"zero_cells must be 'drop' or 'refuse', got {zero_cells!r}")
     if not (0 <= test_fraction < 1 and 0 <= val_fraction < 1 and test_fraction + val_fraction < 1):
@@ -193,13 +236,15 @@ def prepare(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        _write_experiment(staging / "exp", obs, var, x, rows, allow_non_integer)
+        if append:
+            shutil.copytree(out, staging / "exp")
+        _write_experiment(staging / "exp", obs, var, x, rows, allow_non_integer, append)
         if out.exists():
-            shutil.rmtree(out)
+            out.rename(staging / "previous")  # moved aside, deleted with the staging folder
         (staging / "exp").rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if getattr(adata, "isbacked", False):
             adata.file.close()
-    log.info("wrote %d cells x %d genes to %s", len(rows), len(var), out)
+    log.info("%s %d cells x %d genes to %s", "appended" if append else "wrote", len(rows), len(var), out)
     return out

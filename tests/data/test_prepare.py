@@ -230,7 +230,7 @@ def test_existing_output_is_refused_without_overwrite_and_replaced_with_it(count
     out = tmp_path / "cells.soma"
     out.mkdir()
     (out / "keep.txt").write_text("earlier work")
-    with pytest.raises(DataError, match="already exists; choose another --out or pass --overwrite"):
+    with pytest.raises(DataError, match="already exists; choose another --out, pass --overwrite, or --append"):
         prepare(tmp_path / "cells.h5ad", out)
     assert _entries(out) == ["keep.txt"]
     assert _entries(tmp_path) == ["cells.h5ad", "cells.soma"]
@@ -274,3 +274,44 @@ def test_interrupted_overwrite_keeps_the_previous_experiment(counts_adata, tmp_p
         prepare(tmp_path / "second.h5ad", out, overwrite=True)
     np.testing.assert_array_equal(_read_back(out).X.toarray(), first.X.toarray())
     assert _entries(tmp_path) == ["cells.soma", "first.h5ad", "second.h5ad"]
+
+
+# --- appending ------------------------------------------------------------------------------------------
+
+
+def test_append_adds_cells_and_extends_the_vocabulary_with_new_genes_last(counts_adata, tmp_path):
+    first = counts_adata(n_cells=20, n_genes=8)
+    second = counts_adata(n_cells=15, n_genes=8)
+    second.obs_names = [f"second_{i}" for i in range(15)]
+    # The second dataset has genes 3..7 of the first, in another order, plus two new genes.
+    second.var_names = [f"gene_{i}" for i in (7, 5, 3, 4, 6)] + ["new_a", "new_b"] + ["gene_extra"]
+    first.write_h5ad(tmp_path / "first.h5ad")
+    second.write_h5ad(tmp_path / "second.h5ad")
+    uri = prepare(tmp_path / "first.h5ad", tmp_path / "cells.soma", labels=["cell_type"])
+    prepare(tmp_path / "second.h5ad", uri, labels=["cell_type"], append=True)
+    back = _read_back(uri)
+    new_genes = ["new_a", "new_b", "gene_extra"]
+    assert back.var["feature_id"].tolist() == first.var_names.tolist() + new_genes
+    assert back.obs_names.tolist() == first.obs_names.tolist() + second.obs_names.tolist()
+    dense = back.X.toarray()
+    np.testing.assert_array_equal(dense[:20, :8], first.X.toarray())
+    assert not dense[:20, 8:].any()
+    column = {g: i for i, g in enumerate(back.var["feature_id"])}
+    np.testing.assert_array_equal(dense[20:][:, [column[g] for g in second.var_names]], second.X.toarray())
+    np.testing.assert_array_equal(back.obs["n_counts"].to_numpy(), dense.sum(axis=1))
+    assert _entries(tmp_path) == sorted(["first.h5ad", "second.h5ad", "cells.soma"])
+
+
+def test_append_refuses_other_labels_duplicate_cells_and_a_missing_experiment(counts_adata, tmp_path):
+    source = counts_adata(n_cells=20, n_genes=8)
+    source.write_h5ad(tmp_path / "cells.h5ad")
+    with pytest.raises(DataError, match="no experiment to append to"):
+        prepare(tmp_path / "cells.h5ad", tmp_path / "cells.soma", labels=["cell_type"], append=True)
+    uri = prepare(tmp_path / "cells.h5ad", tmp_path / "cells.soma", labels=["cell_type"])
+    before = _read_back(uri).X.toarray()
+    with pytest.raises(DataError, match="same \\(--labels\\)"):
+        prepare(tmp_path / "cells.h5ad", uri, labels=[], append=True)
+    with pytest.raises(DataError, match="cannot append"):
+        prepare(tmp_path / "cells.h5ad", uri, labels=["cell_type"], append=True)  # the same cell ids again
+    np.testing.assert_array_equal(_read_back(uri).X.toarray(), before)
+    assert _entries(tmp_path) == ["cells.h5ad", "cells.soma"]
