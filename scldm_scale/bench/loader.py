@@ -5,22 +5,25 @@ What is unusual here:
   mixture), and within a sample the cells are sorted by cell type, as concatenated annotated h5ads are. Cell
   types are therefore clustered along soma_joinid, which is what makes shuffle quality measurable: a loader
   that reads contiguous runs of cells yields batches of few cell types.
-- Every (loader, worker count) is measured in a fresh spawned process, so its peak RSS is its own (not the
-  build's or an earlier loader's) and numba / import costs fall into its own warm-up. DataLoader workers are
-  spawned processes too: this module has no import-time side effects.
+- Every (loader, worker count) is measured in a fresh spawned process, so numba / import costs fall into its
+  own warm-up and its peak RSS is its own. That peak is VmHWM, not ru_maxrss: Linux carries ru_maxrss across
+  fork + exec, so a spawned child would report at least its parent's RSS. DataLoader workers are spawned
+  processes too (this module has no import-time side effects); their summed RSS is sampled every 0.25 s.
 - Throughput is cells/s over a window after `warmup_batches`: it includes epoch ends, where both loaders
   start new (non-persistent) DataLoader workers, because training pays for those too.
 - Shuffle score = mean total-variation distance between each measured batch's cell-type composition and the
   global one (0 = every batch looks like the whole experiment); the `random_permutation` row is the floor a
   full shuffle reaches at this batch size.
-- tiledbsoma-ml runs twice: with our read buffer (shuffle_chunk_size = chunk_size, io_batch_size =
-  chunk_size * buffer_chunks: the same shuffle granularity and about the same memory, the baseline of the
-  ratio) and with its default io_batch_size (65,536 cells per read: better shuffling, more memory).
+- tiledbsoma-ml runs as documented (ExperimentDataset + experiment_dataloader), shuffle_chunk_size equal to
+  our chunk_size (64, also its default) and its default io_batch_size (65,536 cells per read, shuffled
+  together). Forcing io_batch_size down to our 512-cell buffer makes it several times slower (one full
+  gc.collect and a small read per IO batch), so that would not be the baseline users see.
 """
 
 from __future__ import annotations
 
 import datetime
+import gc
 import itertools
 import json
 import multiprocessing
@@ -28,8 +31,8 @@ import os
 import platform
 import resource
 import shutil
-import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -49,15 +52,15 @@ N_CELL_TYPES = 8
 GENERATOR_VERSION = 1  # part of the experiment's folder name: a changed generator never reuses an old experiment
 ROWS_PER_CHUNK = 5_000  # cells generated and written at once: bounds the build's memory (~5,000 x n_genes x 8 B)
 
-# Our loader's shuffle settings (the SomaBatches defaults); tiledbsoma-ml is matched to them.
+# Our loader's shuffle settings (the SomaBatches defaults); tiledbsoma-ml gets the same shuffle chunk size.
 CHUNK_SIZE = 64
 BUFFER_CHUNKS = 8
-TILEDBSOMA_ML_DEFAULT_IO_BATCH = 2**16
+TILEDBSOMA_ML_IO_BATCH = 65_536  # tiledbsoma-ml 0.1.0's default io_batch_size, left as it is
 
 OURS = "scldm_scale"
-TSML_MATCHED = "tiledbsoma_ml"
-TSML_DEFAULT = "tiledbsoma_ml_default_io"
+BASELINE = "tiledbsoma_ml"
 RANDOM = "random_permutation"
+RSS_SAMPLE_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -203,10 +206,10 @@ def random_permutation_counts(codes: np.ndarray, batch_size: int, seed: int) -> 
     return np.stack([type_counts(b) for b in batches])
 
 
-# --- the loaders, each as a stream of per-batch cell-type codes -------------------------------------------
+# --- the loaders, each as a stream of (cell-type codes, epoch) per batch ----------------------------------
 
 
-def _ours(uri: str, batch_size: int, seed: int, num_workers: int) -> Iterator[np.ndarray]:
+def _ours(uri: str, batch_size: int, seed: int, num_workers: int) -> Iterator[tuple[np.ndarray, int]]:
     from scldm_scale.data.dataset import LabelEncoder
     from scldm_scale.data.soma import SomaBatches, SomaCells, SomaSpec
 
@@ -224,69 +227,131 @@ def _ours(uri: str, batch_size: int, seed: int, num_workers: int) -> Iterator[np
         world_size=1,
     )
     for batch in batches:
-        yield batch.conditions[LABEL].numpy()
+        yield batch.conditions[LABEL].numpy(), batches.epoch
 
 
 def _tiledbsoma_ml(
-    uri: str, batch_size: int, seed: int, num_workers: int, io_batch_size: int, codes_by_joinid: np.ndarray
-) -> Iterator[np.ndarray]:
+    uri: str, batch_size: int, seed: int, num_workers: int, codes_by_joinid: np.ndarray
+) -> Iterator[tuple[np.ndarray, int]]:
     import tiledbsoma
     import tiledbsoma_ml
 
     with tiledbsoma.Experiment.open(uri) as exp, exp.axis_query(MEASUREMENT) as query:
         dataset = tiledbsoma_ml.ExperimentDataset(
-            query,
-            layer_name=X_LAYER,
-            batch_size=batch_size,
-            shuffle=True,
-            shuffle_chunk_size=CHUNK_SIZE,
-            io_batch_size=io_batch_size,
-            seed=seed,
+            query, layer_name=X_LAYER, batch_size=batch_size, shuffle=True, shuffle_chunk_size=CHUNK_SIZE, seed=seed
         )
     loader = tiledbsoma_ml.experiment_dataloader(dataset, num_workers=num_workers)
     for epoch in itertools.count():
         dataset.set_epoch(epoch)
         for _x, obs in loader:
-            yield codes_by_joinid[obs["soma_joinid"].to_numpy()]
+            yield codes_by_joinid[obs["soma_joinid"].to_numpy()], epoch
 
 
-def _peak_rss_mb(who: int) -> float:
-    # ru_maxrss is in KiB on Linux, in bytes on macOS.
-    return resource.getrusage(who).ru_maxrss / (1024**2 if sys.platform == "darwin" else 1024)
+# --- memory -----------------------------------------------------------------------------------------------
+
+
+def _status_mb(pid: int | str, field: str) -> float | None:
+    """A memory field (VmRSS, VmHWM) of /proc/PID/status in MB; None without /proc or once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        return None
+    return None
+
+
+def _process_peak_rss_mb() -> float:
+    peak = _status_mb("self", "VmHWM")
+    if peak is None:  # no /proc (macOS): ru_maxrss, in bytes there
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    return peak
+
+
+def _spawned_children() -> list[int]:
+    """Pids of this process's multiprocessing-spawned children (DataLoader workers, not the resource tracker)."""
+    pids = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for pid in children:
+            try:
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    pids.append(int(pid))
+            except OSError:
+                continue
+    return pids
+
+
+class WorkerRssSampler:
+    """Peak over time of the summed RSS of this process's DataLoader workers, sampled in a thread.
+
+    Shared pages (torch's libraries) count once per worker, so the sum overstates what they take together.
+    """
+
+    def __init__(self, interval_s: float = RSS_SAMPLE_S):
+        self.interval_s = interval_s
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            total = sum(_status_mb(pid, "VmRSS") or 0.0 for pid in _spawned_children())
+            self.peak_mb = max(self.peak_mb, total)
+
+    def __enter__(self) -> WorkerRssSampler:
+        if Path("/proc/self/task").is_dir():
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+# --- one measurement ----------------------------------------------------------------------------------------
 
 
 def measure(
     loader: str, uri: str, batch_size: int, seed: int, num_workers: int, timing: Timing, codes_by_joinid: np.ndarray
 ) -> dict:
-    """Run one loader in this (fresh) process; cells/s after warm-up, batch compositions, peak RSS."""
-    if loader == OURS:
-        stream = _ours(uri, batch_size, seed, num_workers)
-    else:
-        io_batch = CHUNK_SIZE * BUFFER_CHUNKS if loader == TSML_MATCHED else TILEDBSOMA_ML_DEFAULT_IO_BATCH
-        stream = _tiledbsoma_ml(uri, batch_size, seed, num_workers, io_batch, codes_by_joinid)
-    for _ in range(timing.warmup_batches):
-        next(stream)
-    counts = []
-    start = time.perf_counter()
-    while True:
-        counts.append(type_counts(next(stream)))
-        elapsed = time.perf_counter() - start
-        if elapsed >= timing.measure_s or len(counts) >= timing.max_batches:
-            break
-    stream.close()  # drops the DataLoader iterator, which joins its workers so RUSAGE_CHILDREN counts them
+    """Run one loader in this process: cells/s after warm-up, per-batch cell-type counts, peak RSS."""
+    with WorkerRssSampler() as workers_rss:
+        if loader == OURS:
+            stream = _ours(uri, batch_size, seed, num_workers)
+        else:
+            stream = _tiledbsoma_ml(uri, batch_size, seed, num_workers, codes_by_joinid)
+        for _ in range(timing.warmup_batches):
+            next(stream)
+        counts, epochs = [], []
+        start = time.perf_counter()
+        while True:
+            codes, epoch = next(stream)
+            counts.append(type_counts(codes))
+            epochs.append(epoch)
+            elapsed = time.perf_counter() - start
+            if elapsed >= timing.measure_s or len(counts) >= timing.max_batches:
+                break
+        stream.close()
+        gc.collect()  # SomaBatches holds its stream in a reference cycle: collect it to stop its workers now
     batch_counts = np.stack(counts)
     return {
         "cells_per_s": float(batch_counts.sum() / elapsed),
         "n_batches_measured": len(counts),
         "measured_s": elapsed,
+        "epochs_started_while_measured": epochs[-1] - epochs[0],
         "batch_type_counts": batch_counts,
-        "peak_rss_mb": _peak_rss_mb(resource.RUSAGE_SELF),
-        "worker_peak_rss_mb": _peak_rss_mb(resource.RUSAGE_CHILDREN) if num_workers > 0 else None,
+        "peak_rss_mb": _process_peak_rss_mb(),
+        "workers_peak_rss_mb": workers_rss.peak_mb if num_workers > 0 else None,
     }
 
 
 def _measure_in_fresh_process(*args) -> dict:
-    # One process per case: its ru_maxrss is then this case's peak alone.
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(measure, *args).result()
 
@@ -305,8 +370,8 @@ def _machine() -> dict:
 
 def _format_table(records: list[dict]) -> str:
     header = (
-        f"{'loader':<26} {'workers':>7} {'cells/s':>9} {'x tsml':>7} {'x tsml_def':>10} "
-        f"{'RSS main MB':>11} {'RSS worker MB':>13} {'shuffle TV':>10}"
+        f"{'loader':<20} {'workers':>7} {'cells/s':>9} {'x tsml':>7} {'RSS main MB':>11} "
+        f"{'RSS workers MB':>14} {'shuffle TV':>10}"
     )
     lines = [header, "-" * len(header)]
 
@@ -315,11 +380,9 @@ def _format_table(records: list[dict]) -> str:
 
     for r in records:
         lines.append(
-            f"{r['loader']:<26} {fmt(r['num_workers'], 'd'):>7} {fmt(r['cells_per_s'], ',.0f'):>9} "
-            f"{fmt(r.get('ratio_vs_tiledbsoma_ml'), '.2f'):>7} "
-            f"{fmt(r.get('ratio_vs_tiledbsoma_ml_default_io'), '.2f'):>10} "
-            f"{fmt(r['peak_rss_mb'], ',.0f'):>11} {fmt(r.get('worker_peak_rss_mb'), ',.0f'):>13} "
-            f"{r['shuffle_score']:>10.3f}"
+            f"{r['loader']:<20} {fmt(r['num_workers'], 'd'):>7} {fmt(r['cells_per_s'], ',.0f'):>9} "
+            f"{fmt(r.get('ratio_vs_tiledbsoma_ml'), '.2f'):>7} {fmt(r['peak_rss_mb'], ',.0f'):>11} "
+            f"{fmt(r['workers_peak_rss_mb'], ',.0f'):>14} {r['shuffle_score']:>10.3f}"
         )
     return "\n".join(lines)
 
@@ -337,8 +400,8 @@ def run_loader_bench(
 ) -> list[dict]:
     """Build (or reuse) the synthetic experiment, measure every (loader, workers) case, print the table.
 
-    isolate=False measures in this process (saves a process start and numba JIT per case, for tests); peak
-    RSS is then the whole run's, not a case's own.
+    isolate=False measures in this process (saves a process start and numba JIT per case, for tests); the
+    main peak RSS is then the whole run's, not a case's own.
     """
     timing = timing or Timing()
     run_case = _measure_in_fresh_process if isolate else measure
@@ -355,41 +418,40 @@ def run_loader_bench(
             "n_cells": n_cells,
             "n_genes": n_genes,
             "batch_size": batch_size,
-            "chunk_size": CHUNK_SIZE,
-            "buffer_chunks": BUFFER_CHUNKS,
+            "shuffle_chunk_size": CHUNK_SIZE,
             "peak_rss_scope": (
-                "peak_rss_mb: ru_maxrss of "
+                "peak_rss_mb: VmHWM of "
                 + ("a fresh process per case (includes torch/tiledbsoma imports)" if isolate else "the whole run")
-                + "; worker_peak_rss_mb: the largest single DataLoader worker (RUSAGE_CHILDREN)"
+                + f"; workers_peak_rss_mb: peak of the DataLoader workers' summed VmRSS, sampled every {RSS_SAMPLE_S} s"
             ),
         }
-        cases = [(w, loader) for w in workers for loader in (TSML_MATCHED, TSML_DEFAULT, OURS)]
+        settings = {
+            OURS: {"buffer_chunks": BUFFER_CHUNKS, "cells_per_read": CHUNK_SIZE * BUFFER_CHUNKS},
+            BASELINE: {"io_batch_size": TILEDBSOMA_ML_IO_BATCH, "cells_per_read": TILEDBSOMA_ML_IO_BATCH},
+        }
+        cases = [(w, loader) for w in workers for loader in (BASELINE, OURS)]
         records = []
         for num_workers, loader in tqdm(cases, desc="measure loaders", unit="case"):
             result = run_case(loader, uri, batch_size, seed, num_workers, timing, codes_by_joinid)
-            io_batch = {TSML_MATCHED: CHUNK_SIZE * BUFFER_CHUNKS, TSML_DEFAULT: TILEDBSOMA_ML_DEFAULT_IO_BATCH}
             records.append(
                 {
                     "loader": loader,
                     "num_workers": num_workers,
                     "cells_per_s": result["cells_per_s"],
                     "peak_rss_mb": result["peak_rss_mb"],
-                    "worker_peak_rss_mb": result["worker_peak_rss_mb"],
+                    "workers_peak_rss_mb": result["workers_peak_rss_mb"],
                     "shuffle_score": shuffle_score(result["batch_type_counts"], global_fraction),
                     "n_batches_measured": result["n_batches_measured"],
                     "measured_s": result["measured_s"],
-                    "io_batch_size": io_batch.get(loader),
+                    "epochs_started_while_measured": result["epochs_started_while_measured"],
+                    **settings[loader],
                     **common,
                 }
             )
-        by_case = {(r["loader"], r["num_workers"]): r for r in records}
+        baseline = {r["num_workers"]: r["cells_per_s"] for r in records if r["loader"] == BASELINE}
         for r in records:
             if r["loader"] == OURS:
-                for baseline, key in (
-                    (TSML_MATCHED, "ratio_vs_tiledbsoma_ml"),
-                    (TSML_DEFAULT, f"ratio_vs_{TSML_DEFAULT}"),
-                ):
-                    r[key] = r["cells_per_s"] / by_case[(baseline, r["num_workers"])]["cells_per_s"]
+                r["ratio_vs_tiledbsoma_ml"] = r["cells_per_s"] / baseline[r["num_workers"]]
         reference = random_permutation_counts(codes_by_joinid, batch_size, seed)
         records.append(
             {
@@ -397,7 +459,7 @@ def run_loader_bench(
                 "num_workers": None,
                 "cells_per_s": None,
                 "peak_rss_mb": None,
-                "worker_peak_rss_mb": None,
+                "workers_peak_rss_mb": None,
                 "shuffle_score": shuffle_score(reference, global_fraction),
                 **common,
             }
@@ -406,17 +468,24 @@ def run_loader_bench(
         if temp_dir is not None:
             shutil.rmtree(temp_dir, ignore_errors=True)
 
+    load = "n/a" if machine["load_avg_1m"] is None else f"{machine['load_avg_1m']:.2f}"
     print(
-        f"\nloader benchmark: {n_cells:,} cells x {n_genes:,} genes, batch {batch_size}, chunk {CHUNK_SIZE} x "
-        f"{BUFFER_CHUNKS} per buffer; {machine['platform']}, {machine['cpu_count']} CPUs, "
-        f"load average {machine['load_avg_1m']:.2f} at start, {machine['date']}"
+        f"\nloader benchmark: {n_cells:,} cells x {n_genes:,} genes, batch {batch_size}, shuffle chunks of "
+        f"{CHUNK_SIZE} cells; {machine['platform']}, {machine['cpu_count']} CPUs, load average {load} at start, "
+        f"{machine['date']}"
     )
     print(
-        f"cells/s after {timing.warmup_batches} warm-up batches, over {timing.measure_s:g} s or "
-        f"{timing.max_batches} batches; x tsml = ours / tiledbsoma_ml (io_batch_size {CHUNK_SIZE * BUFFER_CHUNKS}, "
-        f"our buffer), x tsml_def = ours / tiledbsoma_ml with io_batch_size {TILEDBSOMA_ML_DEFAULT_IO_BATCH:,}"
+        f"cells/s after {timing.warmup_batches} warm-up batches, over {timing.measure_s:g} s or {timing.max_batches} "
+        f"batches (epoch ends included); x tsml = ours / tiledbsoma_ml at the same number of workers"
     )
-    print("RSS main = peak of the measuring process; RSS worker = peak of its largest DataLoader worker")
+    print(
+        f"scldm_scale reads {CHUNK_SIZE * BUFFER_CHUNKS} cells at a time ({BUFFER_CHUNKS} chunks), tiledbsoma_ml "
+        f"up to {TILEDBSOMA_ML_IO_BATCH:,} (its default io_batch_size)"
+    )
+    print(
+        "RSS main = peak (VmHWM) of the measuring process; RSS workers = peak of its DataLoader workers' summed "
+        f"RSS, sampled every {RSS_SAMPLE_S} s"
+    )
     print("shuffle TV = mean total-variation distance of batch vs global cell-type composition (lower is better)\n")
     print(_format_table(records))
     if json_path:

@@ -8,6 +8,7 @@ the whole gene vocabulary, zeros included.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,8 @@ import torch
 
 from scldm_scale.config import DataConfig
 from scldm_scale.data.counts import DataError, load_builtin, read_counts, validate_counts
+
+log = logging.getLogger(__name__)
 
 
 class LabelEncoder:
@@ -270,6 +273,8 @@ class ShuffledBatches:
         self.batch_fn = batch_fn
         self.idx = np.asarray(idx)
         self.batch_size = min(batch_size, len(self.idx))
+        if self.batch_size < batch_size:
+            log.warning("batch size %d > %d cells; using %d", batch_size, len(self.idx), self.batch_size)
         self.seed = seed
         self.epoch = 0
         self.position = 0

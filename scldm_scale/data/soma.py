@@ -20,6 +20,7 @@ different number of workers; a different number of ranks gives a different per-r
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from scldm_scale.data.counts import DataError
 from scldm_scale.data.dataset import EXPRESSED_ONLY, CellBatch, LabelEncoder, TokenPolicy, collate
 
 MEASUREMENT = "RNA"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -292,6 +294,8 @@ class SomaBatches:
         self.num_workers = num_workers
         self.rank, self.world_size = _rank_and_world(rank, world_size)
         self.batch_size = min(batch_size, max(1, len(cells) // self.world_size))
+        if self.batch_size < batch_size:
+            log.warning("batch size %d > cells per rank; using %d", batch_size, self.batch_size)
         if self.world_size > len(cells):
             raise DataError(f"{len(cells)} cells cannot be shared among {self.world_size} ranks")
         self.epoch = 0

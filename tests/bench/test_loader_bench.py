@@ -36,11 +36,11 @@ def test_loader_bench_writes_one_record_per_case_and_a_random_reference(tmp_path
     )
     records = json.loads(json_path.read_text())
     by_loader = {r["loader"]: r for r in records}
-    assert set(by_loader) == {"scldm_scale", "tiledbsoma_ml", "tiledbsoma_ml_default_io", "random_permutation"}
+    assert set(by_loader) == {"scldm_scale", "tiledbsoma_ml", "random_permutation"}
     for r in records:
         assert MACHINE_KEYS <= set(r) and r["cpu_count"] >= 1
         assert 0.0 <= r["shuffle_score"] <= 1.0
-    for name in ("scldm_scale", "tiledbsoma_ml", "tiledbsoma_ml_default_io"):
+    for name in ("scldm_scale", "tiledbsoma_ml"):
         r = by_loader[name]
         assert r["num_workers"] == 0
         assert r["cells_per_s"] > 0 and r["peak_rss_mb"] > 0
