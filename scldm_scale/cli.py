@@ -162,9 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    from scldm_scale.train.trainer import TrainingInterrupted
+
     try:
         args.func(args)
     except USER_ERRORS as err:
         print(f"scldm-scale {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stop:
+        print(f"scldm-scale {args.command}: {stop}", file=sys.stderr)
+        return stop.exit_code
     return 0

@@ -124,6 +124,11 @@ class TrainConfig:
     num_threads: int | None = None
     log_every: int = 50
     ckpt_dir: str = "runs/default"
+    # Training checkpoints every N steps under ckpt_dir/<stage>/step-N (0: none until the end).
+    ckpt_every: int = 0
+    keep_last: int = 3
+    # "never", "auto" (the latest complete checkpoint of this stage, if any), or a step-N folder.
+    resume: str = "never"
     # The VAE checkpoint the ldm stage encodes cells with.
     vae_checkpoint: str | None = None
     metrics_file: str | None = None
@@ -208,6 +213,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"prior.cond_drop_prob must be in [0, 1], got {cfg.prior.cond_drop_prob}")
     if cfg.train.batch_size <= 0:
         raise ConfigError(f"train.batch_size must be positive, got {cfg.train.batch_size}")
+    if cfg.train.ckpt_every < 0 or cfg.train.keep_last < 1:
+        raise ConfigError("train.ckpt_every must be >= 0 and train.keep_last >= 1")
     if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:
         raise ConfigError(f"train.max_steps must be positive, got {cfg.train.max_steps}")
     for stage in ("vae", "ldm"):

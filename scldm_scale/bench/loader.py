@@ -370,8 +370,8 @@ def _machine() -> dict:
 
 def _format_table(records: list[dict]) -> str:
     header = (
-        f"{'loader':<20} {'workers':>7} {'cells/s':>9} {'x tsml':>7} {'RSS main MB':>11} "
-        f"{'RSS workers MB':>14} {'shuffle TV':>10}"
+        f"{'loader':<20} {'workers':>7} {'cells/s':>9} {'x tsml':>7} {'window s':>8} {'epoch ends':>10} "
+        f"{'RSS main MB':>11} {'RSS workers MB':>14} {'shuffle TV':>10}"
     )
     lines = [header, "-" * len(header)]
 
@@ -381,7 +381,8 @@ def _format_table(records: list[dict]) -> str:
     for r in records:
         lines.append(
             f"{r['loader']:<20} {fmt(r['num_workers'], 'd'):>7} {fmt(r['cells_per_s'], ',.0f'):>9} "
-            f"{fmt(r.get('ratio_vs_tiledbsoma_ml'), '.2f'):>7} {fmt(r['peak_rss_mb'], ',.0f'):>11} "
+            f"{fmt(r.get('ratio_vs_tiledbsoma_ml'), '.2f'):>7} {fmt(r.get('measured_s'), '.1f'):>8} "
+            f"{fmt(r.get('epochs_started_while_measured'), 'd'):>10} {fmt(r['peak_rss_mb'], ',.0f'):>11} "
             f"{fmt(r['workers_peak_rss_mb'], ',.0f'):>14} {r['shuffle_score']:>10.3f}"
         )
     return "\n".join(lines)
@@ -476,7 +477,8 @@ def run_loader_bench(
     )
     print(
         f"cells/s after {timing.warmup_batches} warm-up batches, over {timing.measure_s:g} s or {timing.max_batches} "
-        f"batches (epoch ends included); x tsml = ours / tiledbsoma_ml at the same number of workers"
+        "batches; x tsml = ours / tiledbsoma_ml at the same number of workers; window s = the measured time (a "
+        "batch that arrives late stretches it); epoch ends = epochs started inside it (each restarts the workers)"
     )
     print(
         f"scldm_scale reads {CHUNK_SIZE * BUFFER_CHUNKS} cells at a time ({BUFFER_CHUNKS} chunks), tiledbsoma_ml "

@@ -24,7 +24,7 @@ from scldm_scale.models.dit import DiT
 from scldm_scale.models.library_size import LibrarySizeModel
 from scldm_scale.models.prior import FlowMatchingPrior, LatentBatch
 from scldm_scale.models.vae import SetVAE
-from scldm_scale.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from scldm_scale.train.checkpoint import CheckpointError, RunCheckpoints, load_checkpoint, save_checkpoint
 from scldm_scale.train.trainer import Trainer, resolve_device
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,13 @@ def encode_latents(vae: SetVAE, batches: Iterator[CellBatch], device: torch.devi
     return torch.cat(out)
 
 
+def _run_checkpoints(cfg: Config, stage: str, architecture: tuple[str, ...]) -> dict:
+    """Training checkpoints under ckpt_dir/<stage>/, tagged with what a resume must match."""
+    resolved = to_dict(cfg)
+    meta = {"stage": stage, **{section: resolved[section] for section in architecture}}
+    return {"checkpoints": RunCheckpoints(Path(cfg.train.ckpt_dir) / stage, cfg.train.keep_last), "run_meta": meta}
+
+
 def train_vae(cfg: Config) -> Path:
     seed_everything(cfg.seed)
     _set_threads(cfg)
@@ -71,7 +78,10 @@ def train_vae(cfg: Config) -> Path:
     n_genes = len(cells.gene_names)
     log.info("VAE: %d train cells x %d genes, conditions %s", cells.n_cells, n_genes, cfg.data.condition_keys)
     vae = SetVAE(cfg.model, n_genes)
-    trainer = Trainer(vae, stage_optim(cfg, "vae"), cfg.train, device, desc="VAE")
+    trainer = Trainer(
+        vae, stage_optim(cfg, "vae"), cfg.train, device, desc="VAE", **_run_checkpoints(cfg, "vae", ("model",))
+    )
+    trainer.maybe_resume(cells.batches)
     history = trainer.fit(cells.batches)
     library = LibrarySizeModel.fit(cells.library_sizes, cells.labels)
     path = Path(cfg.train.ckpt_dir) / "vae.pt"
@@ -125,7 +135,16 @@ def train_ldm(cfg: Config) -> Path:
     log.info("LDM: DiT with %.2fM parameters on %d latents", n_params, len(latents))
     # Latents fit in memory (N x M x L floats), so the prior shuffles them in memory.
     batches = ShuffledBatches(latent_batch, np.arange(len(latents)), cfg.train.batch_size, cfg.seed)
-    trainer = Trainer(prior, stage_optim(cfg, "ldm"), cfg.train, device, use_ema=True, desc="LDM")
+    trainer = Trainer(
+        prior,
+        stage_optim(cfg, "ldm"),
+        cfg.train,
+        device,
+        use_ema=True,
+        desc="LDM",
+        **_run_checkpoints(cfg, "ldm", ("model", "prior")),
+    )
+    trainer.maybe_resume(batches)
     history = trainer.fit(batches)
     ema_dit = {k[len("dit.") :]: v for k, v in trainer.ema.shadow.items() if k.startswith("dit.")}
     path = Path(cfg.train.ckpt_dir) / "ldm.pt"
