@@ -153,15 +153,20 @@ def collate(
     counts.sort_indices()
     n_cells, n_genes = counts.shape
     dense = counts.toarray().astype(np.float32)
-    columns = [counts.indices[counts.indptr[i] : counts.indptr[i + 1]] for i in range(n_cells)]
-    if policy.mode != "expressed":
+    if policy.mode == "expressed":
+        lengths = np.diff(counts.indptr)
+        flat_columns = counts.indices
+    else:
         rng = rng if rng is not None else np.random.default_rng(0)
-        columns = [_tokens_of_row(c, n_genes, policy, rng) for c in columns]
-    lengths = np.array([len(c) for c in columns], dtype=np.int64)
+        columns = [
+            _tokens_of_row(counts.indices[counts.indptr[i] : counts.indptr[i + 1]], n_genes, policy, rng)
+            for i in range(n_cells)
+        ]
+        lengths = np.array([len(c) for c in columns], dtype=np.int64)
+        flat_columns = np.concatenate(columns) if n_cells else np.zeros(0, dtype=np.int64)
     seq_len = max(int(lengths.max(initial=0)), 1)
     rows = np.repeat(np.arange(n_cells), lengths)
     slots = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    flat_columns = np.concatenate(columns) if n_cells else np.zeros(0, dtype=np.int64)
     column_gene = np.arange(n_genes) if decode_gene_ids is None else np.asarray(decode_gene_ids, dtype=np.int64)
     gene_ids = np.zeros((n_cells, seq_len), dtype=np.int64)
     values = np.zeros((n_cells, seq_len), dtype=np.float32)

@@ -9,6 +9,7 @@ Shuffling is scatter-gather, and the order is a function of (seed, epoch) and th
 4. each rank groups its chunks into buffers of `buffer_chunks` chunks, reads a buffer (one SOMA read of
    those joinids), permutes its cells by (seed, epoch, rank, buffer) and cuts it into batches; a buffer's
    last incomplete batch is dropped so batches never straddle buffers;
+   Each worker reads its next buffer in a background thread while it collates the current one.
 5. DataLoader workers take buffers round-robin (buffer b -> worker b % num_workers) and the rank's
    stream is put back in buffer order, so the stream does not depend on the number of workers;
 6. every rank stops each epoch after the same number of steps (the minimum over ranks), so DDP never
@@ -23,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -153,15 +155,17 @@ class SomaCells:
             self._handle, self._exp = open_experiment(self.spec)
         joinids = self.joinids[positions]
         x = self._exp.ms[self.spec.measurement].X[self.spec.layer]
-        table = x.read(coords=(joinids,)).tables().concat()
-        rows = np.searchsorted(joinids, table["soma_dim_0"].to_numpy())
+        table = x.read(coords=(joinids,), result_order="row-major").tables().concat()
+        rows = np.searchsorted(joinids, table["soma_dim_0"].to_numpy())  # ascending: row-major order
         var_ids = table["soma_dim_1"].to_numpy()
-        cols = self._column_of_var[np.minimum(var_ids, len(self._column_of_var) - 1)]
-        cols[var_ids >= len(self._column_of_var)] = -1
+        in_range = var_ids < len(self._column_of_var)
+        cols = np.full(len(var_ids), -1, dtype=np.int64)
+        cols[in_range] = self._column_of_var[var_ids[in_range]]
         keep = cols >= 0
-        data = table["soma_data"].to_numpy().astype(np.float32)
-        shape = (len(positions), len(self.decode_gene_ids))
-        return sp.csr_matrix((data[keep], (rows[keep], cols[keep])), shape=shape)
+        data = table["soma_data"].to_numpy()[keep].astype(np.float32)
+        # Rows arrive sorted, so the CSR is built directly (no COO sort); columns are sorted in collate.
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(rows[keep], minlength=len(positions)))])
+        return sp.csr_matrix((data, cols[keep], indptr), shape=(len(positions), len(self.decode_gene_ids)))
 
 
 def read_anndata(spec: SomaSpec):
@@ -247,21 +251,26 @@ class _EpochStream(IterableDataset):
             len(ld.cells), ld.chunk_size, ld.buffer_chunks, ld.seed, self.epoch, ld.rank, ld.world_size
         )
         index = 0  # position of the next batch in this rank's epoch stream
+        jobs = []  # (sorted positions to read, [(stream position, cells)]) for this worker's buffers
         for b, buffer in enumerate(buffers):
             batches = buffer_batches(buffer, ld.batch_size, ld.seed, self.epoch, ld.rank, b)
             first = index
             index += len(batches)
-            if b % n_workers != worker or index <= self.skip or first >= ld.limit(self.epoch):
+            if b % n_workers != worker:
                 continue
-            wanted = [
-                (first + i, cells) for i, cells in enumerate(batches) if self.skip <= first + i < ld.limit(self.epoch)
-            ]
-            if not wanted:
-                continue
-            block_positions = np.sort(np.concatenate([cells for _, cells in wanted]))
-            block = ld.cells.read(block_positions)
-            for position, cells in wanted:
-                yield position, ld.make_batch(block, block_positions, np.sort(cells))
+            limit = ld.limit(self.epoch)
+            wanted = [(first + i, cells) for i, cells in enumerate(batches) if self.skip <= first + i < limit]
+            if wanted:
+                jobs.append((np.sort(np.concatenate([cells for _, cells in wanted])), wanted))
+        # Read the next buffer in a thread while this one is collated (TileDB releases the GIL).
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(ld.cells.read, jobs[0][0]) if jobs else None
+            for j, (block_positions, wanted) in enumerate(jobs):
+                block = pending.result()
+                if j + 1 < len(jobs):
+                    pending = pool.submit(ld.cells.read, jobs[j + 1][0])
+                for position, cells in wanted:
+                    yield position, ld.make_batch(block, block_positions, np.sort(cells))
 
 
 class SomaBatches:
@@ -278,7 +287,7 @@ class SomaBatches:
         batch_size: int,
         seed: int,
         chunk_size: int = 64,
-        buffer_chunks: int = 8,
+        buffer_chunks: int = 256,
         num_workers: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
