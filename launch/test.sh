@@ -3,8 +3,8 @@
 # Works from any directory; the first run builds .venv in the repository root (~1-2 min), later runs reuse it.
 #   bash launch/test.sh                          # default tier: CPU, fast, offline
 #   bash launch/test.sh -x tests/models          # arguments go to pytest unchanged
-#   bash launch/test.sh -m multiproc             # one tier only (markers: slow, multiproc, gpu in pyproject.toml);
-#   bash launch/test.sh -m slow                  # a -m given here replaces the default 'not slow and not gpu'
+#   bash launch/test.sh -m multiproc             # one tier only (markers in pyproject.toml: multiproc = torchrun/subprocess
+#                                                # tests; slow and gpu are reserved, no test carries them yet)
 # The exit status is pytest's, except "no tests collected" (5), which is a failure (1) here.
 set -euo pipefail
 # shellcheck source=launch/_venv.sh

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from scldm_scale.config import ConfigError
 from scldm_scale.data.counts import DataError
@@ -43,6 +44,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     guidance = _pairs(args.cfg, "--cfg", float)
     if args.n_cells <= 0:
         raise ConfigError(f"--n-cells must be positive, got {args.n_cells}")
+    # Made before sampling, so a bad --out fails now rather than after the whole run.
+    Path(args.out).resolve().parent.mkdir(parents=True, exist_ok=True)
     try:
         adata = generate(
             args.checkpoint,
@@ -100,7 +103,7 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     from scldm_scale.quickstart import run_quickstart
 
     report = run_quickstart(args.out, args.overrides)
-    print((__import__("pathlib").Path(args.out) / "report.md").read_text())
+    print((Path(args.out) / "report.md").read_text())
     print(f"wrote {args.out}/generated.h5ad, report.json, report.md in {report['timings']['total_s']:.0f} s")
 
 

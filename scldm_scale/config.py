@@ -244,6 +244,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         merged = schema
         if path is not None:
             path = Path(path)
+            if not path.exists() and (CONFIG_DIR / path.name).exists() and path.parent.name == "configs":
+                path = CONFIG_DIR / path.name  # `configs/x.yaml` from outside the repository root
             if not path.exists():
                 raise ConfigError(f"config file {path} does not exist")
             merged = OmegaConf.merge(merged, OmegaConf.load(path))

@@ -145,7 +145,7 @@ def _counted(velocity, bar):
 def to_anndata(counts: np.ndarray, labels: dict[str, list[str]], gene_names: list[str], settings: dict) -> ad.AnnData:
     obs = pd.DataFrame({k: pd.Categorical(v) for k, v in labels.items()})
     obs.index = [f"gen-{i}" for i in range(counts.shape[0])]
-    adata = ad.AnnData(X=sp.csr_matrix(counts.astype(np.float32)), obs=obs, var=pd.DataFrame(index=gene_names))
+    adata = ad.AnnData(X=sp.csr_matrix(counts.astype(np.int32)), obs=obs, var=pd.DataFrame(index=gene_names))
     adata.uns["generation"] = settings
     return adata
 

@@ -172,7 +172,8 @@ def _markdown(report: dict) -> str:
             "",
             per_condition_table(records, "mmd"),
             "",
-            f"Time: {t['total_s']:.0f} s in all (VAE {t['train_vae_s']:.0f} s, prior {t['train_ldm_s']:.0f} s, "
+            f"Time: {t['total_s']:.0f} s in all (prepare {t['prepare_s']:.0f} s, VAE {t['train_vae_s']:.0f} s, "
+            f"prior {t['train_ldm_s']:.0f} s, "
             f"generation {t['generate_s']:.0f} s, evaluation {t['evaluate_s']:.0f} s).",
             "",
         ]

@@ -45,6 +45,8 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from scldm_scale.config import DataConfig
+
 MEASUREMENT = "RNA"
 X_LAYER = "counts"
 LABEL = "cell_type"
@@ -52,9 +54,9 @@ N_CELL_TYPES = 8
 GENERATOR_VERSION = 1  # part of the experiment's folder name: a changed generator never reuses an old experiment
 ROWS_PER_CHUNK = 5_000  # cells generated and written at once: bounds the build's memory (~5,000 x n_genes x 8 B)
 
-# Our loader's shuffle settings (the SomaBatches defaults); tiledbsoma-ml gets the same shuffle chunk size.
-CHUNK_SIZE = 64
-BUFFER_CHUNKS = 8
+# Our loader's shuffle settings (the data config defaults); tiledbsoma-ml gets the same shuffle chunk size.
+CHUNK_SIZE = DataConfig().chunk_size
+BUFFER_CHUNKS = DataConfig().buffer_chunks
 TILEDBSOMA_ML_IO_BATCH = 65_536  # tiledbsoma-ml 0.1.0's default io_batch_size, left as it is
 
 OURS = "scldm_scale"

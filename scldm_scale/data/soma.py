@@ -155,17 +155,17 @@ class SomaCells:
             self._handle, self._exp = open_experiment(self.spec)
         joinids = self.joinids[positions]
         x = self._exp.ms[self.spec.measurement].X[self.spec.layer]
-        table = x.read(coords=(joinids,), result_order="row-major").tables().concat()
-        rows = np.searchsorted(joinids, table["soma_dim_0"].to_numpy())  # ascending: row-major order
+        # result_order="auto": asking TileDB for row-major order makes the read ~4x slower.
+        table = x.read(coords=(joinids,)).tables().concat()
+        rows = np.searchsorted(joinids, table["soma_dim_0"].to_numpy())
         var_ids = table["soma_dim_1"].to_numpy()
         in_range = var_ids < len(self._column_of_var)
         cols = np.full(len(var_ids), -1, dtype=np.int64)
         cols[in_range] = self._column_of_var[var_ids[in_range]]
         keep = cols >= 0
         data = table["soma_data"].to_numpy()[keep].astype(np.float32)
-        # Rows arrive sorted, so the CSR is built directly (no COO sort); columns are sorted in collate.
-        indptr = np.concatenate([[0], np.cumsum(np.bincount(rows[keep], minlength=len(positions)))])
-        return sp.csr_matrix((data, cols[keep], indptr), shape=(len(positions), len(self.decode_gene_ids)))
+        shape = (len(positions), len(self.decode_gene_ids))
+        return sp.csr_matrix((data, (rows[keep], cols[keep])), shape=shape)  # COO -> CSR in O(nnz)
 
 
 def read_anndata(spec: SomaSpec):
