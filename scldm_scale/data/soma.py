@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -347,6 +348,10 @@ class SomaBatches:
                         batch_size=None,
                         num_workers=self.num_workers,
                         multiprocessing_context="spawn",  # tiledbsoma is not fork-safe
+                        # Ctrl-C reaches the whole process group: the workers must outlive it until the
+                        # trainer has finished its step and checkpointed. (SIGTERM is left alone: the
+                        # DataLoader stops its own workers with it.)
+                        worker_init_fn=_ignore_sigint,
                         pin_memory=torch.cuda.is_available(),
                     )
                 )
@@ -385,6 +390,10 @@ class SomaBatches:
         self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
         self._limits.clear()  # steps per epoch depend on the seed
         self._stream = None
+
+
+def _ignore_sigint(_worker_id: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -105,13 +105,19 @@ def open_train_cells(
             block = cells.read(positions)
             yield batches.make_batch(block, positions, positions)
 
+    # obs n_counts / raw_sum total all genes; the model sees only the genes read, so with a var_filter
+    # the library-size fit must use the totals over those genes (one ordered pass over the train cells).
+    if cfg.var_filter:
+        library_sizes = np.concatenate([b.library_size.numpy() for b in ordered()]).astype(np.float64)
+    else:
+        library_sizes = cells.n_counts
     return TrainCells(
         batches=batches,
         gene_names=cells.vocabulary,
         encoders=encoders,
         labels=cells.labels,
         condition_ids=batches.condition_ids,
-        library_sizes=cells.n_counts,
+        library_sizes=library_sizes,
         ordered=ordered,
     )
 

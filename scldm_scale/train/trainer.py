@@ -111,6 +111,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+            # Checkpoints load on the CPU; the shadow must live where the model does.
+            self.ema.shadow = {k: v.to(self.device) for k, v in self.ema.shadow.items()}
         batches.load_state_dict(state["loader"])
         self.step = state["step"]
         self.history = list(state["history"])
@@ -151,8 +153,9 @@ class Trainer:
         metrics_file = Path(cfg.metrics_file) if cfg.metrics_file else None
         if metrics_file is not None:
             metrics_file.parent.mkdir(parents=True, exist_ok=True)
-            if self.step == 0:
-                metrics_file.write_text("")  # a fresh run starts a fresh log
+            # A fresh run starts an empty log; a resumed one keeps exactly the records up to its step,
+            # dropping any logged after the checkpoint by a run that then crashed.
+            metrics_file.write_text("".join(json.dumps(r) + "\n" for r in self.history))
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         in_main_thread = threading.current_thread() is threading.main_thread()
         if in_main_thread:

@@ -441,3 +441,16 @@ def test_soma_source_without_uri_is_refused():
 def test_data_path_with_the_soma_source_is_a_config_error():
     with pytest.raises(ConfigError, match="data.path is read by data.source=h5ad, but data.source=soma"):
         load_config(overrides=["data.source=soma", "data.path=cells.h5ad"])
+
+
+def test_with_a_var_filter_library_sizes_are_totals_over_the_genes_read(soma_experiment):
+    """obs n_counts totals every gene; a model trained on a gene subset needs the subset's totals."""
+    exp = soma_experiment
+    kept = exp.gene_ids[:10]
+    quoted = ", ".join(f"'{g}'" for g in kept)
+    cfg = DataConfig(uri=exp.uri, condition_keys=["cell_type"], var_filter=f"feature_id in [{quoted}]")
+    cells = open_train_cells(cfg, batch_size=8, seed=0)
+    train = np.flatnonzero(exp.split == "train")
+    assert cells.gene_names == kept
+    np.testing.assert_allclose(cells.library_sizes, exp.counts[train][:, :10].sum(axis=1))
+    assert not np.allclose(cells.library_sizes, exp.counts[train].sum(axis=1))
