@@ -43,6 +43,20 @@ def _losses(path: Path) -> dict[int, float]:
     return {h["step"]: h["loss"] for h in state["history"]}
 
 
+def _signal_during_forward(monkeypatch, module_class, call: int, signum: int) -> None:
+    """Make module_class.forward raise `signum` in the process during its `call`-th call."""
+    forward = module_class.forward
+    calls = {"n": 0}
+
+    def forward_with_signal(self, batch):
+        calls["n"] += 1
+        if calls["n"] == call:
+            signal.raise_signal(signum)
+        return forward(self, batch)
+
+    monkeypatch.setattr(module_class, "forward", forward_with_signal)
+
+
 def test_sigterm_checkpoints_and_resume_gives_the_same_losses(tiny_overrides, synthetic_h5ad, tmp_path, monkeypatch):
     reference = _losses(train_vae(_cfg(tiny_overrides, synthetic_h5ad, tmp_path / "ref")))
     assert sorted(reference) == list(range(1, STEPS + 1))
@@ -50,21 +64,12 @@ def test_sigterm_checkpoints_and_resume_gives_the_same_losses(tiny_overrides, sy
     # Deliver SIGTERM in the middle of step 6: the step finishes, a checkpoint is written, the run stops.
     from scldm_scale.models.vae import SetVAE
 
-    forward = SetVAE.forward
-    calls = {"n": 0}
-
-    def forward_with_signal(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            signal.raise_signal(signal.SIGTERM)
-        return forward(self, batch)
-
-    monkeypatch.setattr(SetVAE, "forward", forward_with_signal)
+    _signal_during_forward(monkeypatch, SetVAE, 6, signal.SIGTERM)
     with pytest.raises(TrainingInterrupted, match="SIGTERM after step 6.*train.resume=auto") as stop:
         train_vae(_cfg(tiny_overrides, synthetic_h5ad, tmp_path / "run"))
     assert stop.value.exit_code == 128 + signal.SIGTERM
     assert RunCheckpoints(tmp_path / "run" / "vae").latest().name == "step-6"
-    monkeypatch.setattr(SetVAE, "forward", forward)
+    monkeypatch.undo()
 
     resumed = _losses(train_vae(_cfg(tiny_overrides, synthetic_h5ad, tmp_path / "run", "train.resume=auto")))
     assert resumed == reference  # bit-identical: same data order, RNG, optimizer and schedule state
@@ -99,19 +104,10 @@ def test_ldm_resume_after_sigterm_is_exact(tiny_overrides, synthetic_h5ad, tmp_p
 
     from scldm_scale.models.prior import FlowMatchingPrior
 
-    forward = FlowMatchingPrior.forward
-    calls = {"n": 0}
-
-    def forward_with_signal(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            signal.raise_signal(signal.SIGINT)
-        return forward(self, batch)
-
-    monkeypatch.setattr(FlowMatchingPrior, "forward", forward_with_signal)
+    _signal_during_forward(monkeypatch, FlowMatchingPrior, 7, signal.SIGINT)
     with pytest.raises(TrainingInterrupted, match="SIGINT after step 7"):
         train_ldm(_cfg(tiny_overrides, synthetic_h5ad, tmp_path / "run", *ldm))
-    monkeypatch.setattr(FlowMatchingPrior, "forward", forward)
+    monkeypatch.undo()
     resumed = _losses(train_ldm(_cfg(tiny_overrides, synthetic_h5ad, tmp_path / "run", *ldm, "train.resume=auto")))
     assert resumed == reference  # the EMA, condition dropout RNG and latent order all resume exactly
 
