@@ -133,6 +133,24 @@ class TrainConfig:
     vae_checkpoint: str | None = None
     metrics_file: str | None = None
     progress: bool = True
+    # How the model is spread over processes: single | ddp | fsdp (FSDP2) | deepspeed (ZeRO).
+    strategy: str = "single"
+    # DeepSpeed ZeRO stage (1: optimizer states, 2: + gradients, 3: + parameters sharded).
+    zero_stage: int = 2
+    # DeepSpeed: keep optimizer states in CPU memory.
+    offload_optimizer: bool = False
+    # FSDP2: free the gathered parameters of a block after its forward (less memory, one more all-gather).
+    reshard_after_forward: bool = True
+    # Gradient reduction dtype under bf16 (fp32 is exact-er, bf16 halves the traffic).
+    reduce_dtype: str = "fp32"
+    # Recompute each transformer block's activations in the backward pass.
+    activation_checkpointing: bool = False
+    # Micro-batches of train.batch_size per optimizer step (the global batch is batch_size x accum x ranks).
+    grad_accum_steps: int = 1
+    # torch.compile each transformer block.
+    compile: bool = False
+    # Peak dense bf16 TFLOP/s of one device, for MFU; None looks the device up in a table of known GPUs.
+    peak_tflops: float | None = None
 
 
 @dataclass
@@ -146,6 +164,21 @@ class SampleConfig:
 
 
 @dataclass
+class WandbConfig:
+    # offline (the default: a run folder under ckpt_dir/wandb, sync later with `wandb sync`), online, disabled
+    mode: str = "offline"
+    project: str = "scldm-scale"
+    entity: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
 class Config:
     stage: str = "vae"
     seed: int = 0
@@ -155,6 +188,7 @@ class Config:
     optim: StageOptimConfig = field(default_factory=StageOptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -169,6 +203,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "optim.vae.schedule": ("wsd", "cosine"),
     "optim.ldm.schedule": ("wsd", "cosine"),
     "train.precision": ("auto", "bf16", "fp32"),
+    "train.strategy": ("single", "ddp", "fsdp", "deepspeed"),
+    "train.reduce_dtype": ("fp32", "bf16"),
+    "logging.wandb.mode": ("offline", "online", "disabled"),
     "sample.method": ("euler", "heun", "dopri5"),
 }
 
@@ -217,6 +254,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("train.ckpt_every must be >= 0 and train.keep_last >= 1")
     if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:
         raise ConfigError(f"train.max_steps must be positive, got {cfg.train.max_steps}")
+    if cfg.train.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"train.zero_stage must be 1, 2 or 3, got {cfg.train.zero_stage}")
+    if cfg.train.grad_accum_steps < 1:
+        raise ConfigError(f"train.grad_accum_steps must be >= 1, got {cfg.train.grad_accum_steps}")
+    if cfg.train.peak_tflops is not None and cfg.train.peak_tflops <= 0:
+        raise ConfigError(f"train.peak_tflops must be positive, got {cfg.train.peak_tflops}")
     for stage in ("vae", "ldm"):
         o = getattr(cfg.optim, stage)
         if len(o.betas) != 2:
