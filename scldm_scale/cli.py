@@ -28,11 +28,23 @@ def _pairs(items: list[str], flag: str, cast=str) -> dict:
     return out
 
 
+def split_config_args(items: list[str]) -> tuple[list[str], list[str]]:
+    """CONFIG [CONFIG ...] [key=value ...]: .yaml/.yml files (merged left to right), then overrides."""
+    paths = [item for item in items if "=" not in item and item.endswith((".yaml", ".yml"))]
+    overrides = [item for item in items if "=" in item]
+    stray = [item for item in items if item not in paths and item not in overrides]
+    if stray:
+        raise ConfigError(f"{stray} are neither config files (.yaml/.yml) nor key=value overrides")
+    if not paths:
+        raise ConfigError("give at least one config file, e.g. configs/quickstart.yaml")
+    return paths, overrides
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from scldm_scale.config import load_config
     from scldm_scale.train.stages import run_training
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(*split_config_args(args.configs))
     path = run_training(cfg)
     print(f"checkpoint: {path}")
 
@@ -99,6 +111,13 @@ def cmd_bench_loader(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from scldm_scale.plan import run_plan
+
+    paths, overrides = split_config_args(args.configs)
+    run_plan(paths, overrides, args.world_size, args.strategy, args.n_genes, args.tokens_per_cell, args.json)
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from scldm_scale.quickstart import run_quickstart
 
@@ -111,10 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scldm-scale", description="Single-cell latent diffusion at scale.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train one stage: scldm-scale train CONFIG.yaml stage=vae key=value ...")
-    p.add_argument("config", help="OmegaConf YAML under configs/, e.g. configs/quickstart.yaml")
-    p.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. model.n_layers=4 train.max_steps=200")
+    config_help = (
+        "config files merged left to right, then dot-list overrides, e.g. configs/quickstart.yaml "
+        "configs/model/vae_base.yaml model.n_layers=4 train.max_steps=200"
+    )
+    p = sub.add_parser("train", help="train one stage: scldm-scale train CONFIG.yaml [PRESET.yaml] stage=vae key=value")
+    p.add_argument("configs", nargs="+", metavar="CONFIG|key=value", help=config_help)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="parameters, FLOPs per cell and memory per rank of a config, per strategy")
+    p.add_argument("configs", nargs="+", metavar="CONFIG|key=value", help=config_help)
+    p.add_argument("--world-size", type=int, default=8, help="ranks the sharded strategies divide by (default 8)")
+    p.add_argument("--strategy", default="all", choices=["single", "ddp", "fsdp", "deepspeed", "all"])
+    p.add_argument("--n-genes", type=int, default=None, help="genes in the vocabulary (default 2000; from the data)")
+    p.add_argument("--tokens-per-cell", type=int, default=None, help="encoder tokens per cell (default 10%% of genes)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the plan here")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("generate", help="sample cells from an ldm checkpoint into an .h5ad")
     p.add_argument("checkpoint")
@@ -164,7 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides after an option (`plan CONFIG --world-size 8 key=value`) still belong to CONFIG.
+    if extra and hasattr(args, "configs") and all("=" in item and not item.startswith("-") for item in extra):
+        args.configs += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from scldm_scale.train.trainer import TrainingInterrupted
 
     try:

@@ -7,6 +7,7 @@ Every section is a dataclass; OmegaConf's structured configs reject unknown keys
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -280,18 +281,39 @@ def _friendly(err: OmegaConfBaseException) -> str:
     return f"invalid configuration at '{key}': {err.msg if hasattr(err, 'msg') else err}"
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Merge schema defaults <- YAML file <- dot-list overrides, then validate."""
+def _config_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists() and "configs" in path.parts:
+        # `configs/...yaml` from outside the repository root: the file under this checkout's configs/.
+        parts = path.parts
+        below = parts[len(parts) - parts[::-1].index("configs") :]
+        if below and CONFIG_DIR.joinpath(*below).exists():
+            path = CONFIG_DIR.joinpath(*below)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    return path
+
+
+def load_config(
+    paths: str | Path | Sequence[str | Path] | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """Merge schema defaults <- YAML file(s), left to right <- dot-list overrides, then validate.
+
+    Several files compose a run, e.g. configs/quickstart.yaml then a size preset from configs/model/.
+    """
+    if paths is None:
+        paths = []
+    elif isinstance(paths, str | Path):
+        paths = [paths]
     schema = OmegaConf.structured(Config)
     try:
         merged = schema
-        if path is not None:
-            path = Path(path)
-            if not path.exists() and (CONFIG_DIR / path.name).exists() and path.parent.name == "configs":
-                path = CONFIG_DIR / path.name  # `configs/x.yaml` from outside the repository root
-            if not path.exists():
-                raise ConfigError(f"config file {path} does not exist")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        for path in paths:
+            path = _config_file(path)
+            try:
+                merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            except OmegaConfBaseException as err:
+                raise ConfigError(f"{path}: {_friendly(err)}") from None
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key=value, got {bad}")

@@ -18,10 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def swiglu_hidden_dim(d_model: int, mlp_ratio: float) -> int:
+    """mlp_ratio * d_model rounded up to a multiple of 8 (tensor-core friendly)."""
+    return 8 * ((int(mlp_ratio * d_model) + 7) // 8)
+
+
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, mlp_ratio: float):
         super().__init__()
-        hidden = 8 * ((int(mlp_ratio * d_model) + 7) // 8)
+        hidden = swiglu_hidden_dim(d_model, mlp_ratio)
         self.w_gate = nn.Linear(d_model, hidden, bias=False)
         self.w_up = nn.Linear(d_model, hidden, bias=False)
         self.w_down = nn.Linear(hidden, d_model, bias=False)

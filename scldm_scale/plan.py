@@ -1,0 +1,363 @@
+"""`scldm-scale plan`: what a config's model costs before any GPU is rented.
+
+For the model of the config's stage (stage=vae: the SetVAE; stage=ldm: the DiT prior) it reports the
+parameter count (the model is built on the meta device, so a 1B model costs no memory), the training
+FLOPs per cell (train/flops.py) and an estimate of the memory each rank holds under every strategy.
+
+Memory per parameter follows the ZeRO paper's accounting of mixed-precision AdamW (Rajbhandari et al.
+2020, section 3.1): under train.precision=bf16 (and auto, which is bf16 on the GPUs plan is for) the
+params and grads are bf16 compute copies (2 + 2 bytes) and the optimizer holds an fp32 master copy and
+two fp32 moments (12 bytes); under fp32 the params are the master (4 + 4 + 8 bytes). FSDP2 keeps its
+fp32 master as the sharded parameter itself (4 + 4 + 8 instead of 2 + 2 + 12): the same total.
+
+What is divided by the world size N:
+  single, ddp   nothing: every rank holds everything (single is one rank)
+  zero1         optimizer states                     (DeepSpeed ZeRO stage 1)
+  zero2         optimizer states and grads           (stage 2)
+  zero3         optimizer states, grads and params   (stage 3)
+  fsdp          optimizer states, grads and params   (FSDP2, one unit per transformer block)
+Sharded params are all-gathered one unit at a time; "other" holds one gathered unit (its params and
+grads, unsharded), or every parameter when FSDP's train.reshard_after_forward=false keeps them gathered
+from the forward to the backward. stage=ldm adds the EMA of the prior (fp32, sharded like the params)
+and the frozen VAE (fp32, replicated) to "other". With train.offload_optimizer, DeepSpeed keeps the
+optimizer states in CPU memory: they leave the GPU column.
+
+Activations (per rank, train.batch_size cells per micro-batch) count the tensors autograd saves for the
+backward pass, in the compute dtype, block by block (E = width, H = MLP hidden width, T = tokens):
+  self-attention block   T (8E + 4H): block input, normed input, q, k, v, attention output, MLP input,
+                         normed MLP input, and 4H for the SwiGLU gate, up, SiLU and product
+  MCAB (Q over K keys)   4KE (keys, normed keys, k, v) + Q (4E + 4H) (q, attention output, residual,
+                         normed) - pooling has K = S gene tokens, unpooling Q = G genes
+  DiT block              M (12D + 2F): the block above with adaLN modulation (3 more D-wide tensors per
+                         half) and a GELU MLP of width F (its input and output)
+plus what lives outside the blocks (token embedding, latent projections, the decoder norm) and, for the
+VAE, the likelihood's fp32 (B, G) temporaries (the eager NB log-likelihood keeps about 12). Attention is
+assumed fused (no T x T score matrix saved). With activation checkpointing (per block) only each
+block's input is kept, plus one block's full activations while it is recomputed in the backward, so
+the largest block sets the floor: for the VAE that is the unpooling over G genes, which checkpointing
+cannot shrink. These are estimates (allocator fragmentation, communication buffers, the CUDA context
+and workspace come on top; budget 10-20% more), meant to choose a strategy, not to predict bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from scldm_scale.config import Config, ConfigError, load_config
+from scldm_scale.models.dit import TIME_FREQUENCIES, DiT
+from scldm_scale.models.mcab import swiglu_hidden_dim
+from scldm_scale.models.vae import SetVAE
+from scldm_scale.train.flops import TRAIN_FLOPS_FACTOR, dit_forward_flops, vae_forward_flops
+
+# The vocabulary comes from the data; without data, plan assumes a typical highly-variable-gene panel.
+DEFAULT_N_GENES = 2000
+# Expressed genes per cell (data.gene_tokens=expressed): about a tenth of the panel in typical scRNA-seq.
+DEFAULT_EXPRESSED_FRACTION = 0.1
+# The DiT's class tables (one per data.condition_keys entry) need a class count; their size is negligible.
+CLASSES_PER_CONDITION_KEY = 100
+# fp32 (B, G) tensors the eager likelihood keeps for the backward pass, counted in likelihoods.py.
+LIKELIHOOD_FP32_TEMPORARIES = {"nb": 12, "gaussian": 6}
+# fp32 (B, M, L) tensors of the flow-matching loss (noise, interpolant, target, error).
+FLOW_MATCHING_FP32_TEMPORARIES = 4
+
+STRATEGY_CHOICES = ("single", "ddp", "fsdp", "deepspeed", "all")
+STRATEGIES = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3")
+# What each strategy divides by the world size: (params, grads, optimizer states).
+SHARDED = {
+    "single": (False, False, False),
+    "ddp": (False, False, False),
+    "fsdp": (True, True, True),
+    "zero1": (False, False, True),
+    "zero2": (False, True, True),
+    "zero3": (True, True, True),
+}
+GIB = 2**30
+BYTE_FIELDS = ("params", "grads", "optimizer", "other", "activations", "activations_ckpt", "optimizer_cpu")
+
+
+@dataclass
+class ActivationProfile:
+    """Elements autograd saves per cell: per block (all of it, and its input), and outside the blocks."""
+
+    block_full: list[int]
+    block_input: list[int]
+    outside: int
+    outside_fp32: int
+
+    def bytes_per_cell(self, compute_bytes: int, checkpointing: bool) -> int:
+        if checkpointing:
+            recomputed = max(full - inp for full, inp in zip(self.block_full, self.block_input, strict=True))
+            blocks = sum(self.block_input) + recomputed
+        else:
+            blocks = sum(self.block_full)
+        return (blocks + self.outside) * compute_bytes + self.outside_fp32 * 4
+
+
+@dataclass
+class MemoryRow:
+    """Bytes per rank under one strategy."""
+
+    strategy: str
+    world_size: int
+    params: float
+    grads: float
+    optimizer: float
+    other: float
+    activations: float
+    activations_ckpt: float
+    optimizer_cpu: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.other + self.activations
+
+    @property
+    def total_ckpt(self) -> float:
+        return self.params + self.grads + self.optimizer + self.other + self.activations_ckpt
+
+
+def load_plan_config(paths: Sequence[str | Path], overrides: Sequence[str]) -> Config:
+    """load_config, except that stage=ldm needs no VAE checkpoint: plan reads M and L from model.*."""
+    return load_config(list(paths), ["train.vae_checkpoint=unused-by-plan", *overrides])
+
+
+def default_tokens_per_cell(cfg: Config, n_genes: int) -> int:
+    if cfg.data.gene_tokens == "dense":
+        return n_genes
+    tokens = max(1, round(DEFAULT_EXPRESSED_FRACTION * n_genes))
+    if cfg.data.gene_tokens == "expressed_plus_zeros":
+        tokens += cfg.data.n_zero_tokens
+    return min(tokens, n_genes)
+
+
+def build_vae(cfg: Config, n_genes: int) -> SetVAE:
+    with torch.device("meta"):
+        return SetVAE(cfg.model, n_genes)
+
+
+def build_dit(cfg: Config) -> DiT:
+    n_classes = {key: CLASSES_PER_CONDITION_KEY for key in cfg.data.condition_keys}
+    with torch.device("meta"):
+        return DiT(cfg.prior, cfg.model.n_latent_tokens, cfg.model.latent_dim, n_classes)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The units FSDP shards and activation checkpointing wraps, in forward order."""
+    if isinstance(model, SetVAE):
+        return [model.pool, *model.encoder_blocks, *model.decoder_blocks, model.unpool]
+    return list(model.blocks)
+
+
+def largest_unit_parameters(model: nn.Module) -> int:
+    """Parameters of the largest all-gathered unit: a block, or the root (everything outside blocks)."""
+    blocks = [count_parameters(block) for block in transformer_blocks(model)]
+    return max([count_parameters(model) - sum(blocks), *blocks])
+
+
+def vae_activations(cfg: Config, n_genes: int, tokens_per_cell: int) -> ActivationProfile:
+    m = cfg.model
+    e, h, n_lat, latent = m.d_model, swiglu_hidden_dim(m.d_model, m.mlp_ratio), m.n_latent_tokens, m.latent_dim
+    s, g = tokens_per_cell, n_genes
+    self_attn = n_lat * (8 * e + 4 * h)
+    full = [4 * s * e + n_lat * (4 * e + 4 * h), *[self_attn] * (2 * m.n_layers), 4 * n_lat * e + g * (4 * e + 4 * h)]
+    inputs = [s * e, *[n_lat * e] * (2 * m.n_layers), n_lat * e]
+    # token embedding (S, E) and counts; encoder norm, latent projections; decoder norm and head input.
+    outside = s * (e + 1) + n_lat * (2 * e + 4 * latent) + 2 * g * e
+    return ActivationProfile(full, inputs, outside, LIKELIHOOD_FP32_TEMPORARIES[m.likelihood] * g)
+
+
+def dit_activations(cfg: Config) -> ActivationProfile:
+    d, n_tok, latent = cfg.prior.d_model, cfg.model.n_latent_tokens, cfg.model.latent_dim
+    mlp_hidden = int(d * cfg.prior.mlp_ratio)  # as DiTBlock
+    n = cfg.prior.n_layers
+    # timestep features and MLP; latents in; final norm, modulation and projection out.
+    outside = TIME_FREQUENCIES + 3 * d + n_tok * (3 * d + 2 * latent)
+    return ActivationProfile(
+        [n_tok * (12 * d + 2 * mlp_hidden)] * n,
+        [n_tok * d] * n,
+        outside,
+        FLOW_MATCHING_FP32_TEMPORARIES * n_tok * latent,
+    )
+
+
+def bytes_per_parameter(precision: str) -> tuple[int, int, int]:
+    """(params, grads, optimizer states) bytes per parameter, ZeRO accounting."""
+    return (4, 4, 8) if precision == "fp32" else (2, 2, 12)
+
+
+def expand_strategies(strategy: str) -> tuple[str, ...]:
+    if strategy == "all":
+        return STRATEGIES
+    if strategy == "deepspeed":
+        return ("zero1", "zero2", "zero3")
+    if strategy not in STRATEGY_CHOICES:
+        raise ConfigError(f"--strategy {strategy!r} is not one of {', '.join(STRATEGY_CHOICES)}")
+    return (strategy,)
+
+
+def configured_strategy(cfg: Config) -> str:
+    return f"zero{cfg.train.zero_stage}" if cfg.train.strategy == "deepspeed" else cfg.train.strategy
+
+
+def memory_row(
+    cfg: Config,
+    strategy: str,
+    world_size: int,
+    n_params: int,
+    largest_unit: int,
+    activation_bytes: tuple[float, float],
+    frozen_params: int = 0,
+) -> MemoryRow:
+    n = 1 if strategy == "single" else world_size
+    param_b, grad_b, optim_b = bytes_per_parameter(cfg.train.precision)
+    shard_params, shard_grads, shard_optim = SHARDED[strategy]
+    params = n_params * param_b / (n if shard_params else 1)
+    grads = n_params * grad_b / (n if shard_grads else 1)
+    optimizer = n_params * optim_b / (n if shard_optim else 1)
+    other = 0.0
+    if shard_params:
+        keeps_all_gathered = strategy == "fsdp" and not cfg.train.reshard_after_forward
+        other += (n_params if keeps_all_gathered else largest_unit) * param_b + largest_unit * grad_b
+    if cfg.stage == "ldm":
+        other += 4 * n_params / (n if shard_params else 1) + 4 * frozen_params  # EMA, frozen VAE
+    optimizer_cpu = 0.0
+    if strategy.startswith("zero") and cfg.train.offload_optimizer:
+        optimizer, optimizer_cpu = 0.0, optimizer
+    return MemoryRow(strategy, n, params, grads, optimizer, other, *activation_bytes, optimizer_cpu=optimizer_cpu)
+
+
+def make_plan(
+    cfg: Config,
+    world_size: int = 8,
+    strategy: str = "all",
+    n_genes: int | None = None,
+    tokens_per_cell: int | None = None,
+) -> dict:
+    """Parameters, FLOPs per cell and memory rows for the config's stage; see the module docstring."""
+    if world_size < 1:
+        raise ConfigError(f"--world-size must be >= 1, got {world_size}")
+    n_genes = DEFAULT_N_GENES if n_genes is None else n_genes
+    if n_genes < 1:
+        raise ConfigError(f"--n-genes must be >= 1, got {n_genes}")
+    tokens = default_tokens_per_cell(cfg, n_genes) if tokens_per_cell is None else tokens_per_cell
+    if not 1 <= tokens <= n_genes:
+        raise ConfigError(f"--tokens-per-cell must be in [1, n_genes={n_genes}], got {tokens}")
+    vae = build_vae(cfg, n_genes)
+    if cfg.stage == "vae":
+        model, frozen_params = vae, 0
+        forward = vae_forward_flops(cfg.model, n_genes, tokens, cfg.train.batch_size)
+        profile = vae_activations(cfg, n_genes, tokens)
+    else:
+        model, frozen_params = build_dit(cfg), count_parameters(vae)
+        forward = dit_forward_flops(cfg.prior, cfg.model.n_latent_tokens, cfg.model.latent_dim)
+        profile = dit_activations(cfg)
+    compute_bytes = 4 if cfg.train.precision == "fp32" else 2
+    batch = cfg.train.batch_size
+    activation_bytes = (
+        batch * profile.bytes_per_cell(compute_bytes, checkpointing=False),
+        batch * profile.bytes_per_cell(compute_bytes, checkpointing=True),
+    )
+    n_params, largest_unit = count_parameters(model), largest_unit_parameters(model)
+    rows = [
+        memory_row(cfg, s, world_size, n_params, largest_unit, activation_bytes, frozen_params)
+        for s in expand_strategies(strategy)
+    ]
+    return {
+        "stage": cfg.stage,
+        "model": type(model).__name__,
+        "parameters": n_params,
+        "largest_unit_parameters": largest_unit,
+        "frozen_vae_parameters": frozen_params,
+        "n_genes": n_genes,
+        "tokens_per_cell": tokens,
+        "latent_shape": [cfg.model.n_latent_tokens, cfg.model.latent_dim],
+        "flops_per_cell_forward": forward,
+        "flops_per_cell_train": TRAIN_FLOPS_FACTOR * forward,
+        "batch_size": batch,
+        "activation_mib_per_cell": [b / batch / 2**20 for b in activation_bytes],
+        "precision": cfg.train.precision,
+        "world_size": world_size,
+        "activation_checkpointing": cfg.train.activation_checkpointing,
+        "configured_strategy": configured_strategy(cfg),
+        "memory_gib": [
+            {
+                **{k: v / GIB if k in BYTE_FIELDS else v for k, v in asdict(row).items()},
+                "total": row.total / GIB,
+                "total_ckpt": row.total_ckpt / GIB,
+            }
+            for row in rows
+        ],
+    }
+
+
+def _gib(value: float) -> str:
+    return f"{value:.2f}" if value >= 1 or value == 0 else f"{value:.2g}"
+
+
+def format_plan(plan: dict) -> str:
+    precision = "fp32" if plan["precision"] == "fp32" else "bf16"
+    per_param = "4 + 4 + 8" if precision == "fp32" else "2 + 2 + 12 (fp32 master + 2 moments)"
+    if plan["stage"] == "vae":
+        shape = f"n_genes={plan['n_genes']:,}, tokens per cell={plan['tokens_per_cell']:,}"
+    else:
+        m, latent = plan["latent_shape"]
+        shape = f"on {m} latent tokens of width {latent}; frozen VAE: {plan['frozen_vae_parameters']:,} parameters"
+    act, act_ckpt = plan["activation_mib_per_cell"]
+    lines = [
+        f"stage={plan['stage']}: {plan['model']} with {plan['parameters']:,} parameters ({shape})",
+        f"FLOPs per cell: forward {plan['flops_per_cell_forward']:.3g}, train {plan['flops_per_cell_train']:.3g} "
+        f"(3x forward); per rank and step (batch {plan['batch_size']}): "
+        f"{plan['flops_per_cell_train'] * plan['batch_size']:.3g}",
+        f"activations per cell: {act:.3g} MiB, {act_ckpt:.3g} MiB with activation checkpointing (AC)",
+        f"precision {precision}: params + grads + optimizer = {per_param} bytes per parameter; "
+        f"world size {plan['world_size']}",
+        "",
+    ]
+    header = (
+        f"{'strategy':<10} {'ranks':>5} {'params':>8} {'grads':>8} {'optim':>8} {'other':>8} "
+        f"{'activ':>8} {'activ+AC':>8} {'total':>8} {'total+AC':>8}"
+    )
+    lines += ["GiB per rank", header, "-" * len(header)]
+    for row in plan["memory_gib"]:
+        mark = "*" if row["strategy"] == plan["configured_strategy"] else ""
+        values = [row[k] for k in ("params", "grads", "optimizer", "other", "activations", "activations_ckpt")]
+        values += [row["total"], row["total_ckpt"]]
+        lines.append(
+            f"{row['strategy'] + mark:<10} {row['world_size']:>5} " + " ".join(f"{_gib(v):>8}" for v in values)
+        )
+        if row["optimizer_cpu"]:
+            lines.append(f"{'':<10} optimizer states in CPU memory: {_gib(row['optimizer_cpu'])} GiB per rank")
+    ac = "on" if plan["activation_checkpointing"] else "off"
+    lines.append(f"other: gathered FSDP/ZeRO-3 unit{', EMA, frozen VAE' if plan['stage'] == 'ldm' else ''}")
+    lines.append(f"*: the config's train.strategy (train.activation_checkpointing is {ac})")
+    return "\n".join(lines)
+
+
+def run_plan(
+    paths: Sequence[str | Path],
+    overrides: Sequence[str],
+    world_size: int = 8,
+    strategy: str = "all",
+    n_genes: int | None = None,
+    tokens_per_cell: int | None = None,
+    json_path: str | None = None,
+) -> dict:
+    """Load the config(s), print the plan table, optionally write it as JSON."""
+    cfg = load_plan_config(paths, overrides)
+    plan = make_plan(cfg, world_size, strategy, n_genes, tokens_per_cell)
+    print(format_plan(plan))
+    if json_path:
+        Path(json_path).resolve().parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(plan, indent=2) + "\n")
+        print(f"wrote {json_path}")
+    return plan
