@@ -300,7 +300,9 @@ def make_plan(
     }
 
 
-def _gib(value: float) -> str:
+def _amount(value: float) -> str:
+    if value >= 1000:
+        return f"{value:,.0f}"
     return f"{value:.2f}" if value >= 1 or value == 0 else f"{value:.2g}"
 
 
@@ -318,7 +320,7 @@ def format_plan(plan: dict) -> str:
         f"FLOPs per cell: forward {plan['flops_per_cell_forward']:.3g}, train {plan['flops_per_cell_train']:.3g} "
         f"(3x forward); per rank and step (batch {plan['batch_size']}): "
         f"{plan['flops_per_cell_train'] * plan['batch_size']:.3g}",
-        f"activations per cell: {act:.3g} MiB, {act_ckpt:.3g} MiB with activation checkpointing (AC)",
+        f"activations per cell: {_amount(act)} MiB, {_amount(act_ckpt)} MiB with activation checkpointing (AC)",
         f"precision {precision}: params + grads + optimizer = {per_param} bytes per parameter; "
         f"world size {plan['world_size']}",
         "",
@@ -333,10 +335,10 @@ def format_plan(plan: dict) -> str:
         values = [row[k] for k in ("params", "grads", "optimizer", "other", "activations", "activations_ckpt")]
         values += [row["total"], row["total_ckpt"]]
         lines.append(
-            f"{row['strategy'] + mark:<10} {row['world_size']:>5} " + " ".join(f"{_gib(v):>8}" for v in values)
+            f"{row['strategy'] + mark:<10} {row['world_size']:>5} " + " ".join(f"{_amount(v):>8}" for v in values)
         )
         if row["optimizer_cpu"]:
-            lines.append(f"{'':<10} optimizer states in CPU memory: {_gib(row['optimizer_cpu'])} GiB per rank")
+            lines.append(f"{'':<10} optimizer states in CPU memory: {_amount(row['optimizer_cpu'])} GiB per rank")
     ac = "on" if plan["activation_checkpointing"] else "off"
     lines.append(f"other: gathered FSDP/ZeRO-3 unit{', EMA, frozen VAE' if plan['stage'] == 'ldm' else ''}")
     lines.append(f"*: the config's train.strategy (train.activation_checkpointing is {ac})")
