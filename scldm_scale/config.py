@@ -36,7 +36,7 @@ class DataConfig:
     var_filter: str | None = None
     # Scatter-gather shuffling: contiguous chunks of cells, a buffer of several chunks shuffled together.
     chunk_size: int = 64
-    buffer_chunks: int = 256
+    buffer_chunks: int = 1024
     num_workers: int = 0
     # Encoder tokens per cell: "expressed" genes only, "dense" (all genes), or "expressed_plus_zeros"
     # (the expressed genes plus n_zero_tokens genes sampled among the cell's zeros).

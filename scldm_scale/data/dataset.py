@@ -148,39 +148,57 @@ def collate(
     Column j is vocabulary gene decode_gene_ids[j] (default: column j is gene j, the full vocabulary).
     The encoder tokens of each cell follow `policy`; the target is always the dense row.
     """
-    counts = sp.csr_matrix(counts, copy=True)
-    counts.eliminate_zeros()  # explicitly stored zeros are not expressed genes
-    counts.sort_indices()
-    n_cells, n_genes = counts.shape
-    dense = counts.toarray().astype(np.float32)
+    counts = sp.csr_matrix(counts, dtype=np.float32)  # no copy when it already is float32 CSR
+    if (counts.data == 0).any() or not counts.has_sorted_indices:
+        counts = counts.copy()
+        counts.eliminate_zeros()  # explicitly stored zeros are not expressed genes
+        counts.sort_indices()
+    n_genes = counts.shape[1]
+    return collate_csr(counts.data, counts.indices, counts.indptr, n_genes, conditions, decode_gene_ids, policy, rng)
+
+
+def collate_csr(
+    data: np.ndarray,
+    indices: np.ndarray,
+    indptr: np.ndarray,
+    n_genes: int,
+    conditions: dict[str, np.ndarray],
+    decode_gene_ids: np.ndarray | None = None,
+    policy: TokenPolicy = EXPRESSED_ONLY,
+    rng: np.random.Generator | None = None,
+) -> CellBatch:
+    """`collate` on the raw arrays of a canonical CSR block (float32 data, sorted columns, no stored zeros);
+    the loaders call it on row slices of a block read once, without building scipy matrices."""
+    n_cells = len(indptr) - 1
+    lengths = np.diff(indptr)
+    indptr = indptr - indptr[0]  # a row slice of a larger block starts anywhere
+    row_of_entry = np.repeat(np.arange(n_cells), lengths)
+    dense = np.zeros((n_cells, n_genes), dtype=np.float32)
+    dense.ravel()[row_of_entry * n_genes + indices] = data  # 1-D scatter: faster than 2-D fancy indexing
     if policy.mode == "expressed":
-        lengths = np.diff(counts.indptr)
-        flat_columns = counts.indices
+        token_columns, token_values = indices, data
     else:
         rng = rng if rng is not None else np.random.default_rng(0)
-        columns = [
-            _tokens_of_row(counts.indices[counts.indptr[i] : counts.indptr[i + 1]], n_genes, policy, rng)
-            for i in range(n_cells)
-        ]
+        columns = [_tokens_of_row(indices[indptr[i] : indptr[i + 1]], n_genes, policy, rng) for i in range(n_cells)]
         lengths = np.array([len(c) for c in columns], dtype=np.int64)
-        flat_columns = np.concatenate(columns) if n_cells else np.zeros(0, dtype=np.int64)
+        token_columns = np.concatenate(columns) if n_cells else np.zeros(0, dtype=np.int64)
+        token_values = dense[np.repeat(np.arange(n_cells), lengths), token_columns]
     seq_len = max(int(lengths.max(initial=0)), 1)
-    rows = np.repeat(np.arange(n_cells), lengths)
-    slots = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    # Row-major boolean assignment fills each row's first lengths[i] slots, in CSR order.
+    mask = np.arange(seq_len) < lengths[:, None]
     column_gene = np.arange(n_genes) if decode_gene_ids is None else np.asarray(decode_gene_ids, dtype=np.int64)
     gene_ids = np.zeros((n_cells, seq_len), dtype=np.int64)
     values = np.zeros((n_cells, seq_len), dtype=np.float32)
-    mask = np.zeros((n_cells, seq_len), dtype=bool)
-    gene_ids[rows, slots] = column_gene[flat_columns]
-    values[rows, slots] = dense[rows, flat_columns]
-    mask[rows, slots] = True
+    gene_ids[mask] = column_gene[token_columns]
+    values[mask] = token_values
+    library_size = np.bincount(row_of_entry, weights=data, minlength=n_cells).astype(np.float32)
     return CellBatch(
         gene_ids=torch.from_numpy(gene_ids),
         counts=torch.from_numpy(values),
         mask=torch.from_numpy(mask),
         target=torch.from_numpy(dense),
         decode_gene_ids=torch.from_numpy(column_gene.copy()),
-        library_size=torch.from_numpy(dense.sum(axis=1)),
+        library_size=torch.from_numpy(library_size),
         conditions={k: torch.from_numpy(v) for k, v in conditions.items()},
     )
 

@@ -1,22 +1,23 @@
 """Streaming cells from a TileDB-SOMA experiment (a local one, or the CELLxGENE Census).
 
-Shuffling is scatter-gather, and the order is a function of (seed, epoch) and the rank count alone:
+Shuffling is scatter-gather, and the global order is a function of (seed, epoch) alone:
 1. the split's cells (sorted soma_joinids) are cut into contiguous chunks of `chunk_size` cells;
-2. the chunk order is permuted by (seed, epoch) — globally, before any sharding;
-3. the shuffled chunks are dealt round-robin to ranks (chunk i -> rank i % world_size), so every rank
-   sees cells from all over the experiment and a different set each epoch (tiledbsoma-ml 0.1.0 instead
-   gives each rank one fixed contiguous block, in the same order every epoch);
-4. each rank groups its chunks into buffers of `buffer_chunks` chunks, reads a buffer (one SOMA read of
-   those joinids), permutes its cells by (seed, epoch, rank, buffer) and cuts it into batches; a buffer's
-   last incomplete batch is dropped so batches never straddle buffers;
-   Each worker reads its next buffer in a background thread while it collates the current one.
-5. DataLoader workers take buffers round-robin (buffer b -> worker b % num_workers) and the rank's
-   stream is put back in buffer order, so the stream does not depend on the number of workers;
-6. every rank stops each epoch after the same number of steps (the minimum over ranks), so DDP never
-   waits at an epoch's end for a rank with one more batch.
+2. the chunk order is permuted by (seed, epoch);
+3. consecutive shuffled chunks form buffers of `buffer_chunks` chunks; a buffer's cells are permuted by
+   (seed, epoch, buffer) and cut into batches (its last incomplete batch is dropped, so no batch straddles
+   two buffers). The epoch's batches, buffer after buffer, are its global order: the "units";
+4. the ranks split the units into equal contiguous ranges (rank r gets units [r*T, (r+1)*T), T = units //
+   world_size, the few left over are dropped), so every rank does the same number of steps (DDP never
+   waits at an epoch's end) and reads whole buffers but for the two at its range's ends. The buffers are
+   drawn from all over the experiment, and each epoch deals other cells to each rank (tiledbsoma-ml 0.1.0
+   instead gives each rank one fixed contiguous block, in the same order every epoch);
+5. a rank reads one buffer (the cells of its batches in it) at a time with one SOMA read, the next one in
+   a background thread while it collates the current one; DataLoader workers take a rank's buffers
+   round-robin and the stream is put back in order, so it does not depend on the number of workers.
 
-The state (epoch, batches consumed in the epoch, seed) resumes the stream exactly, also with a
-different number of workers; a different number of ranks gives a different per-rank stream.
+The state (epoch, batches consumed, seed, ranks, the units left when the epoch's current rank layout
+began) resumes the stream exactly, with any number of workers and with another number of ranks: the
+units the old ranks had not consumed are split anew among the new ranks, in global order.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import logging
 import os
 import signal
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from scldm_scale.data.counts import DataError
-from scldm_scale.data.dataset import EXPRESSED_ONLY, CellBatch, LabelEncoder, TokenPolicy, collate
+from scldm_scale.data.dataset import EXPRESSED_ONLY, CellBatch, LabelEncoder, TokenPolicy, collate_csr
 
 MEASUREMENT = "RNA"
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ class SomaCells:
         var_joinids = var["soma_joinid"].to_numpy(dtype=np.int64)[present][order]
         self._column_of_var = np.full(int(var["soma_joinid"].max()) + 1, -1, dtype=np.int64)
         self._column_of_var[var_joinids] = np.arange(len(var_joinids))
+        self._identity_columns = bool(np.array_equal(self._column_of_var, np.arange(len(self._column_of_var))))
         self._exp = self._handle = None
 
     def __getstate__(self) -> dict:
@@ -158,15 +160,40 @@ class SomaCells:
         x = self._exp.ms[self.spec.measurement].X[self.spec.layer]
         # result_order="auto": asking TileDB for row-major order makes the read ~4x slower.
         table = x.read(coords=(joinids,)).tables().concat()
-        rows = np.searchsorted(joinids, table["soma_dim_0"].to_numpy())
+        read_joinids = table["soma_dim_0"].to_numpy()
         var_ids = table["soma_dim_1"].to_numpy()
-        in_range = var_ids < len(self._column_of_var)
-        cols = np.full(len(var_ids), -1, dtype=np.int64)
-        cols[in_range] = self._column_of_var[var_ids[in_range]]
-        keep = cols >= 0
-        data = table["soma_data"].to_numpy()[keep].astype(np.float32)
+        data = table["soma_data"].to_numpy().astype(np.float32)
+        if self._identity_columns and var_ids.max(initial=0) < len(self._column_of_var):
+            cols = var_ids  # every gene of the experiment is read, in vocabulary order
+        else:
+            cols = np.full(len(var_ids), -1, dtype=np.int64)
+            in_range = var_ids < len(self._column_of_var)  # genes appended after the vocabulary was read
+            cols[in_range] = self._column_of_var[var_ids[in_range]]
+            keep = cols >= 0
+            read_joinids, cols, data = read_joinids[keep], cols[keep], data[keep]
         shape = (len(positions), len(self.decode_gene_ids))
-        return sp.csr_matrix((data, (rows[keep], cols[keep])), shape=shape)  # COO -> CSR in O(nnz)
+        if np.all(read_joinids[1:] >= read_joinids[:-1]):
+            # TileDB's native order is row-major for the usual tiling: the triples already are CSR rows,
+            # and each requested cell's row starts where its joinid first appears.
+            indptr = np.r_[np.searchsorted(read_joinids, joinids), len(read_joinids)]
+            block = sp.csr_matrix((data, cols, indptr), shape=shape)
+            block.sum_duplicates()  # sorts a row's columns if needed (one checking pass when they are)
+        else:
+            rows = _rows_of(joinids, read_joinids)
+            block = sp.csr_matrix((data, (rows, cols)), shape=shape)  # COO -> CSR in O(nnz), duplicates summed
+        block.eliminate_zeros()  # once per block, so collating its batches needs no copy
+        block.sort_indices()
+        return block
+
+
+def _rows_of(joinids: np.ndarray, read_joinids: np.ndarray) -> np.ndarray:
+    """The row (index into sorted `joinids`) of each read joinid."""
+    span = int(joinids[-1] - joinids[0]) + 1
+    if span > 16 * len(joinids):  # sparse over a large range (a filtered Census): binary search
+        return np.searchsorted(joinids, read_joinids)
+    row_of = np.empty(span, dtype=np.int64)  # else a dense lookup table: a gather is ~3x faster
+    row_of[joinids - joinids[0]] = np.arange(len(joinids))
+    return row_of[read_joinids - joinids[0]]
 
 
 def read_anndata(spec: SomaSpec):
@@ -211,33 +238,86 @@ def epoch_chunks(n_cells: int, chunk_size: int, seed: int, epoch: int) -> list[n
     return [np.arange(starts[i], min(starts[i] + chunk_size, n_cells)) for i in order]
 
 
-def rank_buffers(
-    n_cells: int, chunk_size: int, buffer_chunks: int, seed: int, epoch: int, rank: int, world_size: int
-) -> list[np.ndarray]:
-    """The buffers (arrays of cell positions, unshuffled) this rank reads in an epoch, in order."""
-    mine = epoch_chunks(n_cells, chunk_size, seed, epoch)[rank::world_size]
-    return [np.concatenate(mine[i : i + buffer_chunks]) for i in range(0, len(mine), buffer_chunks)]
+class EpochOrder:
+    """The global order of one epoch's batches ("units"), a function of (seed, epoch) and the plan sizes.
+
+    Unit u is batch u - first_unit[b] of buffer b = buffer_of(u). Buffers are built lazily: an epoch of
+    the Census is ~10^6 chunks, and a rank only needs the buffers of its own units.
+    """
+
+    def __init__(self, n_cells: int, chunk_size: int, buffer_chunks: int, batch_size: int, seed: int, epoch: int):
+        self.n_cells, self.chunk_size, self.buffer_chunks, self.batch_size = (
+            n_cells,
+            chunk_size,
+            buffer_chunks,
+            batch_size,
+        )
+        self.seed, self.epoch = seed, epoch
+        n_chunks = -(-n_cells // chunk_size)
+        self.chunk_order = np.random.default_rng([seed, epoch, 0]).permutation(n_chunks)
+        chunk_len = np.full(n_chunks, chunk_size, dtype=np.int64)
+        chunk_len[-1] = n_cells - (n_chunks - 1) * chunk_size
+        buffer_len = np.add.reduceat(chunk_len[self.chunk_order], np.arange(0, n_chunks, buffer_chunks))
+        self.batches_per_buffer = buffer_len // batch_size
+        self.first_unit = np.concatenate([[0], np.cumsum(self.batches_per_buffer)])
+
+    @property
+    def n_units(self) -> int:
+        return int(self.first_unit[-1])
+
+    def buffer_of(self, units: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.first_unit, units, side="right") - 1
+
+    def buffer_cells(self, b: int) -> np.ndarray:
+        """Buffer b's cell positions in their shuffled order (batch j = cells [j*batch_size, (j+1)*batch_size))."""
+        chunks = self.chunk_order[b * self.buffer_chunks : (b + 1) * self.buffer_chunks]
+        cells = np.concatenate(
+            [np.arange(c * self.chunk_size, min((c + 1) * self.chunk_size, self.n_cells)) for c in chunks]
+        )
+        return cells[np.random.default_rng([self.seed, self.epoch, int(b), 1]).permutation(len(cells))]
+
+    def batches(self, units: np.ndarray) -> list[np.ndarray]:
+        """The (unsorted) cell positions of each unit; units of one buffer share one permutation."""
+        out, buffers = [], self.buffer_of(units)
+        cache: dict[int, np.ndarray] = {}
+        for u, b in zip(units.tolist(), buffers.tolist(), strict=True):
+            if b not in cache:
+                cache = {b: self.buffer_cells(b)}
+            j = u - int(self.first_unit[b])
+            out.append(cache[b][j * self.batch_size : (j + 1) * self.batch_size])
+        return out
 
 
-def steps_per_epoch(
-    n_cells: int, chunk_size: int, buffer_chunks: int, batch_size: int, seed: int, epoch: int, world_size: int
-) -> int:
-    """Batches every rank yields in this epoch: the minimum over ranks, so all ranks stay in step."""
-    per_rank = [
-        sum(len(b) // batch_size for b in rank_buffers(n_cells, chunk_size, buffer_chunks, seed, epoch, r, world_size))
-        for r in range(world_size)
-    ]
-    return min(per_rank)
+def _as_units(intervals: list[list[int]]) -> np.ndarray:
+    return np.concatenate([np.arange(a, b) for a, b in intervals] or [np.zeros(0, dtype=np.int64)])
 
 
-def buffer_batches(buffer: np.ndarray, batch_size: int, seed: int, epoch: int, rank: int, index: int):
-    """A buffer's cells permuted by (seed, epoch, rank, index), cut into full batches."""
-    perm = buffer[np.random.default_rng([seed, epoch, rank, index, 1]).permutation(len(buffer))]
-    return [perm[i : i + batch_size] for i in range(0, len(perm) - batch_size + 1, batch_size)]
+def _as_intervals(units: np.ndarray) -> list[list[int]]:
+    """Sorted unit ids -> [[start, stop), ...] runs (how the state stores the units left)."""
+    if len(units) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(units) != 1) + 1
+    starts, stops = units[np.r_[0, breaks]], units[np.r_[breaks - 1, len(units) - 1]] + 1
+    return [[int(a), int(b)] for a, b in zip(starts, stops, strict=True)]
+
+
+def rank_units(remaining: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Rank `rank`'s units: an equal contiguous range of the units left (in global order)."""
+    per_rank = len(remaining) // world_size
+    return remaining[rank * per_rank : (rank + 1) * per_rank]
+
+
+def units_left(remaining: np.ndarray, world_size: int, position: int) -> np.ndarray:
+    """The units not yet consumed once every one of `world_size` ranks took `position` of its range."""
+    per_rank = len(remaining) // world_size
+    taken = np.zeros(len(remaining), dtype=bool)
+    for r in range(world_size):
+        taken[r * per_rank : r * per_rank + position] = True
+    return remaining[~taken]
 
 
 class _EpochStream(IterableDataset):
-    """One rank's batches for one epoch; workers take buffers round-robin and tag what they yield."""
+    """One rank's batches for one epoch; workers take its buffers round-robin and tag what they yield."""
 
     def __init__(self, loader: SomaBatches, epoch: int, skip: int):
         self.loader = loader
@@ -248,30 +328,26 @@ class _EpochStream(IterableDataset):
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         ld = self.loader
-        buffers = rank_buffers(
-            len(ld.cells), ld.chunk_size, ld.buffer_chunks, ld.seed, self.epoch, ld.rank, ld.world_size
-        )
-        index = 0  # position of the next batch in this rank's epoch stream
-        jobs = []  # (sorted positions to read, [(stream position, cells)]) for this worker's buffers
-        for b, buffer in enumerate(buffers):
-            batches = buffer_batches(buffer, ld.batch_size, ld.seed, self.epoch, ld.rank, b)
-            first = index
-            index += len(batches)
-            if b % n_workers != worker:
-                continue
-            limit = ld.limit(self.epoch)
-            wanted = [(first + i, cells) for i, cells in enumerate(batches) if self.skip <= first + i < limit]
-            if wanted:
-                jobs.append((np.sort(np.concatenate([cells for _, cells in wanted])), wanted))
-        # Read the next buffer in a thread while this one is collated (TileDB releases the GIL).
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(ld.cells.read, jobs[0][0]) if jobs else None
-            for j, (block_positions, wanted) in enumerate(jobs):
-                block = pending.result()
-                if j + 1 < len(jobs):
-                    pending = pool.submit(ld.cells.read, jobs[j + 1][0])
-                for position, cells in wanted:
-                    yield position, ld.make_batch(block, block_positions, np.sort(cells))
+        jobs = ld.reads(self.epoch, self.skip, worker, n_workers)
+        if not jobs:
+            return
+        # Read the next buffer in a thread while this one is collated (TileDB releases the GIL); in the
+        # main process, the last buffer's turn starts reading the next epoch's first.
+        pending = ld.take_prefetched(self.epoch, jobs[0][0]) or ld.submit_read(jobs[0][0])
+        for j, (block_positions, wanted) in enumerate(jobs):
+            block = pending.result()
+            if j + 1 < len(jobs):
+                pending = ld.submit_read(jobs[j + 1][0])
+            elif info is None:
+                ld.prefetch(self.epoch + 1)
+            # One row gather puts the block in batch order (cells sorted within a batch); each batch is
+            # then a contiguous, cheap row slice.
+            cells = [np.sort(c) for _, c in wanted]
+            block = block[np.searchsorted(block_positions, np.concatenate(cells))]
+            start = 0
+            for (position, _), batch_cells in zip(wanted, cells, strict=True):
+                yield position, ld.make_batch(block, batch_cells, start)
+                start += len(batch_cells)
 
 
 class SomaBatches:
@@ -288,7 +364,7 @@ class SomaBatches:
         batch_size: int,
         seed: int,
         chunk_size: int = 64,
-        buffer_chunks: int = 256,
+        buffer_chunks: int = 1024,
         num_workers: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
@@ -303,41 +379,102 @@ class SomaBatches:
         self.buffer_chunks = buffer_chunks
         self.num_workers = num_workers
         self.rank, self.world_size = _rank_and_world(rank, world_size)
+        if self.world_size > len(cells):
+            raise DataError(f"{len(cells)} cells cannot be shared among {self.world_size} ranks")
         self.batch_size = min(batch_size, max(1, len(cells) // self.world_size))
         if self.batch_size < batch_size:
             log.warning("batch size %d > cells per rank; using %d", batch_size, self.batch_size)
-        if self.world_size > len(cells):
-            raise DataError(f"{len(cells)} cells cannot be shared among {self.world_size} ranks")
         self.epoch = 0
         self.position = 0
-        self._limits: dict[int, int] = {}
+        # Units of this epoch left when the current rank layout began (None: the whole epoch).
+        self._remaining: list[list[int]] | None = None
         self._stream: Iterator[CellBatch] | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._prefetched: tuple[int, np.ndarray, Future] | None = None
 
     @property
     def size(self) -> int:
         return len(self.cells)
 
-    def limit(self, epoch: int) -> int:
-        if epoch not in self._limits:
-            self._limits[epoch] = steps_per_epoch(
-                len(self.cells), self.chunk_size, self.buffer_chunks, self.batch_size, self.seed, epoch, self.world_size
-            )
-            if self._limits[epoch] == 0:
-                raise DataError(
-                    f"batch_size={self.batch_size} is larger than any buffer of {self.chunk_size * self.buffer_chunks} "
-                    "cells; lower train.batch_size or raise data.chunk_size / data.buffer_chunks"
-                )
-        return self._limits[epoch]
+    def order(self, epoch: int) -> EpochOrder:
+        return EpochOrder(len(self.cells), self.chunk_size, self.buffer_chunks, self.batch_size, self.seed, epoch)
 
-    def make_batch(self, block: sp.csr_matrix, block_positions: np.ndarray, positions: np.ndarray) -> CellBatch:
-        rows = np.searchsorted(block_positions, positions)
+    def _remaining_units(self, epoch: int, order: EpochOrder) -> np.ndarray:
+        if epoch == self.epoch and self._remaining is not None:
+            return _as_units(self._remaining)
+        return np.arange(order.n_units)
+
+    def plan(self, epoch: int) -> tuple[EpochOrder, np.ndarray]:
+        """The epoch's order and this rank's units, in the order it yields them."""
+        order = self.order(epoch)
+        units = rank_units(self._remaining_units(epoch, order), self.rank, self.world_size)
+        if len(units) == 0:
+            raise DataError(
+                f"epoch {epoch} has fewer batches of {self.batch_size} cells than ranks ({self.world_size}): lower "
+                "train.batch_size, or raise data.chunk_size x data.buffer_chunks (the cells of one shuffle buffer)"
+            )
+        return order, units
+
+    def reads(self, epoch: int, skip: int, worker: int, n_workers: int) -> list[tuple[np.ndarray, list]]:
+        """This worker's reads of the epoch from stream position `skip` on: one per run of units in one
+        buffer (run k belongs to worker k % n_workers), as (sorted positions, [(stream position, cells)])."""
+        order, units = self.plan(epoch)
+        buffers = order.buffer_of(units)
+        starts = np.flatnonzero(np.r_[True, buffers[1:] != buffers[:-1]])
+        bounds = np.r_[starts, len(units)]
+        jobs = []
+        for k in range(len(starts)):
+            first, stop = max(int(bounds[k]), skip), int(bounds[k + 1])
+            if k % n_workers != worker or first >= stop:
+                continue
+            wanted = list(zip(range(first, stop), order.batches(units[first:stop]), strict=True))
+            jobs.append((np.sort(np.concatenate([cells for _, cells in wanted])), wanted))
+        return jobs
+
+    def submit_read(self, positions: np.ndarray) -> Future:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="soma-read")
+        return self._pool.submit(self.cells.read, positions)
+
+    def prefetch(self, epoch: int) -> None:
+        """Start reading the first buffer of `epoch` (in-process streams: hides the epoch boundary)."""
+        jobs = self.reads(epoch, 0, 0, 1)
+        if jobs:
+            self._prefetched = (epoch, jobs[0][0], self.submit_read(jobs[0][0]))
+
+    def take_prefetched(self, epoch: int, positions: np.ndarray) -> Future | None:
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None and prefetched[0] == epoch and np.array_equal(prefetched[1], positions):
+            return prefetched[2]
+        return None
+
+    def limit(self, epoch: int) -> int:
+        """Batches every rank yields in this epoch (the same on all ranks)."""
+        order = self.order(epoch)
+        return len(self._remaining_units(epoch, order)) // self.world_size
+
+    def make_batch(self, block: sp.csr_matrix, positions: np.ndarray, start: int = 0) -> CellBatch:
+        """The batch of the cells at `positions` (sorted): rows [start, start + len(positions)) of a block
+        from SomaCells.read (canonical CSR)."""
         conditions = {k: v[positions] for k, v in self.condition_ids.items()}
         # Sampled zero tokens depend on the cells of the batch and the seed only: reproducible on resume.
         rng = np.random.default_rng([self.seed, *positions.tolist()]) if self.policy.mode != "expressed" else None
-        return collate(block[rows], conditions, self.cells.decode_gene_ids, self.policy, rng)
+        stop = start + len(positions)
+        a, b = block.indptr[start], block.indptr[stop]
+        return collate_csr(
+            block.data[a:b],
+            block.indices[a:b],
+            block.indptr[start : stop + 1],
+            block.shape[1],
+            conditions,
+            self.cells.decode_gene_ids,
+            self.policy,
+            rng,
+        )
 
     def _epoch_stream(self) -> Iterator[CellBatch]:
         while True:
+            self.plan(self.epoch)  # a clear error here, not in a worker
             dataset = _EpochStream(self, self.epoch, self.position)
             if self.num_workers == 0:
                 tagged: Iterator = iter(dataset)
@@ -364,6 +501,7 @@ class SomaBatches:
                     yield out
             self.epoch += 1
             self.position = 0
+            self._remaining = None
 
     def __iter__(self) -> Iterator[CellBatch]:
         return self
@@ -375,21 +513,56 @@ class SomaBatches:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_stream"] = None  # workers need the plan, not the main process's live iterator
+        # Workers need the plan, not the main process's live iterator and reader thread.
+        state["_stream"] = state["_pool"] = state["_prefetched"] = None
         return state
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "world_size": self.world_size}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "remaining": self._remaining,
+            # The plan's sizes: the units mean other cells if any of these differ.
+            "plan": self._plan_sizes(),
+        }
+
+    def _plan_sizes(self) -> dict:
+        return {
+            "n_cells": len(self.cells),
+            "chunk_size": self.chunk_size,
+            "buffer_chunks": self.buffer_chunks,
+            "batch_size": self.batch_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("world_size", self.world_size) != self.world_size:
+        """Continue the stream; with another number of ranks, the units left are split among the new ones."""
+        saved = state.get("plan")
+        if saved is not None and saved != self._plan_sizes():
+            diff = ", ".join(f"{k} {saved[k]} -> {v}" for k, v in self._plan_sizes().items() if saved.get(k) != v)
             raise DataError(
-                f"loader state was saved with {state['world_size']} ranks, now {self.world_size}: the per-rank "
-                "stream differs, so an exact resume needs the same number of ranks"
+                f"the loader state was saved with other settings ({diff}): an exact resume needs the same data "
+                "split, data.chunk_size, data.buffer_chunks and train.batch_size (the per-rank batch)"
             )
-        self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
-        self._limits.clear()  # steps per epoch depend on the seed
+        self.seed, self.epoch = state["seed"], state["epoch"]
+        self._remaining = state.get("remaining")
+        saved_world = state.get("world_size", self.world_size)
+        if saved_world == self.world_size:
+            self.position = state["position"]
+        else:
+            order = self.order(self.epoch)
+            left = units_left(self._remaining_units(self.epoch, order), saved_world, state["position"])
+            log.info(
+                "loader: resuming epoch %d on %d ranks instead of %d; %d batches of it are left",
+                self.epoch,
+                self.world_size,
+                saved_world,
+                len(left),
+            )
+            self._remaining, self.position = _as_intervals(left), 0
         self._stream = None
+        self._prefetched = None
 
 
 def _ignore_sigint(_worker_id: int) -> None:

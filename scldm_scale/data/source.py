@@ -103,7 +103,7 @@ def open_train_cells(
         for start in range(0, len(cells), ORDERED_BATCH):
             positions = np.arange(start, min(start + ORDERED_BATCH, len(cells)))
             block = cells.read(positions)
-            yield batches.make_batch(block, positions, positions)
+            yield batches.make_batch(block, positions)
 
     # obs n_counts / raw_sum total all genes; the model sees only the genes read, so with a var_filter
     # the library-size fit must use the totals over those genes (one ordered pass over the train cells).

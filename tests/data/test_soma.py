@@ -23,20 +23,12 @@ import scldm_scale.data.soma as soma
 from scldm_scale.config import ConfigError, DataConfig, load_config
 from scldm_scale.data.counts import DataError
 from scldm_scale.data.dataset import LabelEncoder, collate
-from scldm_scale.data.soma import (
-    SomaBatches,
-    SomaCells,
-    SomaSpec,
-    buffer_batches,
-    epoch_chunks,
-    rank_buffers,
-    steps_per_epoch,
-)
+from scldm_scale.data.soma import EpochOrder, SomaBatches, SomaCells, SomaSpec, epoch_chunks, rank_units, units_left
 from scldm_scale.data.source import open_train_cells
 
 TRAIN = "split == 'train'"
-# 320 train cells: 40 chunks of 8, buffers of 3 chunks (24 cells, 4 batches of 6; the last buffer of a
-# rank may hold fewer chunks).
+# 320 train cells: 40 chunks of 8, buffers of 3 chunks (24 cells, 4 batches of 6): 13 buffers of 24 cells
+# and one of 8 (one batch, 2 cells dropped) -> 53 batches ("units") an epoch.
 PLAN = {"batch_size": 6, "chunk_size": 8, "buffer_chunks": 3}
 
 
@@ -111,26 +103,50 @@ def test_epoch_chunks_are_a_permutation_of_contiguous_chunks():
     assert starts != [int(c[0]) for c in epoch_chunks(n_cells, chunk_size, seed=1, epoch=0)]
 
 
+def _plan(n_cells: int = 320, seed: int = 0, epoch: int = 0) -> EpochOrder:
+    return EpochOrder(n_cells, PLAN["chunk_size"], PLAN["buffer_chunks"], PLAN["batch_size"], seed, epoch)
+
+
+def test_epoch_order_units_are_shuffled_buffers_cut_into_batches():
+    # 317 cells: 39 chunks of 8 and one of 5; 14 buffers: 13 of 3 chunks, 1 of 1. Either the short chunk is
+    # in a 3-chunk buffer (21 cells: 3 batches; 12 x 4 + 3 + 1) or alone (0 batches; 13 x 4): 52 units.
+    order = _plan(317)
+    assert order.n_units == sum(order.batches_per_buffer) == 52
+    cells = order.batches(np.arange(order.n_units))
+    assert all(len(c) == 6 for c in cells)
+    flat = np.concatenate(cells)
+    assert len(np.unique(flat)) == len(flat)  # no cell twice in an epoch
+    for b in range(len(order.batches_per_buffer)):  # a buffer's batches come from its own chunks only
+        units = np.arange(order.first_unit[b], order.first_unit[b + 1])
+        chunks = set((np.concatenate(order.batches(units)) // 8).tolist()) if len(units) else set()
+        assert chunks <= set(order.chunk_order[b * 3 : (b + 1) * 3].tolist())
+    again = np.concatenate(_plan(317).batches(np.arange(order.n_units)))
+    np.testing.assert_array_equal(again, flat)
+    for other in (_plan(317, seed=1), _plan(317, epoch=1)):
+        assert np.concatenate(other.batches(np.arange(other.n_units))).tolist() != flat.tolist()
+
+
 def test_a_rank_reads_from_the_whole_range_and_other_cells_each_epoch():
-    n_cells = 320
-    rank0 = [np.concatenate(rank_buffers(n_cells, 8, 3, seed=0, epoch=e, rank=0, world_size=2)) for e in (0, 1)]
-    for cells in rank0:
-        assert len(cells) == n_cells // 2
+    ranges = []
+    for epoch in (0, 1):
+        order = _plan(epoch=epoch)
+        units = rank_units(np.arange(order.n_units), rank=0, world_size=2)
+        ranges.append(np.concatenate(order.batches(units)))
+    for cells in ranges:
+        assert len(cells) == (53 // 2) * 6
         # A contiguous block per rank would be cells 0..159; these come from every quarter of the range.
         assert [int(((cells >= q * 80) & (cells < (q + 1) * 80)).sum()) > 0 for q in range(4)] == [True] * 4
-    assert set(rank0[0].tolist()) != set(rank0[1].tolist())
+    assert set(ranges[0].tolist()) != set(ranges[1].tolist())
 
 
-def test_buffer_batches_are_a_seeded_shuffle_that_drops_the_remainder():
-    buffer = np.arange(100, 124)
-    batches = buffer_batches(buffer[:23], batch_size=6, seed=0, epoch=0, rank=0, index=0)
-    assert [len(b) for b in batches] == [6, 6, 6]  # 23 cells: 5 dropped, no batch straddles buffers
-    assert len(np.unique(np.concatenate(batches))) == 18
-    full = np.concatenate(buffer_batches(buffer, 6, seed=0, epoch=0, rank=0, index=0))
-    assert sorted(full.tolist()) == buffer.tolist() and full.tolist() != buffer.tolist()
-    for other in ({"epoch": 1}, {"rank": 1}, {"index": 1}):
-        args = {"seed": 0, "epoch": 0, "rank": 0, "index": 0, **other}
-        assert np.concatenate(buffer_batches(buffer, 6, **args)).tolist() != full.tolist(), other
+def test_ranks_get_equal_contiguous_ranges_of_the_global_order():
+    units = np.arange(53)
+    parts = [rank_units(units, r, 3) for r in range(3)]
+    assert [p.tolist() for p in parts] == [list(range(0, 17)), list(range(17, 34)), list(range(34, 51))]
+    # After each of 3 ranks took 5, the rest is split among 2 ranks in global order.
+    left = units_left(units, world_size=3, position=5)
+    assert left.tolist() == [*range(5, 17), *range(22, 34), *range(39, 53)]
+    assert [rank_units(left, r, 2).tolist() for r in range(2)] == [left[:19].tolist(), left[19:38].tolist()]
 
 
 # --- order: seeded, new each epoch -------------------------------------------------------------------
@@ -147,7 +163,13 @@ def test_same_seed_same_stream_other_seed_or_epoch_other_order(train_cells, soma
     loader = _loader(train_cells, seed=0)
     epoch0 = _take(loader, loader.limit(0), marker)
     epoch1 = _take(loader, 4, marker)
-    assert loader.state_dict() == {"epoch": 1, "position": 4, "seed": 0, "world_size": 1}
+    assert {k: v for k, v in loader.state_dict().items() if k != "plan"} == {
+        "epoch": 1,
+        "position": 4,
+        "seed": 0,
+        "world_size": 1,
+        "remaining": None,
+    }
     assert set(epoch0[0].tolist()) != set(epoch1[0].tolist())
     assert [b.tolist() for b in epoch0[:4]] == [b.tolist() for b in first]
     # One epoch, no cell twice: 13 buffers of 24 cells (4 batches each) and one of 8 (1 batch, 2 cells dropped).
@@ -160,13 +182,8 @@ def test_same_seed_same_stream_other_seed_or_epoch_other_order(train_cells, soma
 
 def test_ranks_and_workers_partition_an_epoch(train_cells, soma_experiment, monkeypatch):
     marker = soma_experiment.marker_column
-    n_cells, world_size, n_workers = len(train_cells), 2, 2
-    limit = steps_per_epoch(n_cells, 8, 3, 6, seed=0, epoch=0, world_size=world_size)
-
-    # Before the drop-last, the ranks' buffers cover the split exactly once.
-    planned = [np.concatenate(rank_buffers(n_cells, 8, 3, 0, 0, r, world_size)) for r in range(world_size)]
-    np.testing.assert_array_equal(np.sort(np.concatenate(planned)), np.arange(n_cells))
-
+    world_size, n_workers = 2, 2
+    limit = 53 // world_size
     streams = {}
     for rank in range(world_size):
         loader = _loader(train_cells, rank=rank, world_size=world_size, num_workers=n_workers)
@@ -182,9 +199,10 @@ def test_ranks_and_workers_partition_an_epoch(train_cells, soma_experiment, monk
     cells = {key: np.concatenate([_joinids(b, marker) for _, b in tagged]) for key, tagged in streams.items()}
     every = np.concatenate(list(cells.values()))
     assert len(np.unique(every)) == len(every) == world_size * limit * PLAN["batch_size"]
-    for rank in range(world_size):
-        mine = np.concatenate([cells[rank, w] for w in range(n_workers)])
-        assert np.isin(mine, train_cells.joinids[planned[rank]]).all()
+    # Together the ranks read the epoch's first 2 x 26 units of the global order: all but one batch.
+    order = _plan()
+    planned = np.concatenate(order.batches(np.arange(world_size * limit)))
+    np.testing.assert_array_equal(np.sort(every), np.sort(train_cells.joinids[planned]))
 
 
 def test_ranks_stream_disjoint_cells_in_equal_steps(train_cells, soma_experiment):
@@ -192,10 +210,21 @@ def test_ranks_stream_disjoint_cells_in_equal_steps(train_cells, soma_experiment
     per_rank = []
     for rank in range(2):
         loader = _loader(train_cells, rank=rank, world_size=2)
-        assert loader.limit(0) == steps_per_epoch(len(train_cells), 8, 3, 6, seed=0, epoch=0, world_size=2)
+        assert loader.limit(0) == 26
         per_rank.append(np.concatenate(_take(loader, loader.limit(0), marker)))
     assert len(per_rank[0]) == len(per_rank[1])
     assert not set(per_rank[0].tolist()) & set(per_rank[1].tolist())
+
+
+def test_the_global_order_does_not_depend_on_the_number_of_ranks(train_cells, soma_experiment):
+    marker = soma_experiment.marker_column
+    single = _loader(train_cells)
+    whole = _take(single, 52, marker)
+    halves = []
+    for rank in range(2):
+        loader = _loader(train_cells, rank=rank, world_size=2)
+        halves += _take(loader, 26, marker)
+    assert [b.tolist() for b in halves] == [b.tolist() for b in whole]
 
 
 def test_two_spawned_workers_give_the_in_process_stream_also_when_resumed(train_cells, soma_experiment):
@@ -204,9 +233,9 @@ def test_two_spawned_workers_give_the_in_process_stream_also_when_resumed(train_
     limit = reference.limit(0)
     expected = [next(reference) for _ in range(limit)]
     loader = _loader(train_cells, rank=1, world_size=2, num_workers=2)
-    loader.load_state_dict({"epoch": 0, "position": 3, "seed": 0, "world_size": 2})
+    loader.load_state_dict({**reference.state_dict(), "position": 3, "epoch": 0})
     got = [next(loader) for _ in range(limit - 3)]
-    assert loader.state_dict() == {"epoch": 0, "position": limit, "seed": 0, "world_size": 2}
+    assert loader.state_dict()["position"] == limit
     for want, have in zip(expected[3:], got, strict=True):
         torch.testing.assert_close(have.target, want.target, rtol=0, atol=0)
         torch.testing.assert_close(have.conditions["cell_type"], want.conditions["cell_type"], rtol=0, atol=0)
@@ -223,7 +252,7 @@ def test_resume_continues_with_exactly_the_remaining_batches(train_cells, soma_e
     k = {"mid_epoch": 5, "two_before_the_end": limit - 2, "at_the_end": limit}[consumed]
     _take(loader, k, marker)
     state = loader.state_dict()
-    assert state == {"epoch": 0, "position": k, "seed": 5, "world_size": 2}
+    assert (state["epoch"], state["position"], state["seed"], state["world_size"]) == (0, k, 5, 2)
     remaining = _take(loader, 6, marker)  # crosses into epoch 1 for the last two cases
 
     resumed = _loader(train_cells, seed=0, rank=0, world_size=2)  # the state's seed wins
@@ -231,28 +260,36 @@ def test_resume_continues_with_exactly_the_remaining_batches(train_cells, soma_e
     assert [b.tolist() for b in _take(resumed, 6, marker)] == [b.tolist() for b in remaining]
 
 
-def test_resume_after_the_plan_was_queried_uses_the_state_seed(soma_experiment):
-    # The steps per epoch depend on the seed (which rank's buffer gets the short last chunk), so a step
-    # count computed for the constructor's seed must not outlive load_state_dict with another seed: a
-    # stale one lets a rank yield a batch the other ranks do not (DDP then hangs at the epoch's end).
+@pytest.mark.parametrize(("old_world", "new_world"), [(2, 1), (2, 3), (1, 2)])
+def test_resume_on_another_number_of_ranks_reads_exactly_the_cells_left(
+    train_cells, soma_experiment, old_world, new_world
+):
     marker = soma_experiment.marker_column
-    cells = SomaCells(SomaSpec(soma_experiment.uri, obs_filter=f"{TRAIN} and soma_joinid < 396"))
-    n_cells = len(cells)  # 317 train cells: the last chunk holds 5
-    limit = steps_per_epoch(n_cells, 8, 3, 6, seed=0, epoch=0, world_size=2)
-    seed = next(s for s in range(1, 20) if steps_per_epoch(n_cells, 8, 3, 6, s, 0, 2) != limit)
-    for rank in range(2):
-        fresh = SomaBatches(cells, {}, seed=0, rank=rank, world_size=2, **PLAN)
-        resumed = SomaBatches(cells, {}, seed=seed, rank=rank, world_size=2, **PLAN)
-        resumed.limit(0)  # e.g. a trainer asking for the epoch length before restoring the checkpoint
-        resumed.load_state_dict(fresh.state_dict())
-        want = [b.tolist() for b in _take(fresh, limit + 1, marker)]  # the last is epoch 1's first
-        assert [b.tolist() for b in _take(resumed, limit + 1, marker)] == want, rank
+    consumed, states = [], []
+    for rank in range(old_world):
+        loader = _loader(train_cells, seed=3, rank=rank, world_size=old_world)
+        consumed += _take(loader, 7, marker)
+        states.append(loader.state_dict())
+    resumed = [_loader(train_cells, seed=0, rank=r, world_size=new_world) for r in range(new_world)]
+    for loader in resumed:
+        loader.load_state_dict(states[0])  # every rank saved the same state
+    limit = resumed[0].limit(0)
+    assert all(loader.limit(0) == limit for loader in resumed)
+    rest = [b for loader in resumed for b in _take(loader, limit, marker)]
+    seen = np.concatenate(consumed + rest)
+    assert len(np.unique(seen)) == len(seen)  # nothing read twice in the epoch
+    # Everything the epoch had left is read, except fewer batches than ranks (the equal-steps remainder).
+    assert 53 * 6 - len(seen) < new_world * 6
+    # Then epoch 1 is the usual epoch 1 of new_world ranks.
+    fresh = _loader(train_cells, seed=3, rank=0, world_size=new_world)
+    fresh.load_state_dict({**fresh.state_dict(), "epoch": 1, "position": 0})
+    assert [b.tolist() for b in _take(resumed[0], 3, marker)] == [b.tolist() for b in _take(fresh, 3, marker)]
 
 
-def test_resume_with_another_world_size_is_refused(train_cells):
+def test_resume_with_other_plan_sizes_is_refused(train_cells):
     state = _loader(train_cells, rank=0, world_size=2).state_dict()
-    with pytest.raises(DataError, match="saved with 2 ranks, now 1"):
-        _loader(train_cells, rank=0, world_size=1).load_state_dict(state)
+    with pytest.raises(DataError, match="batch_size 6 -> 4"):
+        _loader(train_cells, rank=0, world_size=2, batch_size=4).load_state_dict(state)
 
 
 # --- multi-process: rank and world size from torch.distributed ------------------------------------------
@@ -271,7 +308,8 @@ def main():
     uri, marker, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     dist.init_process_group("gloo")
     cells = SomaCells(SomaSpec(uri, obs_filter="split == 'train'"))
-    batches = SomaBatches(cells, {}, batch_size=6, seed=0, chunk_size=8, buffer_chunks=3)
+    workers = int(sys.argv[4])
+    batches = SomaBatches(cells, {}, batch_size=6, seed=0, chunk_size=8, buffer_chunks=3, num_workers=workers)
     joinids = []
     for _ in range(batches.limit(0)):
         joinids.append((next(batches).target[:, marker].numpy().astype(np.int64) - 1).tolist())
@@ -287,15 +325,15 @@ if __name__ == "__main__":
 
 
 @pytest.mark.multiproc
-def test_torchrun_ranks_read_disjoint_cells_in_equal_steps(train_cells, soma_experiment, tmp_path):
+def test_torchrun_2_ranks_x_2_workers_read_disjoint_cells_in_equal_steps(train_cells, soma_experiment, tmp_path):
     script = tmp_path / "ranks.py"
     script.write_text(textwrap.dedent(RANK_SCRIPT))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    command += [soma_experiment.uri, str(soma_experiment.marker_column), str(tmp_path)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    command += [soma_experiment.uri, str(soma_experiment.marker_column), str(tmp_path), "2"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -303,6 +341,8 @@ def test_torchrun_ranks_read_disjoint_cells_in_equal_steps(train_cells, soma_exp
     assert len(ranks[0]["batches"]) == len(ranks[1]["batches"]) > 0
     cells = [np.concatenate(r["batches"]) for r in ranks]
     assert not set(cells[0].tolist()) & set(cells[1].tolist())
+    # The union is the epoch's global order but for the one batch the equal-steps rule drops.
+    assert len(np.concatenate(cells)) == 52 * 6
     for rank, got in enumerate(ranks):  # the same stream as a loader told its rank explicitly
         loader = SomaBatches(train_cells, {}, seed=0, rank=rank, world_size=2, **PLAN)
         want = _take(loader, loader.limit(0), soma_experiment.marker_column)
