@@ -8,8 +8,10 @@ Everything is validated before anything is written: non-integer, negative, NaN o
 gene ids, a missing label column, cells with zero counts (dropped with a count shown, or refused with
 `zero_cells="refuse"`). An .h5ad is opened in backed mode, and X is validated and then copied in row
 chunks with progress bars, so the whole matrix is never in memory (10x and CSV inputs are read whole by
-their readers). The experiment is written into a temporary sibling folder and
-renamed onto URI at the end, so an interrupted ingestion leaves nothing half-written at URI.
+their readers). Of a 10x input only the Gene Expression features are kept: antibody, CRISPR guide and custom
+features are not genes, and are dropped with their number logged. The experiment is written into a
+temporary sibling folder and renamed onto URI at the end, so an interrupted ingestion leaves nothing
+half-written at URI.
 """
 
 from __future__ import annotations
@@ -45,12 +47,11 @@ def read_input(path: str | Path, layer: str | None = None) -> ad.AnnData:
     if path.is_dir():
         if not any(p.name.startswith("matrix.mtx") for p in path.iterdir()):
             raise DataError(f"{path} is a folder without matrix.mtx(.gz): expected a 10x Matrix Market folder")
-        adata = sc.read_10x_mtx(path, var_names="gene_ids")
+        adata = _gene_expression_only(sc.read_10x_mtx(path, var_names="gene_ids", gex_only=False), path)
     elif path.suffix == ".h5ad":
         adata = ad.read_h5ad(path, backed="r")
     elif path.suffix == ".h5":
-        adata = sc.read_10x_h5(path, gex_only=True)
-        adata.var_names = adata.var["gene_ids"].astype(str) if "gene_ids" in adata.var else adata.var_names
+        adata = _gene_expression_only(_read_10x_h5(path), path)
     elif path.suffix in (".csv", ".gz") and path.name.endswith((".csv", ".csv.gz")):
         frame = pd.read_csv(path, index_col=0)
         adata = ad.AnnData(X=sp.csr_matrix(frame.to_numpy(dtype=np.float64)), obs=pd.DataFrame(index=frame.index))
@@ -62,6 +63,46 @@ def read_input(path: str | Path, layer: str | None = None) -> ad.AnnData:
     if layer is not None and layer not in adata.layers:
         raise DataError(f"{path}: no layer {layer!r}; layers are {list(adata.layers)} (omit --layer to use X)")
     return adata
+
+
+def _read_10x_h5(path: Path) -> ad.AnnData:
+    """A CellRanger .h5 (v3+ `matrix` group, or v2 genome groups) with gene ids as var_names, symbols kept."""
+    import h5py
+    import scanpy as sc
+
+    try:
+        with h5py.File(path, "r") as f:
+            entries = list(f)
+            v2_genomes = [k for k in entries if isinstance(f[k], h5py.Group) and "gene_names" in f[k]]
+    except OSError as err:
+        raise DataError(f"{path}: not an HDF5 file ({err}); expected a 10x .h5 written by CellRanger") from None
+    if "matrix" not in entries and not v2_genomes:
+        raise DataError(
+            f"{path}: not a 10x .h5: no 'matrix' group (CellRanger v3+) and no genome group with gene_names "
+            f"(CellRanger v2); its top-level entries are {entries}. An AnnData file must be named .h5ad"
+        )
+    try:
+        adata = sc.read_10x_h5(path, gex_only=False)
+    except Exception as err:  # scanpy raises a bare Exception for a missing dataset, the KeyError as its cause
+        cause = f" {err.__cause__!r}" if err.__cause__ is not None else ""
+        raise DataError(f"{path}: cannot read as a 10x .h5: {err}{cause}") from err
+    # scanpy names features by symbol, which need not be unique; the gene id is the identity.
+    adata.var["gene_symbols"] = adata.var_names.to_numpy()
+    adata.var_names = adata.var["gene_ids"].astype(str).to_numpy()
+    return adata
+
+
+def _gene_expression_only(adata: ad.AnnData, where: Path) -> ad.AnnData:
+    """The Gene Expression features of a 10x input (CellRanger v2 inputs have genes only)."""
+    if "feature_types" not in adata.var:
+        return adata
+    types = adata.var["feature_types"].astype(str)
+    keep = (types == "Gene Expression").to_numpy()
+    if keep.all():
+        return adata
+    dropped = ", ".join(f"{n} {kind}" for kind, n in types[~keep].value_counts().items())
+    log.info("%s: dropping %d features that are not Gene Expression (%s)", where, int((~keep).sum()), dropped)
+    return adata[:, keep].copy()
 
 
 def _matrix(adata: ad.AnnData, layer: str | None):

@@ -1,4 +1,5 @@
-"""`prepare`: h5ad / 10x Matrix Market / CSV -> a SOMA experiment read back equal, and every refusal leaving nothing."""
+"""`prepare`: h5ad / 10x .h5 / 10x Matrix Market / CSV -> a SOMA experiment read back equal; every refusal leaves
+nothing."""
 
 import gzip
 import io
@@ -6,6 +7,7 @@ import logging
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -130,6 +132,115 @@ def test_10x_matrix_market_folder_round_trip(counts_adata, tmp_path):
     assert back.var["feature_id"].tolist() == source.var_names.tolist()
     assert back.var["feature_name"].tolist() == [f"SYM{j}" for j in range(12)]
     np.testing.assert_array_equal(back.obs["n_counts"].to_numpy(), counts.sum(axis=1))
+
+
+def _write_10x_h5(path: Path, counts: np.ndarray, barcodes: list[str], features: list[tuple[str, str, str]]) -> None:
+    """A CellRanger v3+ feature-barcode .h5: matrix/ holds the features x cells matrix in CSC, i.e. the cells x
+    features matrix in CSR, with features/{id, name, feature_type, genome}."""
+    cells_by_features = sp.csr_matrix(counts)  # (N, F)
+    with h5py.File(path, "w") as f:
+        matrix = f.create_group("matrix")
+        matrix["data"] = cells_by_features.data.astype(np.int32)
+        matrix["indices"] = cells_by_features.indices.astype(np.int64)  # feature of each entry
+        matrix["indptr"] = cells_by_features.indptr.astype(np.int64)  # per cell
+        matrix["shape"] = np.array([counts.shape[1], counts.shape[0]], dtype=np.int32)  # (F, N)
+        matrix["barcodes"] = np.array(barcodes, dtype="S")
+        group = matrix.create_group("features")
+        for key, column in zip(("id", "name", "feature_type"), zip(*features, strict=True), strict=True):
+            group[key] = np.array(column, dtype="S")
+        group["genome"] = np.array(["GRCh38"] * len(features), dtype="S")
+        group["_all_tag_keys"] = np.array([b"genome"])
+
+
+def _gene_features(source: ad.AnnData) -> list[tuple[str, str, str]]:
+    return [(g, f"SYM{j}", "Gene Expression") for j, g in enumerate(source.var_names)]
+
+
+def test_10x_h5_round_trip(counts_adata, tmp_path):
+    source = counts_adata(n_cells=30, n_genes=12)
+    counts = source.X.toarray().astype(np.int64)  # (N, G)
+    _write_10x_h5(tmp_path / "filtered_feature_bc_matrix.h5", counts, source.obs_names.tolist(), _gene_features(source))
+
+    back = _read_back(prepare(tmp_path / "filtered_feature_bc_matrix.h5", tmp_path / "cells.soma"))
+    assert back.obs_names.tolist() == source.obs_names.tolist()
+    np.testing.assert_array_equal(back.X.toarray(), counts)
+    assert back.var["feature_id"].tolist() == source.var_names.tolist()
+    assert back.var["feature_name"].tolist() == [f"SYM{j}" for j in range(12)]
+    np.testing.assert_array_equal(back.obs["n_counts"].to_numpy(), counts.sum(axis=1))
+    assert set(back.obs["split"]) <= {"train", "val", "test"}
+
+
+def test_10x_h5_keeps_only_gene_expression_features(counts_adata, tmp_path, caplog):
+    source = counts_adata(n_cells=30, n_genes=12)
+    counts = source.X.toarray().astype(np.int64)  # (N, G)
+    antibody = np.full((counts.shape[0], 2), 7)  # (N, 2) CITE-seq antibody counts: not genes
+    features = [
+        *_gene_features(source)[:5],
+        ("CD3_TotalSeqB", "CD3", "Antibody Capture"),  # between genes, so dropping it must not shift columns
+        *_gene_features(source)[5:],
+        ("CD4_TotalSeqB", "CD4", "Antibody Capture"),
+    ]
+    with_antibodies = np.hstack([counts[:, :5], antibody[:, :1], counts[:, 5:], antibody[:, 1:]])  # (N, G + 2)
+    _write_10x_h5(tmp_path / "cells.h5", with_antibodies, source.obs_names.tolist(), features)
+
+    with caplog.at_level(logging.INFO, logger="scldm_scale.data.prepare"):
+        back = _read_back(prepare(tmp_path / "cells.h5", tmp_path / "cells.soma"))
+    assert "dropping 2 features that are not Gene Expression (2 Antibody Capture)" in caplog.text
+    assert back.var["feature_id"].tolist() == source.var_names.tolist()
+    np.testing.assert_array_equal(back.X.toarray(), counts)
+    np.testing.assert_array_equal(back.obs["n_counts"].to_numpy(), counts.sum(axis=1))  # antibodies not counted
+
+
+def test_cellranger_v2_h5_is_read(counts_adata, tmp_path):
+    """CellRanger v2 wrote one group per genome with genes / gene_names instead of matrix/features."""
+    source = counts_adata(n_cells=20, n_genes=8)
+    counts = source.X.toarray().astype(np.int64)  # (N, G)
+    cells_by_genes = sp.csr_matrix(counts)  # (N, G): the genes x cells CSC that 10x stores
+    with h5py.File(tmp_path / "cells.h5", "w") as f:
+        genome = f.create_group("GRCh38")
+        genome["data"] = cells_by_genes.data.astype(np.int32)
+        genome["indices"] = cells_by_genes.indices.astype(np.int64)
+        genome["indptr"] = cells_by_genes.indptr.astype(np.int64)
+        genome["shape"] = np.array([counts.shape[1], counts.shape[0]], dtype=np.int32)  # (G, N)
+        genome["barcodes"] = np.array(source.obs_names.tolist(), dtype="S")
+        genome["genes"] = np.array(source.var_names.tolist(), dtype="S")
+        genome["gene_names"] = np.array([f"SYM{j}" for j in range(8)], dtype="S")
+
+    back = _read_back(prepare(tmp_path / "cells.h5", tmp_path / "cells.soma"))
+    np.testing.assert_array_equal(back.X.toarray(), counts)
+    assert back.var["feature_id"].tolist() == source.var_names.tolist()
+    assert back.var["feature_name"].tolist() == [f"SYM{j}" for j in range(8)]
+
+
+def _h5_without_matrix(path: Path) -> None:
+    with h5py.File(path, "w") as f:
+        f.create_group("obs")["index"] = np.array([b"cell_0"])
+        f.create_group("var")["index"] = np.array([b"gene_0"])
+
+
+def _h5_matrix_without_barcodes(path: Path) -> None:
+    _write_10x_h5(path, np.eye(2, dtype=np.int64), ["cell_0", "cell_1"], [("g0", "G0", "Gene Expression")] * 2)
+    with h5py.File(path, "a") as f:
+        del f["matrix/barcodes"]
+
+
+BAD_H5 = {
+    "not_hdf5": (lambda path: path.write_text("barcode,gene_0\n"), "not an HDF5 file"),
+    "empty_hdf5": (lambda path: h5py.File(path, "w").close(), "not a 10x .h5: no 'matrix' group .* entries are \\[\\]"),
+    "no_matrix_group": (_h5_without_matrix, "not a 10x .h5: no 'matrix' group .* entries are \\['obs', 'var'\\]"),
+    "matrix_without_barcodes": (_h5_matrix_without_barcodes, "cannot read as a 10x .h5: .*'barcodes'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_H5))
+def test_an_h5_that_is_not_10x_is_refused_naming_the_file(tmp_path, case):
+    write, message = BAD_H5[case]
+    (tmp_path / "out").mkdir()
+    write(tmp_path / "cells.h5")
+    with pytest.raises(DataError, match=message) as raised:
+        prepare(tmp_path / "cells.h5", tmp_path / "out" / "cells.soma")
+    assert str(raised.value).startswith(str(tmp_path / "cells.h5"))
+    assert _entries(tmp_path / "out") == []
 
 
 @pytest.mark.parametrize("name", ["cells.csv", "cells.csv.gz"])
