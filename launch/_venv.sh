@@ -40,11 +40,11 @@ ensure_venv() {
         _venv_log "creating $VENV with $("$python" --version 2>&1)"
         "$python" -m venv "$VENV"
     fi
-    _venv_log "installing scldm-scale[test] into $VENV (first run or pyproject.toml changed; ~1-2 min)"
+    _venv_log "installing scldm-scale[test,dist,logging] into $VENV (first run or pyproject.toml changed; ~1-2 min)"
     rm -f "$VENV_STAMP"
     "$VENV_PY" -m pip install -q --upgrade pip \
         || _venv_log "warning: could not upgrade pip; continuing with $("$VENV_PY" -m pip --version)"
-    "$VENV_PY" -m pip install -e "${ROOT}[test]"
+    "$VENV_PY" -m pip install -e "${ROOT}[test,dist,logging]"
     _pyproject_hash >"$VENV_STAMP"
     _venv_log "installed; stamp written to $VENV_STAMP"
 }

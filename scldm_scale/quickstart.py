@@ -27,7 +27,7 @@ from scldm_scale.evaluate.reconstruction import reconstruction_metrics
 from scldm_scale.evaluate.report import compare, per_condition_table, summary_table
 from scldm_scale.generate import generate
 from scldm_scale.train.checkpoint import load_checkpoint
-from scldm_scale.train.stages import load_vae, train_ldm, train_vae
+from scldm_scale.train.stages import load_vae, run_training
 
 log = logging.getLogger(__name__)
 QUICKSTART_CONFIG = CONFIG_DIR / "quickstart.yaml"
@@ -61,7 +61,7 @@ def run_quickstart(out_dir: str | Path, overrides: list[str] = ()) -> dict:
 
     t = time.perf_counter()
     vae_cfg = load_config(QUICKSTART_CONFIG, ["stage=vae", *common, f"train.metrics_file={out / 'vae_metrics.jsonl'}"])
-    vae_path = train_vae(vae_cfg)
+    vae_path = run_training(vae_cfg)
     timings["train_vae_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -74,7 +74,7 @@ def run_quickstart(out_dir: str | Path, overrides: list[str] = ()) -> dict:
             f"train.metrics_file={out / 'ldm_metrics.jsonl'}",
         ],
     )
-    ldm_path = train_ldm(ldm_cfg)
+    ldm_path = run_training(ldm_cfg)
     timings["train_ldm_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

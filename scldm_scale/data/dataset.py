@@ -287,31 +287,49 @@ def load_anndata(cfg: DataConfig) -> ad.AnnData:
 class ShuffledBatches:
     """Endless shuffled batches over a set of items; epoch e uses the permutation from (seed, e).
 
-    `batch_fn(sorted_indices)` builds a batch. The last incomplete batch of each epoch is dropped (fixed
-    batch shapes, equal steps per epoch); a set smaller than one batch makes one batch of all of it.
-    The state (epoch, position, seed) resumes the stream exactly.
+    With several ranks, each step takes a global batch of batch_size x world_size items from the
+    permutation and rank r builds its slice r, so the global batches, the steps per epoch and the state
+    do not depend on the number of ranks (a run resumes exactly on another number). `batch_fn(sorted
+    indices)` builds a batch. The last incomplete global batch of each epoch is dropped (fixed shapes,
+    equal steps on every rank); a set smaller than one global batch gives smaller batches.
+    rank / world_size default to torch.distributed's, else RANK / WORLD_SIZE, else 0 / 1.
     """
 
-    def __init__(self, batch_fn: Callable[[np.ndarray], Any], idx: np.ndarray, batch_size: int, seed: int):
+    def __init__(
+        self,
+        batch_fn: Callable[[np.ndarray], Any],
+        idx: np.ndarray,
+        batch_size: int,
+        seed: int,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
+        from scldm_scale.data.soma import _rank_and_world
+
         self.batch_fn = batch_fn
         self.idx = np.asarray(idx)
-        self.batch_size = min(batch_size, len(self.idx))
+        self.rank, self.world_size = _rank_and_world(rank, world_size)
+        if len(self.idx) < self.world_size:
+            raise DataError(f"{len(self.idx)} items cannot be shared among {self.world_size} ranks")
+        self.batch_size = min(batch_size, len(self.idx) // self.world_size)
         if self.batch_size < batch_size:
-            log.warning("batch size %d > %d cells; using %d", batch_size, len(self.idx), self.batch_size)
+            log.warning("batch size %d > %d items per rank; using %d", batch_size, len(self.idx), self.batch_size)
         self.seed = seed
         self.epoch = 0
-        self.position = 0
+        self.position = 0  # items of the epoch's permutation consumed by all ranks together
 
     def __iter__(self) -> Iterator:
         return self
 
     def __next__(self):
-        if self.position + self.batch_size > len(self.idx):
+        step = self.batch_size * self.world_size
+        if self.position + step > len(self.idx):
             self.epoch += 1
             self.position = 0
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.idx))
-        chunk = self.idx[np.sort(order[self.position : self.position + self.batch_size])]
-        self.position += self.batch_size
+        start = self.position + self.rank * self.batch_size
+        chunk = self.idx[np.sort(order[start : start + self.batch_size])]
+        self.position += step
         return self.batch_fn(chunk)
 
     def state_dict(self) -> dict:

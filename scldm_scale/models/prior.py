@@ -37,6 +37,10 @@ class FlowMatchingPrior(nn.Module):
         self.cond_drop_prob = cond_drop_prob
         self.cond_dropout = cond_dropout
 
+    def blocks(self) -> list[nn.Module]:
+        """The DiT blocks: the units of FSDP sharding and activation checkpointing."""
+        return list(self.dit.blocks)
+
     def forward(self, batch: LatentBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         conditions = drop_conditions(batch.conditions, self.dit.null_ids, self.cond_drop_prob, self.cond_dropout)
         per_cell = self.interpolant.loss(lambda x, t: self.dit(x, t, conditions), batch.latents)  # (B,)

@@ -115,6 +115,10 @@ class SetVAE(nn.Module):
     def sample_counts(self, z: torch.Tensor, decode_gene_ids: torch.Tensor, library_size: torch.Tensor):
         return self.head.sample(self.decode(z, decode_gene_ids), decode_gene_ids, library_size)
 
+    def blocks(self) -> list[nn.Module]:
+        """The transformer blocks: the units of FSDP sharding and activation checkpointing."""
+        return [self.pool, *self.encoder_blocks, *self.decoder_blocks, self.unpool]
+
     def forward(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Training loss on a CellBatch: NLL summed over genes, mean over cells, plus weighted KL."""
         z, kl = self.encode(batch.gene_ids, batch.counts, batch.mask)

@@ -24,7 +24,11 @@ from scldm_scale.models.dit import DiT
 from scldm_scale.models.library_size import LibrarySizeModel
 from scldm_scale.models.prior import FlowMatchingPrior, LatentBatch
 from scldm_scale.models.vae import SetVAE
+from scldm_scale.train import distributed
 from scldm_scale.train.checkpoint import CheckpointError, RunCheckpoints, load_checkpoint, save_checkpoint
+from scldm_scale.train.distributed import Dist
+from scldm_scale.train.flops import TRAIN_FLOPS_FACTOR, dit_forward_flops, vae_forward_flops
+from scldm_scale.train.tracking import start_tracker
 from scldm_scale.train.trainer import Trainer, resolve_device
 
 log = logging.getLogger(__name__)
@@ -70,45 +74,95 @@ def _run_checkpoints(cfg: Config, stage: str, architecture: tuple[str, ...]) -> 
     return {"checkpoints": RunCheckpoints(Path(cfg.train.ckpt_dir) / stage, cfg.train.keep_last), "run_meta": meta}
 
 
-def train_vae(cfg: Config) -> Path:
-    seed_everything(cfg.seed)
-    _set_threads(cfg)
-    device = resolve_device(cfg.train.device)
+def exported_checkpoint(kind: str, payload: dict, model_state: dict, ema_state: dict | None) -> dict:
+    """The single-file checkpoint `generate` reads: the stage's payload plus its weights.
+
+    Used at the end of training and by `scldm-scale export` (from a step folder of any strategy).
+    """
+    if kind == "vae":
+        return {**payload, "vae_state": model_state}
+    strip = len("dit.")
+    return {
+        **payload,
+        "prior_state": {k[strip:]: v for k, v in model_state.items() if k.startswith("dit.")},
+        "prior_ema_state": {k[strip:]: v for k, v in (ema_state or {}).items() if k.startswith("dit.")},
+    }
+
+
+def _finish(cfg: Config, kind: str, trainer: Trainer, payload: dict, history: list[dict]) -> Path:
+    """Consolidate the weights (a collective under FSDP / ZeRO-3) and write <ckpt_dir>/<kind>.pt on rank 0."""
+    model_state = trainer.strategy.full_state_dict()
+    ema_state = trainer.strategy.full_ema_state_dict()
+    path = Path(cfg.train.ckpt_dir) / f"{kind}.pt"
+    if trainer.dist.is_main:
+        data = exported_checkpoint(kind, {**payload, "step": trainer.step, "history": history}, model_state, ema_state)
+        save_checkpoint(path, kind, data)
+        log.info("%s checkpoint written to %s", kind.upper(), path)
+    distributed.barrier()
+    return path
+
+
+def _vae_work(cfg: Config, n_genes: int):
+    """Tokens and training FLOPs of a VAE step on a batch (padded token count: what is computed)."""
+
+    def work(batch: CellBatch) -> tuple[int, float]:
+        n_cells, padded = batch.mask.shape
+        per_cell = TRAIN_FLOPS_FACTOR * vae_forward_flops(cfg.model, n_genes, padded, n_cells)
+        return int(batch.mask.sum()), per_cell * n_cells
+
+    return work
+
+
+def _ldm_work(cfg: Config, n_tokens: int, token_dim: int):
+    per_cell = TRAIN_FLOPS_FACTOR * dit_forward_flops(cfg.prior, n_tokens, token_dim)
+
+    def work(batch: LatentBatch) -> tuple[int, float]:
+        return batch.size * n_tokens, per_cell * batch.size
+
+    return work
+
+
+def _fit(trainer: Trainer, batches, tracker) -> list[dict]:
+    trainer.maybe_resume(batches)
+    try:
+        return trainer.fit(batches)
+    finally:
+        if tracker is not None:
+            tracker.finish()
+
+
+def train_vae(cfg: Config, dist_info: Dist) -> Path:
     cells = open_train_cells(cfg.data, cfg.train.batch_size, cfg.seed)
     n_genes = len(cells.gene_names)
     log.info("VAE: %d train cells x %d genes, conditions %s", cells.n_cells, n_genes, cfg.data.condition_keys)
     vae = SetVAE(cfg.model, n_genes)
-    trainer = Trainer(
-        vae, stage_optim(cfg, "vae"), cfg.train, device, desc="VAE", **_run_checkpoints(cfg, "vae", ("model",))
-    )
-    trainer.maybe_resume(cells.batches)
-    history = trainer.fit(cells.batches)
     library = LibrarySizeModel.fit(cells.library_sizes, cells.labels)
-    path = Path(cfg.train.ckpt_dir) / "vae.pt"
-    save_checkpoint(
-        path,
-        "vae",
-        {
-            "config": to_dict(cfg),
-            "vae_config": to_dict(cfg)["model"],
-            "vae_state": vae.state_dict(),
-            "gene_names": cells.gene_names,
-            "condition_encoders": {k: e.state_dict() for k, e in cells.encoders.items()},
-            "library_size": library.state_dict(),
-            "step": trainer.step,
-            "optimizer": trainer.optimizer.state_dict(),
-            "loader": cells.batches.state_dict(),
-            "history": history,
-        },
+    payload = {
+        "config": to_dict(cfg),
+        "vae_config": to_dict(cfg)["model"],
+        "gene_names": cells.gene_names,
+        "condition_encoders": {k: e.state_dict() for k, e in cells.encoders.items()},
+        "library_size": library.state_dict(),
+    }
+    tracker = start_tracker(cfg, "vae", dist_info.is_main)
+    trainer = Trainer(
+        vae,
+        stage_optim(cfg, "vae"),
+        cfg.train,
+        dist_info.device,
+        desc="VAE",
+        dist_info=dist_info,
+        work=_vae_work(cfg, n_genes),
+        tracker=tracker,
+        export=("vae", payload),
+        **_run_checkpoints(cfg, "vae", ("model",)),
     )
-    log.info("VAE checkpoint written to %s", path)
-    return path
+    history = _fit(trainer, cells.batches, tracker)
+    return _finish(cfg, "vae", trainer, payload, history)
 
 
-def train_ldm(cfg: Config) -> Path:
-    seed_everything(cfg.seed)
-    _set_threads(cfg)
-    device = resolve_device(cfg.train.device)
+def train_ldm(cfg: Config, dist_info: Dist) -> Path:
+    device = dist_info.device
     vae_ckpt = load_checkpoint(cfg.train.vae_checkpoint, kind="vae")
     vae = load_vae(vae_ckpt).to(device)
     encoders = {k: LabelEncoder.from_state(s) for k, s in vae_ckpt["condition_encoders"].items()}
@@ -120,6 +174,7 @@ def train_ldm(cfg: Config) -> Path:
     cells = open_train_cells(
         cfg.data, cfg.train.batch_size, cfg.seed, vocabulary=vae_ckpt["gene_names"], encoders=encoders
     )
+    # Every rank encodes the train cells (the latent table is small: N x M x L floats) in the same order.
     latents = encode_latents(vae, cells.ordered(), device)  # (N, M, L)
     latent_mean, latent_std = latents.mean(0), latents.std(0).clamp_min(1e-6)  # (M, L) each
     standardised = (latents - latent_mean) / latent_std
@@ -133,8 +188,21 @@ def train_ldm(cfg: Config) -> Path:
     prior = FlowMatchingPrior(dit, cfg.prior.cond_drop_prob, cfg.prior.cond_dropout)
     n_params = sum(p.numel() for p in dit.parameters()) / 1e6
     log.info("LDM: DiT with %.2fM parameters on %d latents", n_params, len(latents))
-    # Latents fit in memory (N x M x L floats), so the prior shuffles them in memory.
+    # Latents fit in memory (N x M x L floats), so the prior shuffles them in memory; ranks take slices.
     batches = ShuffledBatches(latent_batch, np.arange(len(latents)), cfg.train.batch_size, cfg.seed)
+    payload = {
+        "config": to_dict(cfg),
+        "vae_config": vae_ckpt["vae_config"],
+        "vae_state": vae_ckpt["vae_state"],
+        "prior_config": to_dict(cfg)["prior"],
+        "n_classes": n_classes,
+        "latent_mean": latent_mean,
+        "latent_std": latent_std,
+        "gene_names": vae_ckpt["gene_names"],
+        "condition_encoders": vae_ckpt["condition_encoders"],
+        "library_size": vae_ckpt["library_size"],
+    }
+    tracker = start_tracker(cfg, "ldm", dist_info.is_main)
     trainer = Trainer(
         prior,
         stage_optim(cfg, "ldm"),
@@ -142,37 +210,25 @@ def train_ldm(cfg: Config) -> Path:
         device,
         use_ema=True,
         desc="LDM",
+        dist_info=dist_info,
+        work=_ldm_work(cfg, vae.cfg.n_latent_tokens, vae.cfg.latent_dim),
+        tracker=tracker,
+        export=("ldm", payload),
         **_run_checkpoints(cfg, "ldm", ("model", "prior")),
     )
-    trainer.maybe_resume(batches)
-    history = trainer.fit(batches)
-    ema_dit = {k[len("dit.") :]: v for k, v in trainer.ema.shadow.items() if k.startswith("dit.")}
-    path = Path(cfg.train.ckpt_dir) / "ldm.pt"
-    save_checkpoint(
-        path,
-        "ldm",
-        {
-            "config": to_dict(cfg),
-            "vae_config": vae_ckpt["vae_config"],
-            "vae_state": vae_ckpt["vae_state"],
-            "prior_config": to_dict(cfg)["prior"],
-            "prior_state": dit.state_dict(),
-            "prior_ema_state": ema_dit,
-            "n_classes": n_classes,
-            "latent_mean": latent_mean,
-            "latent_std": latent_std,
-            "gene_names": vae_ckpt["gene_names"],
-            "condition_encoders": vae_ckpt["condition_encoders"],
-            "library_size": vae_ckpt["library_size"],
-            "step": trainer.step,
-            "optimizer": trainer.optimizer.state_dict(),
-            "loader": batches.state_dict(),
-            "history": history,
-        },
-    )
-    log.info("LDM checkpoint written to %s", path)
-    return path
+    history = _fit(trainer, batches, tracker)
+    return _finish(cfg, "ldm", trainer, payload, history)
 
 
 def run_training(cfg: Config) -> Path:
-    return train_vae(cfg) if cfg.stage == "vae" else train_ldm(cfg)
+    """Train the config's stage with its strategy; the process group (if any) ends cleanly either way."""
+    seed_everything(cfg.seed)
+    _set_threads(cfg)
+    dist_info = distributed.setup(cfg.train, resolve_device(cfg.train.device))
+    ok = False
+    try:
+        path = train_vae(cfg, dist_info) if cfg.stage == "vae" else train_ldm(cfg, dist_info)
+        ok = True
+        return path
+    finally:
+        distributed.teardown(ok)

@@ -13,8 +13,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +22,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from scldm_scale.config import OptimConfig, TrainConfig
-from scldm_scale.train.checkpoint import CheckpointError, RunCheckpoints
-from scldm_scale.train.optim import EMA, build_optimizer, build_scheduler
+from scldm_scale.train import distributed
+from scldm_scale.train.checkpoint import CheckpointError, RunCheckpoints, load_rng, load_step_state, set_rng_state
+from scldm_scale.train.distributed import Dist
+from scldm_scale.train.flops import mfu, peak_tflops
+from scldm_scale.train.strategies import DeepSpeedStrategy, build_strategy
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,12 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 class Trainer:
+    """The training loop over a Strategy (single process, DDP, FSDP2 or DeepSpeed).
+
+    `work(batch)` -> (tokens, FLOPs) of a training step on that batch, for tokens/s and MFU (optional).
+    `tracker` receives every logged record on rank 0 (W&B; optional).
+    """
+
     def __init__(
         self,
         model: nn.Module,
@@ -58,43 +66,62 @@ class Trainer:
         desc: str = "train",
         checkpoints: RunCheckpoints | None = None,
         run_meta: dict | None = None,
+        dist_info: Dist | None = None,
+        work: Callable | None = None,
+        tracker=None,
+        export: tuple[str, dict] | None = None,
     ):
-        self.model = model.to(device)
+        self.dist = dist_info or Dist(0, 1, 0, device)
+        self.device = self.dist.device
         self.optim_cfg = optim_cfg
         self.train_cfg = train_cfg
-        self.device = device
-        self.optimizer = build_optimizer(model, optim_cfg)
-        self.scheduler = build_scheduler(self.optimizer, optim_cfg)
-        self.ema = EMA(model, train_cfg.ema_decay) if use_ema else None
-        self.amp_dtype = autocast_dtype(train_cfg.precision, device)
+        self.amp_dtype = autocast_dtype(train_cfg.precision, self.device)
+        self.strategy = build_strategy(
+            model, optim_cfg, train_cfg, dist_info=self.dist, amp_dtype=self.amp_dtype, use_ema=use_ema
+        )
+        self.model = self.strategy.model
         self.desc = desc
         self.step = 0
         self.history: list[dict] = []
         # Saved with every training checkpoint and compared on resume (stage, architecture).
         self.checkpoints = checkpoints
         self.run_meta = dict(run_meta or {})
+        self.work = work
+        self.tracker = tracker
+        # (kind, payload): what `scldm-scale export` needs besides the weights to write a single file.
+        self.export = export
+        self.peak_tflops = peak_tflops(self.device, train_cfg.peak_tflops)
         self._stop_signal: int | None = None
 
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.strategy.optimizer
+
+    @property
+    def scheduler(self):
+        return self.strategy.scheduler
+
+    @property
+    def ema(self):
+        return self.strategy.ema
+
     def state_dict(self, batches) -> dict:
+        """What a step folder holds besides the strategy's weights/optimizer files and the RNG states."""
         return {
             "meta": self.run_meta,
             "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "strategy": self.strategy.name,
+            "world_size": self.dist.world_size,
             "scheduler": self.scheduler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "ema_updates": self.ema.n_updates if self.ema is not None else None,
             "loader": batches.state_dict(),
             "history": self.history,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            },
+            "export": self.export,
         }
 
-    def resume(self, state: dict, batches, where: str) -> None:
-        """Restore everything a training checkpoint holds; refuse one from another stage or architecture."""
+    def resume(self, folder: Path, batches) -> None:
+        """Restore everything a step folder holds; refuse one from another stage or architecture."""
+        state = load_step_state(folder)
         mismatched = sorted(
             k for k in set(self.run_meta) | set(state["meta"]) if self.run_meta.get(k) != state["meta"].get(k)
         )
@@ -103,25 +130,35 @@ class Trainer:
                 f"{k}: checkpoint {state['meta'].get(k)!r} vs now {self.run_meta.get(k)!r}" for k in mismatched
             )
             raise CheckpointError(
-                f"{where} does not match this run ({details}); use the same stage and model config, "
+                f"{folder} does not match this run ({details}); use the same stage and model config, "
                 "or start afresh with train.resume=never and another train.ckpt_dir"
             )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state["strategy"] == "deepspeed" and state["world_size"] != self.dist.world_size:
+            raise CheckpointError(
+                f"{folder} is a DeepSpeed checkpoint of {state['world_size']} ranks; it resumes on "
+                f"{state['world_size']} ranks only (now {self.dist.world_size})"
+            )
+        self.strategy.load(folder, state["strategy"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
-            # Checkpoints load on the CPU; the shadow must live where the model does.
-            self.ema.shadow = {k: v.to(self.device) for k, v in self.ema.shadow.items()}
+            self.ema.n_updates = state["ema_updates"]
         batches.load_state_dict(state["loader"])
         self.step = state["step"]
         self.history = list(state["history"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        rng = load_rng(folder, self.dist.rank) if state["world_size"] == self.dist.world_size else None
+        if rng is not None:
+            set_rng_state(rng)
+        else:  # another number of ranks: the random streams cannot continue; start them from (seed, step, rank)
+            log.warning(
+                "%s: %d ranks now, %d in %s: RNG streams restart",
+                self.desc,
+                self.dist.world_size,
+                state["world_size"],
+                folder,
+            )
+            torch.manual_seed(self.step * 1_000_003 + self.dist.rank)
+            np.random.seed((self.step, self.dist.rank))
+            random.seed(self.step * 1_000_003 + self.dist.rank)
 
     def maybe_resume(self, batches) -> None:
         """train.resume: never | auto (latest complete checkpoint of this run, if any) | a step folder."""
@@ -129,28 +166,27 @@ class Trainer:
         if mode == "never" or self.checkpoints is None:
             return
         folder = self.checkpoints.latest() if mode == "auto" else Path(mode)
+        folder = distributed.broadcast_object(folder)  # every rank resumes from the folder rank 0 sees
         if folder is None:
             log.info("%s: no checkpoint under %s, starting from step 0", self.desc, self.checkpoints.root)
             return
-        self.resume(self.checkpoints.load(folder), batches, str(folder))
+        self.resume(folder, batches)
         log.info("%s: resumed from %s at step %d", self.desc, folder, self.step)
 
     def _save(self, batches) -> None:
         if self.checkpoints is not None:
-            self.checkpoints.save(self.step, self.state_dict(batches))
+            self.checkpoints.save(self.step, self.state_dict(batches), self.strategy.save)
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum  # finish the current step, checkpoint, then stop
 
     def _autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return self.strategy.autocast()
 
     def fit(self, batches: Iterator) -> list[dict]:
         cfg = self.train_cfg
         max_steps = self.optim_cfg.max_steps
-        metrics_file = Path(cfg.metrics_file) if cfg.metrics_file else None
+        metrics_file = Path(cfg.metrics_file) if cfg.metrics_file and self.dist.is_main else None
         if metrics_file is not None:
             metrics_file.parent.mkdir(parents=True, exist_ok=True)
             # A fresh run starts an empty log; a resumed one keeps exactly the records up to its step,
@@ -168,56 +204,101 @@ class Trainer:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
+    def _stop_requested(self) -> int | None:
+        """The signal any rank received (all ranks agree, so they checkpoint at the same step)."""
+        if self.dist.world_size == 1:
+            return self._stop_signal
+        flag = torch.tensor([self._stop_signal or 0], dtype=torch.int64, device=self._collective_device())
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+    def _collective_device(self) -> torch.device:
+        return self.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+
     def _loop(self, batches: Iterator, max_steps: int, metrics_file: Path | None) -> list[dict]:
         cfg = self.train_cfg
-        bar = tqdm(total=max_steps, initial=self.step, desc=self.desc, disable=not cfg.progress, dynamic_ncols=True)
+        strategy = self.strategy
+        show = cfg.progress and self.dist.is_main
+        bar = tqdm(total=max_steps, initial=self.step, desc=self.desc, disable=not show, dynamic_ncols=True)
         self.model.train()
-        cells, window_start = 0, time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        cells = tokens = flops = 0
+        window_start = time.perf_counter()
         while self.step < max_steps:
-            batch = next(batches).to(self.device)
-            with self._autocast():
-                loss, metrics = self.model(batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"{self.desc}: loss is {loss.item()} at step {self.step}; lower the learning rate "
-                    "(optim.<stage>.lr) or check the data"
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
-            if self.ema is not None:
-                self.ema.update(self.model)
+            if not isinstance(strategy, DeepSpeedStrategy):
+                self.optimizer.zero_grad(set_to_none=True)
+            for micro in range(cfg.grad_accum_steps):
+                batch = next(batches)
+                if self.work is not None:  # on the host batch: no device sync
+                    batch_tokens, batch_flops = self.work(batch)
+                    tokens, flops = tokens + batch_tokens, flops + batch_flops
+                batch = batch.to(self.device)
+                with strategy.no_sync(micro == cfg.grad_accum_steps - 1), strategy.autocast():
+                    loss, metrics = strategy.module(batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"{self.desc}: loss is {loss.item()} at step {self.step} on rank {self.dist.rank}; lower the "
+                        "learning rate (optim.<stage>.lr) or check the data"
+                    )
+                strategy.backward(loss)
+                cells += batch.size
+            grad_norm = strategy.step()
             self.step += 1
-            cells += batch.size
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == max_steps:
-                elapsed = time.perf_counter() - window_start
-                record = {
-                    "step": self.step,
-                    "loss": loss.item(),
-                    "lr": self.scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm.item(),
-                    "cells_per_s": cells / max(elapsed, 1e-9),
-                    **{k: float(v) for k, v in metrics.items()},
-                }
+                record = self._record(loss, metrics, grad_norm, cells, tokens, flops, window_start)
                 self.history.append(record)
-                bar.set_postfix(loss=f"{record['loss']:.4g}", cells_s=f"{record['cells_per_s']:.0f}")
-                if metrics_file is not None:
-                    with metrics_file.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
-                cells, window_start = 0, time.perf_counter()
-            if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < max_steps:
+                if self.dist.is_main:
+                    bar.set_postfix(loss=f"{record['loss']:.4g}", cells_s=f"{record['cells_per_s']:.0f}")
+                    if metrics_file is not None:
+                        with metrics_file.open("a") as f:
+                            f.write(json.dumps(record) + "\n")
+                    if self.tracker is not None:
+                        self.tracker.log(record)
+                cells = tokens = flops = 0
+                window_start = time.perf_counter()
+            stop = self._stop_requested()
+            if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < max_steps and stop is None:
                 self._save(batches)
-            if self._stop_signal is not None:
+            if stop is not None:
                 bar.close()
                 self._save(batches)
-                raise TrainingInterrupted(self._stop_signal, self.step, self.checkpoints)
+                raise TrainingInterrupted(stop, self.step, self.checkpoints)
         bar.close()
         if cfg.ckpt_every:
             self._save(batches)
         return self.history
+
+    def _record(self, loss, metrics, grad_norm, cells, tokens, flops, window_start) -> dict:
+        """One log record; loss and metrics are means over ranks, throughput is the whole job's."""
+        world = self.dist.world_size
+        extra = [torch.as_tensor(v, device=loss.device).float() for v in metrics.values()]
+        values = torch.stack([loss.detach().float(), *extra])
+        values = distributed.mean_over_ranks(values.to(self._collective_device() if world > 1 else values.device))
+        elapsed = max(time.perf_counter() - window_start, 1e-9)
+        record = {
+            "step": self.step,
+            "loss": values[0].item(),
+            "lr": self.strategy.lr(),
+            "grad_norm": float(grad_norm),
+            "cells_per_s": cells * world / elapsed,
+            "tokens_per_s": tokens * world / elapsed if self.work is not None else None,
+            # Model FLOPs per second of one rank over its device's peak (None where the peak is unknown).
+            "mfu": mfu(flops / elapsed, self.peak_tflops) if self.work is not None and self.peak_tflops else None,
+            "max_mem_gb": max_memory_gb(self.device),
+            **{k: v.item() for k, v in zip(metrics, values[1:], strict=True)},
+        }
+        return record
+
+
+def max_memory_gb(device: torch.device) -> float:
+    """Peak memory of this rank: CUDA memory allocated on a GPU, the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
 class TrainingInterrupted(Exception):

@@ -1,0 +1,323 @@
+"""How a model is spread over processes: `train.strategy` = single | ddp | fsdp | deepspeed.
+
+Every strategy gives the trainer the same five things: the module to call, `backward(loss)`, `step()`
+(clip the global gradient norm, step the optimizer and the schedule; returns the norm), `save(folder)` /
+`load(folder)` for training checkpoints, and `full_state_dict()` for the exported single-file weights.
+
+- single: one process, plain module.
+- ddp: DistributedDataParallel; gradients are averaged over ranks in the backward pass.
+- fsdp: FSDP2 `fully_shard` on every transformer block, then on the root (parameters, gradients and
+  optimizer states sharded; a block's parameters are gathered for its forward and backward), with a
+  `MixedPrecisionPolicy` (bf16 parameters under train.precision=bf16, train.reduce_dtype reductions).
+- deepspeed: a DeepSpeed engine with ZeRO stage train.zero_stage (1: optimizer states sharded, 2: and
+  gradients, 3: and parameters), optimizer states optionally offloaded to the CPU. The DeepSpeed config
+  is built from ours; the optimizer is our torch AdamW (no DeepSpeed op is compiled).
+
+Checkpoints (inside a step folder written by RunCheckpoints):
+- single, ddp, fsdp: `weights/`, a torch.distributed.checkpoint (DCP) of {model, optimizer, ema} keyed by
+  parameter name, each rank writing its shards. DCP reshards on load, so a checkpoint written by N ranks
+  loads on M ranks, under another of these three strategies, or in one process.
+- deepspeed: `deepspeed/`, DeepSpeed's own checkpoint (model and ZeRO-partitioned optimizer); it resumes on
+  the same number of ranks. The EMA (full copies on every rank) is stored by rank 0 in `ema.pt`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from scldm_scale.config import ConfigError, OptimConfig, TrainConfig
+from scldm_scale.train.checkpoint import CheckpointError
+from scldm_scale.train.distributed import Dist
+from scldm_scale.train.optim import EMA, build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "weights"
+DEEPSPEED = "deepspeed"
+EMA_FILE = "ema.pt"
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a model (sharding and checkpointing units): models list them in `blocks()`."""
+    return list(model.blocks()) if hasattr(model, "blocks") else []
+
+
+def apply_activation_checkpointing(model: nn.Module) -> int:
+    """Wrap every block's forward in torch.utils.checkpoint (parameter names unchanged); returns the count."""
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        forward = block.forward
+        block.forward = lambda *a, _f=forward, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+    return len(blocks)
+
+
+def compile_blocks(model: nn.Module) -> None:
+    for block in transformer_blocks(model):
+        block.compile()
+
+
+class Strategy:
+    """single: the base every strategy refines."""
+
+    name = "single"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optim_cfg: OptimConfig,
+        train_cfg: TrainConfig,
+        dist_info: Dist,
+        amp_dtype: torch.dtype | None,
+        use_ema: bool,
+    ):
+        self.cfg = train_cfg
+        self.dist = dist_info
+        self.amp_dtype = amp_dtype
+        self.model = model.to(dist_info.device)
+        if train_cfg.activation_checkpointing:
+            n = apply_activation_checkpointing(self.model)
+            log.info("activation checkpointing on %d blocks", n)
+        if train_cfg.compile:
+            compile_blocks(self.model)
+        self.module = self.wrap(self.model)
+        self.optimizer = self.build_optimizer(optim_cfg)
+        self.scheduler = build_scheduler(self.optimizer, optim_cfg)
+        self.ema = self.build_ema() if use_ema else None
+
+    # --- building --------------------------------------------------------------------------------------
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def build_optimizer(self, optim_cfg: OptimConfig) -> torch.optim.Optimizer:
+        return build_optimizer(self.model, optim_cfg)
+
+    def build_ema(self) -> EMA:
+        return EMA(self.model, self.cfg.ema_decay)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=self.amp_dtype)
+
+    # --- one optimizer step ----------------------------------------------------------------------------
+
+    def no_sync(self, last_micro_step: bool):
+        """Skip the gradient reduction on all but the last micro-batch of an accumulated step."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.cfg.grad_accum_steps).backward()
+
+    def step(self) -> torch.Tensor:
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP: the norm over all shards
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return grad_norm
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    # --- checkpoints ------------------------------------------------------------------------------------
+
+    def _dcp_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optimizer": optim_state}
+        if self.ema is not None:
+            state["ema"] = self.ema.shadow
+        return state
+
+    def save(self, folder: Path) -> None:
+        """Write this rank's part of the weights, optimizer and EMA under `folder` (every rank calls it)."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._dcp_state(), checkpoint_id=str(folder / WEIGHTS))
+
+    def load(self, folder: Path, saved_strategy: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        if not (folder / WEIGHTS).is_dir():
+            raise CheckpointError(
+                f"{folder} was written by train.strategy={saved_strategy}, which train.strategy={self.name} cannot "
+                "read; resume with the strategy that wrote it (DeepSpeed checkpoints need train.strategy=deepspeed)"
+            )
+        state = self._dcp_state()
+        try:
+            dcp.load(state, checkpoint_id=str(folder / WEIGHTS))
+        except Exception as err:  # missing keys, shape mismatch, truncated files
+            raise CheckpointError(f"{folder / WEIGHTS} cannot be loaded into this model: {err}") from None
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        if self.ema is not None:
+            self.ema.shadow = state["ema"]
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights on the CPU, on rank 0 (None on other ranks)."""
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        return state if self.dist.is_main else None
+
+    def full_ema_state_dict(self) -> dict[str, torch.Tensor] | None:
+        if self.ema is None:
+            return None
+        state = {k: _full(v).cpu() for k, v in self.ema.shadow.items()}
+        return state if self.dist.is_main else None
+
+
+class DDPStrategy(Strategy):
+    name = "ddp"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+
+    def no_sync(self, last_micro_step: bool):
+        return contextlib.nullcontext() if last_micro_step else self.module.no_sync()
+
+
+class FSDPStrategy(Strategy):
+    name = "fsdp"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(
+            param_dtype=self.amp_dtype,
+            reduce_dtype=torch.bfloat16 if self.cfg.reduce_dtype == "bf16" else torch.float32,
+        )
+        kwargs = {"mp_policy": policy, "reshard_after_forward": self.cfg.reshard_after_forward}
+        for block in transformer_blocks(model):
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+        return model
+
+    def no_sync(self, last_micro_step: bool):
+        self.model.set_requires_gradient_sync(last_micro_step)
+        return contextlib.nullcontext()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.model, options=options)  # collective: every rank calls it
+        return state if self.dist.is_main else None
+
+
+class DeepSpeedStrategy(Strategy):
+    name = "deepspeed"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model  # the engine is built with the optimizer, in build_optimizer
+
+    def deepspeed_config(self) -> dict:
+        cfg = self.cfg
+        zero: dict = {"stage": cfg.zero_stage}
+        if cfg.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": self.dist.device.type == "cuda"}
+        return {
+            "train_micro_batch_size_per_gpu": cfg.batch_size,
+            "gradient_accumulation_steps": cfg.grad_accum_steps,
+            "gradient_clipping": cfg.grad_clip,
+            "bf16": {"enabled": self.amp_dtype == torch.bfloat16},
+            "zero_optimization": zero,
+            "zero_allow_untested_optimizer": True,  # our torch AdamW: no DeepSpeed op to compile
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+
+    def build_optimizer(self, optim_cfg: OptimConfig) -> torch.optim.Optimizer:
+        try:
+            import deepspeed
+        except ImportError:
+            raise ConfigError("train.strategy=deepspeed needs DeepSpeed: pip install -e '.[dist]'") from None
+        optimizer = build_optimizer(self.model, optim_cfg)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, config=self.deepspeed_config(), dist_init_required=False
+        )
+        self.module = self.engine
+        self._torch_optimizer = optimizer
+        return optimizer  # the schedule drives its param groups' lr, which DeepSpeed's wrapper reads
+
+    def autocast(self):
+        # Under bf16 the engine holds bf16 weights and casts inputs itself; autocast stays off.
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # divides by gradient_accumulation_steps itself
+
+    def step(self) -> torch.Tensor:
+        self.engine.step()  # clips (gradient_clipping), steps, zeroes the gradients
+        norm = self.engine.get_global_grad_norm()
+        self.scheduler.step()
+        if self.ema is not None:
+            self._ema_update()
+        return torch.as_tensor(float(norm) if norm is not None else float("nan"))
+
+    def _gathered(self):
+        """ZeRO-3 partitions the weights: gather them to read the whole model (a no-op for stages 1, 2)."""
+        if self.cfg.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.model.parameters()))
+
+    def build_ema(self) -> EMA:
+        with self._gathered():  # every rank keeps the full EMA
+            return EMA(self.model, self.cfg.ema_decay)
+
+    def _ema_update(self) -> None:
+        with self._gathered():
+            self.ema.update(self.model)
+
+    def save(self, folder: Path) -> None:
+        self.engine.save_checkpoint(str(folder / DEEPSPEED), tag="state")
+        if self.ema is not None and self.dist.is_main:
+            torch.save(self.ema.state_dict(), folder / EMA_FILE)
+
+    def load(self, folder: Path, saved_strategy: str) -> None:
+        if saved_strategy != "deepspeed" or not (folder / DEEPSPEED).is_dir():
+            raise CheckpointError(
+                f"{folder} was written by train.strategy={saved_strategy}; train.strategy=deepspeed resumes only "
+                "its own checkpoints: resume with the strategy that wrote it"
+            )
+        path, _ = self.engine.load_checkpoint(
+            str(folder / DEEPSPEED), tag="state", load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if path is None:
+            raise CheckpointError(f"{folder / DEEPSPEED} holds no DeepSpeed checkpoint")
+        if self.ema is not None:
+            self.ema.load_state_dict(torch.load(folder / EMA_FILE, map_location=self.dist.device, weights_only=False))
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        with self._gathered():
+            state = {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
+        return state if self.dist.is_main else None
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+STRATEGIES = {s.name: s for s in (Strategy, DDPStrategy, FSDPStrategy, DeepSpeedStrategy)}
+
+
+def build_strategy(model: nn.Module, optim_cfg: OptimConfig, train_cfg: TrainConfig, **kwargs) -> Strategy:
+    """The strategy train_cfg.strategy names (keyword arguments: dist_info, amp_dtype, use_ema)."""
+    if train_cfg.strategy != "single" and not dist.is_initialized():
+        raise RuntimeError(f"train.strategy={train_cfg.strategy} needs the process group (distributed.setup) first")
+    return STRATEGIES[train_cfg.strategy](model, optim_cfg, train_cfg, **kwargs)
