@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -46,7 +47,19 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = load_config(*split_config_args(args.configs))
     path = run_training(cfg)
-    print(f"checkpoint: {path}")
+    if _rank() == 0:
+        print(f"checkpoint: {path}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from scldm_scale.train.export import export
+
+    out = export(args.step_folder, args.out)
+    print(f"checkpoint: {out}  (generate with: scldm-scale generate {out} ...)")
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -186,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_bench_loader)
 
+    p = sub.add_parser("export", help="a training step folder (any strategy, any rank count) -> one checkpoint file")
+    p.add_argument("step_folder", help="e.g. runs/x/vae/step-1000 (written with train.ckpt_every)")
+    p.add_argument("--out", default=None, help="default: <step_folder>/<stage>.pt")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("quickstart", help="train both stages on the built-in PBMC data, generate, report")
     p.add_argument("--out", default="quickstart_out")
     p.add_argument("overrides", nargs="*", help="dot-list overrides of configs/quickstart.yaml")
@@ -194,7 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Under torchrun, rank 0 logs progress; every rank logs warnings and errors, tagged with its rank.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tag = f"[rank {_rank()}] " if world > 1 else ""
+    level = logging.INFO if _rank() == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides after an option (`plan CONFIG --world-size 8 key=value`) still belong to CONFIG.
@@ -207,9 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except USER_ERRORS as err:
-        print(f"scldm-scale {args.command}: error: {err}", file=sys.stderr)
+        print(f"scldm-scale {args.command}: {tag}error: {err}", file=sys.stderr)
         return 2
     except TrainingInterrupted as stop:
-        print(f"scldm-scale {args.command}: {stop}", file=sys.stderr)
+        if _rank() == 0:
+            print(f"scldm-scale {args.command}: {stop}", file=sys.stderr)
         return stop.exit_code
     return 0

@@ -150,6 +150,10 @@ class TrainConfig:
     grad_accum_steps: int = 1
     # torch.compile each transformer block.
     compile: bool = False
+    # FSDP: build the model on the meta device and initialise each rank's shards in place, so no rank ever
+    # holds the full weights (models larger than one device). Same init rules, other random draws than
+    # a single-process run with the same seed.
+    init_on_meta: bool = False
     # Peak dense bf16 TFLOP/s of one device, for MFU; None looks the device up in a table of known GPUs.
     peak_tflops: float | None = None
 
@@ -257,6 +261,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.max_steps must be positive, got {cfg.train.max_steps}")
     if cfg.train.zero_stage not in (1, 2, 3):
         raise ConfigError(f"train.zero_stage must be 1, 2 or 3, got {cfg.train.zero_stage}")
+    if cfg.train.init_on_meta and cfg.train.strategy != "fsdp":
+        raise ConfigError("train.init_on_meta=true needs train.strategy=fsdp (it shards the model as it is built)")
     if cfg.train.grad_accum_steps < 1:
         raise ConfigError(f"train.grad_accum_steps must be >= 1, got {cfg.train.grad_accum_steps}")
     if cfg.train.peak_tflops is not None and cfg.train.peak_tflops <= 0:

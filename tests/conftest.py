@@ -27,6 +27,7 @@ TINY_OVERRIDES = (
     "train.progress=false",
     "train.log_every=1",
     "train.device=cpu",
+    "logging.wandb.mode=disabled",
 )
 
 

@@ -69,6 +69,7 @@ class DiT(nn.Module):
         d = cfg.d_model
         self.n_classes = dict(n_classes)
         self.x_embed = nn.Linear(token_dim, d)
+        self.n_tokens = n_tokens
         self.register_buffer("pos_embed", sinusoidal_embedding(torch.arange(n_tokens), d)[None], persistent=False)
         self.t_embed = TimestepEmbedder(d)
         self.cond_embed = nn.ModuleDict({k: nn.Embedding(n + 1, d) for k, n in n_classes.items()})
@@ -81,6 +82,12 @@ class DiT(nn.Module):
     @property
     def null_ids(self) -> dict[str, int]:
         return dict(self.n_classes)
+
+    def init_weights(self) -> None:
+        """Re-initialise after FSDP's meta-device construction (train.init_on_meta), buffer included."""
+        device = self.pos_embed.device
+        self.pos_embed = sinusoidal_embedding(torch.arange(self.n_tokens), self.x_embed.out_features)[None].to(device)
+        self._init_weights()
 
     def _init_weights(self) -> None:
         for module in self.modules():

@@ -58,6 +58,16 @@ class NegativeBinomialHead(nn.Module):
             nn.init.zeros_(self.to_log_theta.weight)
             nn.init.zeros_(self.to_log_theta.bias)
 
+    def init_weights(self) -> None:
+        """The constructor's initialisation (theta = 1, no gene offset), with the logit layer as SetVAE's."""
+        nn.init.normal_(self.to_logit.weight, std=0.02)
+        nn.init.zeros_(self.gene_bias)
+        if self.theta_mode == "gene":
+            nn.init.zeros_(self.log_theta)
+        else:
+            nn.init.zeros_(self.to_log_theta.weight)
+            nn.init.zeros_(self.to_log_theta.bias)
+
     def params(
         self, hidden: torch.Tensor, gene_ids: torch.Tensor, library_size: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,6 +99,11 @@ class GaussianHead(nn.Module):
         super().__init__()
         self.to_mean = nn.Linear(d_model, 1)
         self.log_std = nn.Parameter(torch.zeros(n_genes))
+
+    def init_weights(self) -> None:
+        nn.init.normal_(self.to_mean.weight, std=0.02)
+        nn.init.zeros_(self.to_mean.bias)
+        nn.init.zeros_(self.log_std)
 
     def params(self, hidden, gene_ids) -> tuple[torch.Tensor, torch.Tensor]:
         mean = self.to_mean(hidden).squeeze(-1).float()  # (B, G)

@@ -37,6 +37,9 @@ class FlowMatchingPrior(nn.Module):
         self.cond_drop_prob = cond_drop_prob
         self.cond_dropout = cond_dropout
 
+    def init_weights(self) -> None:
+        self.dit.init_weights()
+
     def blocks(self) -> list[nn.Module]:
         """The DiT blocks: the units of FSDP sharding and activation checkpointing."""
         return list(self.dit.blocks)

@@ -75,6 +75,18 @@ class SetVAE(nn.Module):
             self.head = GaussianHead(d, n_genes)
         nn.init.normal_(self.head.to_logit.weight if cfg.likelihood == "nb" else self.head.to_mean.weight, std=0.02)
 
+    def init_weights(self) -> None:
+        """Initialise every parameter by the constructor's rules (not its exact random draws): used after
+        FSDP built the model on the meta device and allocated each rank's shards (train.init_on_meta)."""
+        for module in self.modules():
+            if isinstance(module, nn.LayerNorm) and module.weight is not None:
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        self.apply(_init_weights)
+        nn.init.normal_(self.inducing_points, std=0.02)
+        self.head.init_weights()
+
     @property
     def latent_shape(self) -> tuple[int, int]:
         return self.cfg.n_latent_tokens, self.cfg.latent_dim

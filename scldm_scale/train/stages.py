@@ -9,6 +9,7 @@ the VAE too, so `generate` needs nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections.abc import Iterator
@@ -102,6 +103,11 @@ def _finish(cfg: Config, kind: str, trainer: Trainer, payload: dict, history: li
     return path
 
 
+def _build_device(cfg: Config):
+    """Where the trained model is built: the meta device under train.init_on_meta (FSDP allocates shards)."""
+    return torch.device("meta") if cfg.train.init_on_meta else contextlib.nullcontext()
+
+
 def _vae_work(cfg: Config, n_genes: int):
     """Tokens and training FLOPs of a VAE step on a batch (padded token count: what is computed)."""
 
@@ -135,7 +141,8 @@ def train_vae(cfg: Config, dist_info: Dist) -> Path:
     cells = open_train_cells(cfg.data, cfg.train.batch_size, cfg.seed)
     n_genes = len(cells.gene_names)
     log.info("VAE: %d train cells x %d genes, conditions %s", cells.n_cells, n_genes, cfg.data.condition_keys)
-    vae = SetVAE(cfg.model, n_genes)
+    with _build_device(cfg):
+        vae = SetVAE(cfg.model, n_genes)
     library = LibrarySizeModel.fit(cells.library_sizes, cells.labels)
     payload = {
         "config": to_dict(cfg),
@@ -184,8 +191,9 @@ def train_ldm(cfg: Config, dist_info: Dist) -> Path:
         return LatentBatch(standardised[rows], {k: v[rows] for k, v in conditions.items()})
 
     n_classes = {k: len(e.values) for k, e in encoders.items()}
-    dit = DiT(cfg.prior, vae.cfg.n_latent_tokens, vae.cfg.latent_dim, n_classes)
-    prior = FlowMatchingPrior(dit, cfg.prior.cond_drop_prob, cfg.prior.cond_dropout)
+    with _build_device(cfg):
+        dit = DiT(cfg.prior, vae.cfg.n_latent_tokens, vae.cfg.latent_dim, n_classes)
+        prior = FlowMatchingPrior(dit, cfg.prior.cond_drop_prob, cfg.prior.cond_dropout)
     n_params = sum(p.numel() for p in dit.parameters()) / 1e6
     log.info("LDM: DiT with %.2fM parameters on %d latents", n_params, len(latents))
     # Latents fit in memory (N x M x L floats), so the prior shuffles them in memory; ranks take slices.

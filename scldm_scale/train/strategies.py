@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -38,6 +39,8 @@ from scldm_scale.train.distributed import Dist
 from scldm_scale.train.optim import EMA, build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
+# DCP in one process without a process group (strategy=single, export) is intended here.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 WEIGHTS = "weights"
 DEEPSPEED = "deepspeed"
@@ -80,7 +83,8 @@ class Strategy:
         self.cfg = train_cfg
         self.dist = dist_info
         self.amp_dtype = amp_dtype
-        self.model = model.to(dist_info.device)
+        on_meta = any(p.is_meta for p in model.parameters())
+        self.model = model if on_meta else model.to(dist_info.device)  # FSDP materialises a meta model
         if train_cfg.activation_checkpointing:
             n = apply_activation_checkpointing(self.model)
             log.info("activation checkpointing on %d blocks", n)
@@ -121,7 +125,6 @@ class Strategy:
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP: the norm over all shards
             grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model)
@@ -204,6 +207,11 @@ class FSDPStrategy(Strategy):
         for block in transformer_blocks(model):
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
+        if any(p.is_meta for p in model.parameters()):
+            # Built on the meta device: allocate only this rank's shards, then initialise them.
+            model.to_empty(device=self.dist.device)
+            with torch.no_grad():
+                model.init_weights()
         return model
 
     def no_sync(self, last_micro_step: bool):

@@ -237,9 +237,10 @@ class Trainer:
                 with strategy.no_sync(micro == cfg.grad_accum_steps - 1), strategy.autocast():
                     loss, metrics = strategy.module(batch)
                 if not torch.isfinite(loss):
+                    where = f" on rank {self.dist.rank}" if self.dist.world_size > 1 else ""
                     raise FloatingPointError(
-                        f"{self.desc}: loss is {loss.item()} at step {self.step} on rank {self.dist.rank}; lower the "
-                        "learning rate (optim.<stage>.lr) or check the data"
+                        f"{self.desc}: loss is {loss.item()} at step {self.step}{where}; lower the learning rate "
+                        "(optim.<stage>.lr) or check the data"
                     )
                 strategy.backward(loss)
                 cells += batch.size

@@ -14,7 +14,7 @@ import torch
 
 from scldm_scale.config import CONFIG_DIR, load_config
 from scldm_scale.train.checkpoint import COMPLETE, CheckpointError, RunCheckpoints
-from scldm_scale.train.stages import train_ldm, train_vae
+from scldm_scale.train.stages import run_training
 from scldm_scale.train.trainer import TrainingInterrupted
 
 STEPS = 12
@@ -58,7 +58,7 @@ def _signal_during_forward(monkeypatch, module_class, call: int, signum: int) ->
 
 
 def test_sigterm_checkpoints_and_resume_gives_the_same_losses(tiny_overrides, synthetic_h5ad, tmp_path, monkeypatch):
-    reference = _losses(train_vae(_cfg(tiny_overrides, synthetic_h5ad, tmp_path / "ref")))
+    reference = _losses(run_training(_cfg(tiny_overrides, synthetic_h5ad, tmp_path / "ref")))
     assert sorted(reference) == list(range(1, STEPS + 1))
 
     # Deliver SIGTERM in the middle of step 6: the step finishes, a checkpoint is written, the run stops.
@@ -66,22 +66,22 @@ def test_sigterm_checkpoints_and_resume_gives_the_same_losses(tiny_overrides, sy
 
     _signal_during_forward(monkeypatch, SetVAE, 6, signal.SIGTERM)
     with pytest.raises(TrainingInterrupted, match="SIGTERM after step 6.*train.resume=auto") as stop:
-        train_vae(_cfg(tiny_overrides, synthetic_h5ad, tmp_path / "run"))
+        run_training(_cfg(tiny_overrides, synthetic_h5ad, tmp_path / "run"))
     assert stop.value.exit_code == 128 + signal.SIGTERM
     assert RunCheckpoints(tmp_path / "run" / "vae").latest().name == "step-6"
     monkeypatch.undo()
 
-    resumed = _losses(train_vae(_cfg(tiny_overrides, synthetic_h5ad, tmp_path / "run", "train.resume=auto")))
+    resumed = _losses(run_training(_cfg(tiny_overrides, synthetic_h5ad, tmp_path / "run", "train.resume=auto")))
     assert resumed == reference  # bit-identical: same data order, RNG, optimizer and schedule state
 
 
 def test_resume_refuses_another_architecture_and_keeps_the_last_k(tiny_overrides, synthetic_h5ad, tmp_path):
-    train_vae(_cfg(tiny_overrides, synthetic_h5ad, tmp_path, "train.keep_last=2"))
+    run_training(_cfg(tiny_overrides, synthetic_h5ad, tmp_path, "train.keep_last=2"))
     steps = sorted(p.name for p in (tmp_path / "vae").glob("step-*"))
     assert steps == ["step-12", "step-8"]
     assert not list((tmp_path / "vae").glob(".step-*"))
     with pytest.raises(CheckpointError, match="does not match this run.*model"):
-        train_vae(_cfg(tiny_overrides, synthetic_h5ad, tmp_path, "train.resume=auto", "model.n_layers=2"))
+        run_training(_cfg(tiny_overrides, synthetic_h5ad, tmp_path, "train.resume=auto", "model.n_layers=2"))
 
 
 def test_latest_skips_an_incomplete_folder_and_a_corrupt_state_is_refused(tmp_path):
@@ -98,17 +98,17 @@ def test_latest_skips_an_incomplete_folder_and_a_corrupt_state_is_refused(tmp_pa
 
 
 def test_ldm_resume_after_sigterm_is_exact(tiny_overrides, synthetic_h5ad, tmp_path, monkeypatch):
-    vae_path = train_vae(_cfg(tiny_overrides, synthetic_h5ad, tmp_path / "vae_run", "train.ckpt_every=0"))
+    vae_path = run_training(_cfg(tiny_overrides, synthetic_h5ad, tmp_path / "vae_run", "train.ckpt_every=0"))
     ldm = ["stage=ldm", f"train.vae_checkpoint={vae_path}"]
-    reference = _losses(train_ldm(_cfg(tiny_overrides, synthetic_h5ad, tmp_path / "ref", *ldm)))
+    reference = _losses(run_training(_cfg(tiny_overrides, synthetic_h5ad, tmp_path / "ref", *ldm)))
 
     from scldm_scale.models.prior import FlowMatchingPrior
 
     _signal_during_forward(monkeypatch, FlowMatchingPrior, 7, signal.SIGINT)
     with pytest.raises(TrainingInterrupted, match="SIGINT after step 7"):
-        train_ldm(_cfg(tiny_overrides, synthetic_h5ad, tmp_path / "run", *ldm))
+        run_training(_cfg(tiny_overrides, synthetic_h5ad, tmp_path / "run", *ldm))
     monkeypatch.undo()
-    resumed = _losses(train_ldm(_cfg(tiny_overrides, synthetic_h5ad, tmp_path / "run", *ldm, "train.resume=auto")))
+    resumed = _losses(run_training(_cfg(tiny_overrides, synthetic_h5ad, tmp_path / "run", *ldm, "train.resume=auto")))
     assert resumed == reference  # the EMA, condition dropout RNG and latent order all resume exactly
 
 
