@@ -124,6 +124,25 @@ def cmd_bench_loader(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_bench_step(args: argparse.Namespace) -> None:
+    from scldm_scale.bench.step import run_step_bench
+
+    try:
+        run_step_bench(
+            sizes=[s for s in args.models.split(",") if s],
+            strategies=[s for s in args.strategies.split(",") if s],
+            nproc=args.nproc,
+            global_batch=args.global_batch,
+            steps=args.steps,
+            warmup=args.warmup,
+            json_path=args.json,
+            work_dir=args.dir,
+            device=args.device,
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def cmd_plan(args: argparse.Namespace) -> None:
     from scldm_scale.plan import run_plan
 
@@ -203,6 +222,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("step_folder", help="e.g. runs/x/vae/step-1000 (written with train.ckpt_every)")
     p.add_argument("--out", default=None, help="default: <step_folder>/<stage>.pt")
     p.set_defaults(func=cmd_export)
+
+    p = bench.add_parser("step", help="training cells/s and memory per rank: single vs ddp vs fsdp vs deepspeed")
+    p.add_argument("--models", default="vae-S,vae-M,prior-S,prior-M", help="comma-separated, of the defaults")
+    p.add_argument("--strategies", default="single,fsdp,deepspeed-zero3", help="single,ddp,fsdp,deepspeed-zero3")
+    p.add_argument("--nproc", type=int, default=2, help="processes for the sharded strategies")
+    p.add_argument("--global-batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--json", default=None, help="write the records here")
+    p.add_argument("--dir", default=None, help="run folders (default: a temp dir)")
+    p.set_defaults(func=cmd_bench_step)
 
     p = sub.add_parser("quickstart", help="train both stages on the built-in PBMC data, generate, report")
     p.add_argument("--out", default="quickstart_out")

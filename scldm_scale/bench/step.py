@@ -1,0 +1,139 @@
+"""`scldm-scale bench step`: training throughput and memory per rank of each strategy, same global batch.
+
+Every case is a real `scldm-scale train` run in its own process group (torchrun for 2+ ranks), on the
+built-in PBMC data, with a fixed global batch: `single` runs 1 process with the whole batch, the others
+`nproc` processes with an equal share. cells/s is the job's (all ranks), averaged over the logged steps
+after `warmup` steps. On the CPU each case gets all cores (OMP_NUM_THREADS = cores / processes); memory is each rank's peak (CUDA allocated on a GPU, process RSS on the CPU, which
+includes ~0.5-1 GB of Python/torch). The ratio column is cells/s over the `single` row of the same model.
+The prior (stage=ldm) needs a VAE checkpoint: a tiny one is trained first and not timed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from scldm_scale.bench.loader import _machine
+from scldm_scale.config import CONFIG_DIR
+
+SIZES = {
+    # name: overrides of the stage's model section
+    "vae-S": ["model.d_model=64", "model.n_heads=4", "model.n_cross_heads=4", "model.n_layers=2"],
+    "vae-M": ["model.d_model=256", "model.n_heads=8", "model.n_cross_heads=8", "model.n_layers=4"],
+    "prior-S": ["prior.d_model=128", "prior.n_heads=4", "prior.n_layers=4"],
+    "prior-M": ["prior.d_model=512", "prior.n_heads=8", "prior.n_layers=8"],
+}
+STRATEGIES = {
+    "single": [],
+    "ddp": ["train.strategy=ddp"],
+    "fsdp": ["train.strategy=fsdp"],
+    "deepspeed-zero3": ["train.strategy=deepspeed", "train.zero_stage=3"],
+}
+
+
+def _run(argv: list[str], nproc: int, env: dict) -> None:
+    if "train.device=cpu" in argv:  # every case uses all cores: one process all of them, N processes 1/N each
+        env = {**env, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
+    if nproc > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        command += ["-m", "scldm_scale", *argv]
+    else:
+        command = [sys.executable, "-m", "scldm_scale", *argv]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-4000:]}")
+
+
+def run_step_bench(
+    sizes: list[str],
+    strategies: list[str],
+    nproc: int,
+    global_batch: int,
+    steps: int,
+    warmup: int,
+    json_path: str | None,
+    work_dir: str | None,
+    device: str,
+) -> list[dict]:
+    unknown = [s for s in sizes if s not in SIZES] + [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise ValueError(f"unknown sizes/strategies {unknown}; sizes: {list(SIZES)}, strategies: {list(STRATEGIES)}")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.setdefault("DS_ACCELERATOR", "cpu" if device == "cpu" else "cuda")
+    root = Path(work_dir or tempfile.mkdtemp(prefix="scldm_bench_step_"))
+    common = [
+        str(CONFIG_DIR / "quickstart.yaml"),
+        "data.source=h5ad",
+        f"train.max_steps={steps}",
+        "train.log_every=1",
+        "train.progress=false",
+        "train.ckpt_every=0",
+        f"train.device={device}",
+        "logging.wandb.mode=disabled",
+    ]
+    vae_ckpt = None
+    if any(s.startswith("prior") for s in sizes):
+        vae_dir = root / "vae-for-prior"
+        _run(["train", *common, "stage=vae", "train.max_steps=2", f"train.ckpt_dir={vae_dir}"], 1, env)
+        vae_ckpt = vae_dir / "vae.pt"
+    records = []
+    machine = _machine()
+    for size in sizes:
+        stage = "vae" if size.startswith("vae") else "ldm"
+        for strategy in strategies:
+            ranks = 1 if strategy == "single" else nproc
+            run_dir = root / f"{size}-{strategy}"
+            metrics = run_dir / "metrics.jsonl"
+            argv = ["train", *common, f"stage={stage}", *SIZES[size], *STRATEGIES[strategy]]
+            argv += [f"train.batch_size={global_batch // ranks}", f"train.ckpt_dir={run_dir}"]
+            argv += [f"train.metrics_file={metrics}"]
+            if vae_ckpt is not None and stage == "ldm":
+                argv.append(f"train.vae_checkpoint={vae_ckpt}")
+            print(f"bench step: {size} {strategy} on {ranks} process(es)", file=sys.stderr, flush=True)
+            _run(argv, ranks, env)
+            logged = [json.loads(line) for line in metrics.read_text().splitlines()]
+            measured = [r for r in logged if r["step"] > warmup]
+            records.append(
+                {
+                    "model": size,
+                    "strategy": strategy,
+                    "ranks": ranks,
+                    "global_batch": global_batch,
+                    "cells_per_s": sum(r["cells_per_s"] for r in measured) / len(measured),
+                    "peak_mem_gb_per_rank": max(r["max_mem_gb"] for r in measured),
+                    "steps_measured": len(measured),
+                    "device": device,
+                    **machine,
+                }
+            )
+    for r in records:
+        base = next((b for b in records if b["model"] == r["model"] and b["strategy"] == "single"), None)
+        r["ratio_vs_single"] = r["cells_per_s"] / base["cells_per_s"] if base else None
+    print(_format(records, machine, nproc, global_batch, steps, warmup, device))
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(records, indent=2) + "\n")
+        print(f"\nwrote {len(records)} records to {json_path}")
+    return records
+
+
+def _format(records, machine, nproc, global_batch, steps, warmup, device) -> str:
+    lines = [
+        f"\nstep benchmark: built-in PBMC data, global batch {global_batch}, {steps} steps ({warmup} warm-up), "
+        f"{nproc} processes for the sharded strategies, device {device}; {machine['platform']}, "
+        f"{machine['cpu_count']} CPUs, {machine['date']}",
+        "cells/s = the whole job's; mem = peak per rank (GB; process RSS on CPU); x single = cells/s ratio\n",
+    ]
+    header = f"{'model':<8} {'strategy':<16} {'ranks':>5} {'cells/s':>9} {'x single':>8} {'mem GB/rank':>11}"
+    lines += [header, "-" * len(header)]
+    for r in records:
+        ratio = "-" if r["ratio_vs_single"] is None else f"{r['ratio_vs_single']:.2f}"
+        lines.append(
+            f"{r['model']:<8} {r['strategy']:<16} {r['ranks']:>5} {r['cells_per_s']:>9,.0f} {ratio:>8} "
+            f"{r['peak_mem_gb_per_rank']:>11.2f}"
+        )
+    return "\n".join(lines)
