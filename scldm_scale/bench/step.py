@@ -3,9 +3,10 @@
 Every case is a real `scldm-scale train` run in its own process group (torchrun for 2+ ranks), on the
 built-in PBMC data, with a fixed global batch: `single` runs 1 process with the whole batch, the others
 `nproc` processes with an equal share. cells/s is the job's (all ranks), averaged over the logged steps
-after `warmup` steps. On the CPU each case gets all cores (OMP_NUM_THREADS = cores / processes); memory is each rank's peak (CUDA allocated on a GPU, process RSS on the CPU, which
-includes ~0.5-1 GB of Python/torch). The ratio column is cells/s over the `single` row of the same model.
-The prior (stage=ldm) needs a VAE checkpoint: a tiny one is trained first and not timed.
+after `warmup` steps. On the CPU each case gets all cores (OMP_NUM_THREADS = cores / processes). Memory
+is each rank's peak: CUDA memory allocated on a GPU, the process RSS on the CPU (which includes ~0.5-1 GB
+of Python and torch). The ratio column is cells/s over the `single` row of the same model. The prior
+(stage=ldm) needs a VAE checkpoint: a tiny one is trained first and not timed.
 """
 
 from __future__ import annotations
