@@ -22,11 +22,12 @@ units the old ranks had not consumed are split anew among the new ranks, in glob
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -316,38 +317,44 @@ def units_left(remaining: np.ndarray, world_size: int, position: int) -> np.ndar
     return remaining[~taken]
 
 
-class _EpochStream(IterableDataset):
-    """One rank's batches for one epoch; workers take its buffers round-robin and tag what they yield."""
+class _Stream(IterableDataset):
+    """One rank's batches from (epoch, skip) on, epoch after epoch; workers take its reads round-robin and
+    tag what they yield with (epoch, position), so the workers start once, not at every epoch."""
 
     def __init__(self, loader: SomaBatches, epoch: int, skip: int):
         self.loader = loader
         self.epoch = epoch
         self.skip = skip
 
-    def __iter__(self) -> Iterator[tuple[int, CellBatch]]:
+    def _jobs(self, worker: int, n_workers: int) -> Iterator[tuple[int, np.ndarray, list]]:
+        for epoch in itertools.count(self.epoch):
+            skip = self.skip if epoch == self.epoch else 0
+            for positions, wanted in self.loader.reads(epoch, skip, worker, n_workers):
+                yield epoch, positions, wanted
+
+    def __iter__(self) -> Iterator[tuple[tuple[int, int], CellBatch]]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         ld = self.loader
-        jobs = ld.reads(self.epoch, self.skip, worker, n_workers)
-        if not jobs:
-            return
-        # Read the next buffer in a thread while this one is collated (TileDB releases the GIL); in the
-        # main process, the last buffer's turn starts reading the next epoch's first.
-        pending = ld.take_prefetched(self.epoch, jobs[0][0]) or ld.submit_read(jobs[0][0])
-        for j, (block_positions, wanted) in enumerate(jobs):
-            block = pending.result()
-            if j + 1 < len(jobs):
-                pending = ld.submit_read(jobs[j + 1][0])
-            elif info is None:
-                ld.prefetch(self.epoch + 1)
-            # One row gather puts the block in batch order (cells sorted within a batch); each batch is
-            # then a contiguous, cheap row slice.
-            cells = [np.sort(c) for _, c in wanted]
-            block = block[np.searchsorted(block_positions, np.concatenate(cells))]
-            start = 0
-            for (position, _), batch_cells in zip(wanted, cells, strict=True):
-                yield position, ld.make_batch(block, batch_cells, start)
-                start += len(batch_cells)
+        jobs = self._jobs(worker, n_workers)
+        # Read the next buffer in a thread while this one is collated (TileDB releases the GIL), across
+        # epoch boundaries too.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="soma-read") as pool:
+            epoch, positions, wanted = next(jobs)
+            pending = pool.submit(ld.cells.read, positions)
+            while True:
+                block = pending.result()
+                block_positions, current, current_epoch = positions, wanted, epoch
+                epoch, positions, wanted = next(jobs)
+                pending = pool.submit(ld.cells.read, positions)
+                # One row gather puts the block in batch order (cells sorted within a batch); each batch
+                # is then a contiguous, cheap row slice.
+                cells = [np.sort(c) for _, c in current]
+                block = block[np.searchsorted(block_positions, np.concatenate(cells))]
+                start = 0
+                for (position, _), batch_cells in zip(current, cells, strict=True):
+                    yield (current_epoch, position), ld.make_batch(block, batch_cells, start)
+                    start += len(batch_cells)
 
 
 class SomaBatches:
@@ -389,8 +396,6 @@ class SomaBatches:
         # Units of this epoch left when the current rank layout began (None: the whole epoch).
         self._remaining: list[list[int]] | None = None
         self._stream: Iterator[CellBatch] | None = None
-        self._pool: ThreadPoolExecutor | None = None
-        self._prefetched: tuple[int, np.ndarray, Future] | None = None
 
     @property
     def size(self) -> int:
@@ -431,23 +436,6 @@ class SomaBatches:
             jobs.append((np.sort(np.concatenate([cells for _, cells in wanted])), wanted))
         return jobs
 
-    def submit_read(self, positions: np.ndarray) -> Future:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="soma-read")
-        return self._pool.submit(self.cells.read, positions)
-
-    def prefetch(self, epoch: int) -> None:
-        """Start reading the first buffer of `epoch` (in-process streams: hides the epoch boundary)."""
-        jobs = self.reads(epoch, 0, 0, 1)
-        if jobs:
-            self._prefetched = (epoch, jobs[0][0], self.submit_read(jobs[0][0]))
-
-    def take_prefetched(self, epoch: int, positions: np.ndarray) -> Future | None:
-        prefetched, self._prefetched = self._prefetched, None
-        if prefetched is not None and prefetched[0] == epoch and np.array_equal(prefetched[1], positions):
-            return prefetched[2]
-        return None
-
     def limit(self, epoch: int) -> int:
         """Batches every rank yields in this epoch (the same on all ranks)."""
         order = self.order(epoch)
@@ -473,35 +461,37 @@ class SomaBatches:
         )
 
     def _epoch_stream(self) -> Iterator[CellBatch]:
-        while True:
-            self.plan(self.epoch)  # a clear error here, not in a worker
-            dataset = _EpochStream(self, self.epoch, self.position)
-            if self.num_workers == 0:
-                tagged: Iterator = iter(dataset)
-            else:
-                tagged = iter(
-                    DataLoader(
-                        dataset,
-                        batch_size=None,
-                        num_workers=self.num_workers,
-                        multiprocessing_context="spawn",  # tiledbsoma is not fork-safe
-                        # Ctrl-C reaches the whole process group: the workers must outlive it until the
-                        # trainer has finished its step and checkpointed. (SIGTERM is left alone: the
-                        # DataLoader stops its own workers with it.)
-                        worker_init_fn=_ignore_sigint,
-                        pin_memory=torch.cuda.is_available(),
-                    )
+        self.plan(self.epoch)  # a clear error here, not in a worker
+        dataset = _Stream(self, self.epoch, self.position)
+        if self.num_workers == 0:
+            tagged: Iterator = iter(dataset)
+        else:
+            tagged = iter(
+                DataLoader(
+                    dataset,
+                    batch_size=None,
+                    num_workers=self.num_workers,
+                    multiprocessing_context="spawn",  # tiledbsoma is not fork-safe
+                    # Ctrl-C reaches the whole process group: the workers must outlive it until the trainer
+                    # has finished its step and checkpointed. (SIGTERM is left alone: the DataLoader stops
+                    # its own workers with it.)
+                    worker_init_fn=_ignore_sigint,
+                    pin_memory=torch.cuda.is_available(),
                 )
-            pending: dict[int, CellBatch] = {}
-            for position, batch in tagged:
-                pending[position] = batch
-                while self.position in pending:
-                    out = pending.pop(self.position)
-                    self.position += 1
-                    yield out
-            self.epoch += 1
-            self.position = 0
-            self._remaining = None
+            )
+        # Workers deliver round-robin, each a whole buffer at a time: batches that arrive before their turn
+        # wait here (at most about one buffer's batches per extra worker).
+        pending: dict[tuple[int, int], CellBatch] = {}
+        limit = self.limit(self.epoch)
+        for key, batch in tagged:
+            pending[tuple(key)] = batch  # the DataLoader hands tuples over as lists
+            while (self.epoch, self.position) in pending:
+                out = pending.pop((self.epoch, self.position))
+                self.position += 1
+                if self.position == limit:
+                    self.epoch, self.position, self._remaining = self.epoch + 1, 0, None
+                    limit = self.limit(self.epoch)
+                yield out
 
     def __iter__(self) -> Iterator[CellBatch]:
         return self
@@ -514,7 +504,7 @@ class SomaBatches:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         # Workers need the plan, not the main process's live iterator and reader thread.
-        state["_stream"] = state["_pool"] = state["_prefetched"] = None
+        state["_stream"] = None
         return state
 
     def state_dict(self) -> dict:
@@ -562,7 +552,6 @@ class SomaBatches:
             )
             self._remaining, self.position = _as_intervals(left), 0
         self._stream = None
-        self._prefetched = None
 
 
 def _ignore_sigint(_worker_id: int) -> None:

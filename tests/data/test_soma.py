@@ -5,6 +5,7 @@ The `soma_experiment` fixture gives every cell a marker gene counting soma_joini
 batch are read off its target column instead of being inferred.
 """
 
+import itertools
 import json
 import os
 import subprocess
@@ -191,7 +192,8 @@ def test_ranks_and_workers_partition_an_epoch(train_cells, soma_experiment, monk
         for worker in range(n_workers):
             # What DataLoader worker `worker` of `n_workers` would produce, run in this process.
             monkeypatch.setattr(soma, "get_worker_info", lambda w=worker: SimpleNamespace(id=w, num_workers=n_workers))
-            streams[rank, worker] = list(soma._EpochStream(loader, epoch=0, skip=0))
+            tagged = soma._Stream(loader, epoch=0, skip=0)  # endless: take epoch 0
+            streams[rank, worker] = [(p, b) for (e, p), b in itertools.takewhile(lambda x: x[0][0] == 0, tagged)]
         positions = sorted(p for w in range(n_workers) for p, _ in streams[rank, w])
         assert positions == list(range(limit))  # the workers together yield the rank's stream once
         assert all(streams[rank, w] for w in range(n_workers))  # and both workers take part
@@ -235,7 +237,8 @@ def test_two_spawned_workers_give_the_in_process_stream_also_when_resumed(train_
     loader = _loader(train_cells, rank=1, world_size=2, num_workers=2)
     loader.load_state_dict({**reference.state_dict(), "position": 3, "epoch": 0})
     got = [next(loader) for _ in range(limit - 3)]
-    assert loader.state_dict()["position"] == limit
+    assert (loader.state_dict()["epoch"], loader.state_dict()["position"]) == (1, 0)  # the epoch is done
+    assert next(loader).target.shape == expected[0].target.shape  # and the same workers go on into epoch 1
     for want, have in zip(expected[3:], got, strict=True):
         torch.testing.assert_close(have.target, want.target, rtol=0, atol=0)
         torch.testing.assert_close(have.conditions["cell_type"], want.conditions["cell_type"], rtol=0, atol=0)
@@ -252,7 +255,9 @@ def test_resume_continues_with_exactly_the_remaining_batches(train_cells, soma_e
     k = {"mid_epoch": 5, "two_before_the_end": limit - 2, "at_the_end": limit}[consumed]
     _take(loader, k, marker)
     state = loader.state_dict()
-    assert (state["epoch"], state["position"], state["seed"], state["world_size"]) == (0, k, 5, 2)
+    # A finished epoch is stored as the next one's start.
+    want = (1, 0) if k == limit else (0, k)
+    assert (state["epoch"], state["position"], state["seed"], state["world_size"]) == (*want, 5, 2)
     remaining = _take(loader, 6, marker)  # crosses into epoch 1 for the last two cases
 
     resumed = _loader(train_cells, seed=0, rank=0, world_size=2)  # the state's seed wins
