@@ -228,6 +228,7 @@ class Trainer:
         while self.step < max_steps:
             if not isinstance(strategy, DeepSpeedStrategy):
                 self.optimizer.zero_grad(set_to_none=True)
+            step_loss, step_metrics = 0.0, {}  # means over the micro-batches of the step
             for micro in range(cfg.grad_accum_steps):
                 batch = next(batches)
                 if self.work is not None:  # on the host batch: no device sync
@@ -244,11 +245,14 @@ class Trainer:
                     )
                 strategy.backward(loss)
                 cells += batch.size
+                step_loss = step_loss + loss.detach() / cfg.grad_accum_steps
+                for k, v in metrics.items():
+                    step_metrics[k] = step_metrics.get(k, 0.0) + torch.as_tensor(v).detach() / cfg.grad_accum_steps
             grad_norm = strategy.step()
             self.step += 1
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == max_steps:
-                record = self._record(loss, metrics, grad_norm, cells, tokens, flops, window_start)
+                record = self._record(step_loss, step_metrics, grad_norm, cells, tokens, flops, window_start)
                 self.history.append(record)
                 if self.dist.is_main:
                     bar.set_postfix(loss=f"{record['loss']:.4g}", cells_s=f"{record['cells_per_s']:.0f}")
