@@ -6,6 +6,7 @@ import anndata as ad
 import numpy as np
 import pytest
 import torch
+from conftest import synthetic_vae_args
 
 from scldm_scale.cli import main
 from scldm_scale.config import CONFIG_DIR, load_config
@@ -216,20 +217,8 @@ def test_cli_train_writes_a_checkpoint(synthetic_h5ad, tiny_overrides, tmp_path,
 
 def test_vae_training_loss_decreases(synthetic_h5ad, tiny_overrides, tmp_path):
     metrics = tmp_path / "metrics.jsonl"
-    cfg = load_config(
-        None,
-        [
-            "stage=vae",
-            *tiny_overrides,
-            "data.source=h5ad",
-            f"data.path={synthetic_h5ad}",
-            "data.condition_keys=[cell_type]",
-            "train.max_steps=30",
-            "optim.vae.lr=1e-2",
-            f"train.ckpt_dir={tmp_path}",
-            f"train.metrics_file={metrics}",
-        ],
-    )
+    overrides = [*tiny_overrides, *synthetic_vae_args(synthetic_h5ad, tmp_path, metrics)]
+    cfg = load_config(None, [*overrides, "train.max_steps=30", "optim.vae.lr=1e-2"])
     ckpt = load_checkpoint(run_training(cfg), kind="vae")
     losses = np.array([h["loss"] for h in ckpt["history"]])
     assert len(losses) == 30 and np.isfinite(losses).all()

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import synthetic_vae_args
 
 from scldm_scale.config import ConfigError, TrainConfig, load_config
 from scldm_scale.train import distributed
@@ -18,20 +19,8 @@ from scldm_scale.train.strategies import DeepSpeedStrategy, apply_activation_che
 
 def _run(tiny_overrides, synthetic_h5ad, tmp_path, *extra) -> list[dict]:
     metrics = tmp_path / "m.jsonl"
-    cfg = load_config(
-        None,
-        [
-            "stage=vae",
-            *tiny_overrides,
-            "data.source=h5ad",
-            f"data.path={synthetic_h5ad}",
-            "data.condition_keys=[cell_type]",
-            "train.max_steps=4",
-            f"train.ckpt_dir={tmp_path}",
-            f"train.metrics_file={metrics}",
-            *extra,
-        ],
-    )
+    overrides = [*tiny_overrides, *synthetic_vae_args(synthetic_h5ad, tmp_path, metrics), "train.max_steps=4"]
+    cfg = load_config(None, [*overrides, *extra])
     run_training(cfg)
     return [json.loads(line) for line in metrics.read_text().splitlines()]
 
