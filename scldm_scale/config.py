@@ -77,6 +77,10 @@ class VAEConfig:
     # "gene": one learned inverse dispersion per gene; "cell": predicted per cell and gene.
     theta_mode: str = "gene"
     mlp_ratio: float = 8 / 3
+    # MCAB cross-attention (pooling, unpooling): "torch" (SDPA) or "triton" (the fused kernels of kernels/).
+    attention_backend: str = "torch"
+    # NB negative log-likelihood over cells x genes: "torch" (eager) or "triton" (the fused kernel).
+    nb_loss_backend: str = "torch"
 
 
 @dataclass
@@ -204,6 +208,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.input_embedding": ("scale", "concat"),
     "model.likelihood": ("nb", "gaussian"),
     "model.theta_mode": ("gene", "cell"),
+    "model.attention_backend": ("torch", "triton"),
+    "model.nb_loss_backend": ("torch", "triton"),
     "prior.cond_dropout": ("independent", "one_at_a_time", "joint"),
     "optim.vae.schedule": ("wsd", "cosine"),
     "optim.ldm.schedule": ("wsd", "cosine"),
