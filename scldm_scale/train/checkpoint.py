@@ -65,6 +65,16 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> dict:
     return data
 
 
+def dcp_failure(err: BaseException) -> str:
+    """One line for a torch.distributed.checkpoint error: its CheckpointException (a BaseException, not an
+    Exception) carries every failed rank's exception and traceback; the first rank's exception is enough."""
+    failures = getattr(err, "failures", None)
+    if failures:
+        rank, (exc, _) = next(iter(failures.items()))
+        return f"{type(exc).__name__} on rank {rank}: {exc}"
+    return f"{type(err).__name__}: {err}"
+
+
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 STATE_FILE = "state.pt"

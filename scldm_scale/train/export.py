@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from scldm_scale.train.checkpoint import CheckpointError, load_step_state, save_checkpoint
+from scldm_scale.train.checkpoint import CheckpointError, dcp_failure, load_step_state, save_checkpoint
 from scldm_scale.train.stages import exported_checkpoint
 from scldm_scale.train.strategies import DEEPSPEED, EMA_FILE, WEIGHTS
 
@@ -23,14 +23,15 @@ log = logging.getLogger(__name__)
 def consolidated_weights(folder: Path, strategy: str) -> tuple[dict, dict | None]:
     """(model state, EMA state or None) of a step folder, full tensors on the CPU."""
     if (folder / WEIGHTS).is_dir():
+        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "full.pt"
             try:
                 dcp_to_torch_save(str(folder / WEIGHTS), str(path))
-            except Exception as err:  # missing or truncated shard files
-                raise CheckpointError(f"{folder / WEIGHTS} cannot be read: {err}") from None
+            except (Exception, CheckpointException) as err:  # missing or truncated shard files
+                raise CheckpointError(f"{folder / WEIGHTS} cannot be read: {dcp_failure(err)}") from None
             full = torch.load(path, map_location="cpu", weights_only=False)
         return full["model"], full.get("ema")
     if (folder / DEEPSPEED).is_dir():

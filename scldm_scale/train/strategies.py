@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from scldm_scale.config import ConfigError, OptimConfig, TrainConfig
-from scldm_scale.train.checkpoint import CheckpointError
+from scldm_scale.train.checkpoint import CheckpointError, dcp_failure
 from scldm_scale.train.distributed import Dist
 from scldm_scale.train.optim import EMA, build_optimizer, build_scheduler
 
@@ -152,6 +152,7 @@ class Strategy:
 
     def load(self, folder: Path, saved_strategy: str) -> None:
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         if not (folder / WEIGHTS).is_dir():
@@ -162,8 +163,8 @@ class Strategy:
         state = self._dcp_state()
         try:
             dcp.load(state, checkpoint_id=str(folder / WEIGHTS))
-        except Exception as err:  # missing keys, shape mismatch, truncated files
-            raise CheckpointError(f"{folder / WEIGHTS} cannot be loaded into this model: {err}") from None
+        except (Exception, CheckpointException) as err:  # missing keys, shape mismatch, truncated files
+            raise CheckpointError(f"{folder / WEIGHTS} cannot be loaded into this model: {dcp_failure(err)}") from None
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         if self.ema is not None:
             self.ema.shadow = state["ema"]
