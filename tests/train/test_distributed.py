@@ -22,6 +22,7 @@ import anndata as ad
 import numpy as np
 import pytest
 import torch
+from conftest import synthetic_vae_args
 
 from scldm_scale.cli import main
 from scldm_scale.config import CONFIG_DIR, REPO_ROOT
@@ -122,19 +123,8 @@ def train_args(tiny_overrides, synthetic_h5ad):
     """`scldm-scale train` arguments of a tiny run into `run` (the VAE stage unless `extra` says stage=ldm)."""
 
     def args(run: Path, *extra: str) -> list[str]:
-        return [
-            "train",
-            QUICKSTART,
-            "stage=vae",
-            *tiny_overrides,
-            "data.source=h5ad",
-            f"data.path={synthetic_h5ad}",
-            "data.condition_keys=[cell_type]",
-            f"train.max_steps={STEPS}",
-            f"train.ckpt_dir={run}",
-            f"train.metrics_file={run / METRICS}",
-            *extra,
-        ]
+        vae = synthetic_vae_args(synthetic_h5ad, run, run / METRICS)
+        return ["train", QUICKSTART, *tiny_overrides, *vae, f"train.max_steps={STEPS}", *extra]
 
     return args
 
