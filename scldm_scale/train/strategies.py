@@ -203,6 +203,9 @@ class FSDPStrategy(Strategy):
         policy = MixedPrecisionPolicy(
             param_dtype=self.amp_dtype,
             reduce_dtype=torch.bfloat16 if self.cfg.reduce_dtype == "bf16" else torch.float32,
+            # Counts and library sizes must stay float32 (bf16 rounds 1234 to 1232); autocast casts what
+            # the matmuls need.
+            cast_forward_inputs=False,
         )
         kwargs = {"mp_policy": policy, "reshard_after_forward": self.cfg.reshard_after_forward}
         for block in transformer_blocks(model):
@@ -261,10 +264,6 @@ class DeepSpeedStrategy(Strategy):
         self.module = self.engine
         self._torch_optimizer = optimizer
         return optimizer  # the schedule drives its param groups' lr, which DeepSpeed's wrapper reads
-
-    def autocast(self):
-        # Under bf16 the engine holds bf16 weights and casts inputs itself; autocast stays off.
-        return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)  # divides by gradient_accumulation_steps itself
