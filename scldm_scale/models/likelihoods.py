@@ -6,6 +6,9 @@ Unusual here:
   the tens of thousands neither overflow nor lose precision. Always fp32 or wider: bf16 holds
   integers exactly only up to 256.
 - Sampling is gamma-Poisson, which is exact for the NB(mu, theta) parameterisation.
+- The training loss (`nll`, per cell) has two backends: "torch" (log_prob summed over genes) and "triton"
+  (scldm_kernels.nb_loss: softmax, mean and likelihood fused, no [cells x genes] temporaries). Generation
+  and evaluation (log_prob, sample, mean) always take the PyTorch path.
 """
 
 from __future__ import annotations
@@ -45,9 +48,10 @@ def sample_nb(mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
 class NegativeBinomialHead(nn.Module):
     """Per-gene hidden vectors -> NB log-likelihood of counts with the cell's library size."""
 
-    def __init__(self, d_model: int, n_genes: int, theta_mode: str):
+    def __init__(self, d_model: int, n_genes: int, theta_mode: str, loss_backend: str = "torch"):
         super().__init__()
         self.theta_mode = theta_mode
+        self.loss_backend = loss_backend
         self.to_logit = nn.Linear(d_model, 1, bias=False)
         # Per-gene logit offset: the gene's baseline expression, so the hidden vector models deviations.
         self.gene_bias = nn.Parameter(torch.zeros(n_genes))
@@ -68,21 +72,37 @@ class NegativeBinomialHead(nn.Module):
             nn.init.zeros_(self.to_log_theta.weight)
             nn.init.zeros_(self.to_log_theta.bias)
 
+    def _logits_and_log_theta(self, hidden: torch.Tensor, gene_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-gene logits (B, G) and clamped log theta, (G,) per gene or (B, G) per cell, in fp32."""
+        logits = self.to_logit(hidden).squeeze(-1).float() + self.gene_bias[gene_ids].float()  # (B, G)
+        if self.theta_mode == "gene":
+            log_theta = self.log_theta[gene_ids].float()  # (G,)
+        else:
+            log_theta = self.to_log_theta(hidden).squeeze(-1).float()  # (B, G)
+        return logits, log_theta.clamp(LOG_THETA_MIN, LOG_THETA_MAX)
+
     def params(
         self, hidden: torch.Tensor, gene_ids: torch.Tensor, library_size: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(log mu, log theta), each (B, G), in fp32."""
-        logits = self.to_logit(hidden).squeeze(-1).float() + self.gene_bias[gene_ids].float()  # (B, G)
+        logits, log_theta = self._logits_and_log_theta(hidden, gene_ids)
         log_mu = library_size.float().clamp_min(1.0).log()[:, None] + logits.log_softmax(-1)  # (B, G)
-        if self.theta_mode == "gene":
-            log_theta = self.log_theta[gene_ids].float().expand_as(log_mu)  # (B, G)
-        else:
-            log_theta = self.to_log_theta(hidden).squeeze(-1).float()  # (B, G)
-        return log_mu, log_theta.clamp(LOG_THETA_MIN, LOG_THETA_MAX)
+        return log_mu, log_theta.expand_as(log_mu)
 
     def log_prob(self, hidden, gene_ids, library_size, counts) -> torch.Tensor:
         log_mu, log_theta = self.params(hidden, gene_ids, library_size)
         return nb_log_prob(counts.float(), log_mu, log_theta)  # (B, G)
+
+    def nll(self, hidden, gene_ids, library_size, counts) -> torch.Tensor:
+        """Negative log-likelihood per cell, (B,), summed over the genes: the training loss."""
+        if self.loss_backend != "triton":
+            return -self.log_prob(hidden, gene_ids, library_size, counts).sum(-1)
+        # Imported here, not at the top: Triton builds a module's kernels (compiled or interpreted, by
+        # TRITON_INTERPRET) when it is imported, so only a model that uses them imports them.
+        from scldm_kernels.nb_loss import nb_nll
+
+        logits, log_theta = self._logits_and_log_theta(hidden, gene_ids)
+        return nb_nll(logits, library_size.float().clamp_min(1.0), log_theta, counts)  # (B,)
 
     def sample(self, hidden, gene_ids, library_size) -> torch.Tensor:
         log_mu, log_theta = self.params(hidden, gene_ids, library_size)
@@ -117,6 +137,10 @@ class GaussianHead(nn.Module):
         mean, log_std = self.params(hidden, gene_ids)
         y = self.transform(counts, library_size)
         return torch.distributions.Normal(mean, log_std.exp()).log_prob(y)
+
+    def nll(self, hidden, gene_ids, library_size, counts) -> torch.Tensor:
+        """Negative log-likelihood per cell, (B,), summed over the genes: the training loss."""
+        return -self.log_prob(hidden, gene_ids, library_size, counts).sum(-1)
 
     def sample(self, hidden, gene_ids, library_size) -> torch.Tensor:
         mean, log_std = self.params(hidden, gene_ids)

@@ -70,7 +70,7 @@ class SetVAE(nn.Module):
         self.apply(_init_weights)
         # Built after the generic init so the head keeps its own (theta = 1 at init).
         if cfg.likelihood == "nb":
-            self.head: nn.Module = NegativeBinomialHead(d, n_genes, cfg.theta_mode)
+            self.head: nn.Module = NegativeBinomialHead(d, n_genes, cfg.theta_mode, cfg.nb_loss_backend)
         else:
             self.head = GaussianHead(d, n_genes)
         nn.init.normal_(self.head.to_logit.weight if cfg.likelihood == "nb" else self.head.to_mean.weight, std=0.02)
@@ -135,7 +135,7 @@ class SetVAE(nn.Module):
         """Training loss on a CellBatch: NLL summed over genes, mean over cells, plus weighted KL."""
         z, kl = self.encode(batch.gene_ids, batch.counts, batch.mask)
         hidden = self.decode(z, batch.decode_gene_ids)
-        nll = -self.log_prob(hidden, batch.decode_gene_ids, batch.library_size, batch.target).sum(-1).mean()
+        nll = self.head.nll(hidden, batch.decode_gene_ids, batch.library_size, batch.target).mean()
         loss = nll
         metrics = {"nll": nll.detach()}
         if kl is not None:
