@@ -89,7 +89,8 @@ if HAS_TRITON:
     def lgamma(z):
         """log Gamma(z) for z > 0; absolute error ~1e-6 in fp32 for z below ~100 (relative beyond)."""
         small = z < _SHIFT
-        prod = z * (z + 1.0) * (z + 2.0) * (z + 3.0) * (z + 4.0) * (z + 5.0)
+        zs = tl.minimum(z, _SHIFT)  # the product is used below 6 only; capped, it cannot overflow
+        prod = zs * (zs + 1.0) * (zs + 2.0) * (zs + 3.0) * (zs + 4.0) * (zs + 5.0)
         w = tl.where(small, z + _SHIFT, z)
         stirling = (w - 0.5) * tl.log(w) - w + _HALF_LOG_2PI + _stirling_correction(w)
         return tl.where(small, stirling - tl.log(prod), stirling)
@@ -100,6 +101,7 @@ if HAS_TRITON:
         lgammas: from 6 on, (b + d - 1/2) log1p(d / b) + d (log b - 1) + the two Stirling corrections."""
         c = b + d
         stirling = (c - 0.5) * log1p(d / b) + d * (tl.log(b) - 1.0)
+        # The maxima only keep the unselected lanes (below 6) finite.
         stirling += _stirling_correction(tl.maximum(c, _SHIFT)) - _stirling_correction(tl.maximum(b, _SHIFT))
         direct = lgamma(c) - lgamma(b)
         return tl.where((b >= _SHIFT) & (c >= _SHIFT), stirling, direct)
@@ -124,5 +126,6 @@ if HAS_TRITON:
     def digamma_diff(b, d):
         """psi(b + d) - psi(b) for b > 0, d >= 0: from b >= 6 on, log1p(d / b) plus the difference of the
         small series tails, instead of two nearly equal logs."""
-        stable = log1p(d / b) + _digamma_tail(b + d) - _digamma_tail(tl.maximum(b, _SHIFT))
+        # The maxima only keep the unselected lanes (b < 6) finite.
+        stable = log1p(d / b) + _digamma_tail(tl.maximum(b + d, _SHIFT)) - _digamma_tail(tl.maximum(b, _SHIFT))
         return tl.where(b >= _SHIFT, stable, digamma(b + d) - digamma(b))
