@@ -4,8 +4,9 @@ special functions written in plain `tl`.
 - `triton` and `tl` are None when Triton is not installed; kernel modules define their kernels under
   `if HAS_TRITON:` and still import (their PyTorch references work everywhere).
 - `INTERPRETING` is read once, here, when this module is first imported: Triton decides between its
-  compiler and its CPU interpreter when each `@triton.jit` runs, so TRITON_INTERPRET=1 must be set before
-  any kernel module is imported, and this constant stays true to how the kernels were built.
+  compiler and its CPU interpreter when each `@triton.jit` runs (its own standard library's too, at
+  `import triton`), so TRITON_INTERPRET=1 must be set before Triton is imported, and this constant stays
+  true to how the kernels were built.
 - lgamma and digamma are a shift by 6 with the recurrence, then the Stirling series: libdevice has lgamma
   but not digamma, and the interpreter has neither, so one implementation serves CPU and GPU alike.
 """
