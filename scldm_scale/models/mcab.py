@@ -8,10 +8,15 @@ Unusual here:
 - Key padding masks are real: padded gene tokens get no attention weight, so a cell encodes the same
   however much padding its batch adds (the published reference pads without a mask).
 - Queries may have batch size 1 (shared by all cells): they are normalised and projected once.
+- Cross-attention runs through SDPA or, with kernel="pooling" / "unpooling" (model.attention_backend =
+  triton), through the fused Triton kernels of scldm_kernels.mcab_attention, which take the (B, L, H, Dh)
+  projections as views and read a batch-1 query without expanding it.
 - No biases anywhere, SwiGLU hidden width mlp_ratio * d rounded up to a multiple of 8.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,20 +40,54 @@ class SwiGLU(nn.Module):
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
-class Attention(nn.Module):
-    """Multi-head attention of queries x_q onto keys/values x_kv with an optional key padding mask."""
+def fused_cross_attention(kernel: str) -> Callable[..., torch.Tensor]:
+    """The Triton op for "pooling" (few queries over many keys), "unpooling" (many queries over few keys) or
+    "pooling_folded" (pooling over the tokens themselves, for the folded K/V projections).
 
-    def __init__(self, d_model: int, n_heads: int):
+    Imported only when asked for, so the torch backend never needs scldm_kernels or Triton.
+    """
+    from scldm_kernels import mcab_attention
+
+    ops = {
+        "pooling": mcab_attention.pooling_attention,
+        "unpooling": mcab_attention.unpooling_attention,
+        "pooling_folded": mcab_attention.folded_pooling_attention,
+    }
+    if kernel not in ops:
+        raise ValueError(f"unknown cross-attention kernel {kernel!r}; expected one of {sorted(ops)}")
+    return ops[kernel]
+
+
+class Attention(nn.Module):
+    """Multi-head attention of queries x_q onto keys/values x_kv with an optional key padding mask.
+
+    kernel: None for SDPA, "pooling" / "unpooling" for the fused Triton cross-attention, or "pooling_folded":
+    the same function as pooling with the key projection folded into the (few, shared) queries and the value
+    projection applied after the weighted sum, so K and V are never formed for the gene tokens. It costs
+    4·B·H·M·S·E instead of 4·B·S·E² + 4·B·M·S·E FLOPs forward (fewer when H·M < E + M) and stores no K/V.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, kernel: str | None = None):
         super().__init__()
         self.n_heads = n_heads
         self.w_q = nn.Linear(d_model, d_model, bias=False)
         self.w_kv = nn.Linear(d_model, 2 * d_model, bias=False)
         self.w_out = nn.Linear(d_model, d_model, bias=False)
+        self.kernel = kernel
+        self._fused = None if kernel is None else fused_cross_attention(kernel)
 
     def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.n_heads
+        if self.kernel == "pooling_folded":
+            return self._folded_pooling(x_q, x_kv, key_mask)
         q = self.w_q(x_q)  # (B, Q, D)
         k, v = self.w_kv(x_kv).chunk(2, dim=-1)  # (B, K, D) each
+        if self._fused is not None:
+            q = q.unflatten(-1, (h, -1))  # (1 or B, Q, H, Dh), never expanded
+            k = k.unflatten(-1, (h, -1))  # (B, K, H, Dh), a view of the fused projection
+            v = v.unflatten(-1, (h, -1))  # (B, K, H, Dh)
+            out = self._fused(q, k, v, key_mask)  # (B, Q, H, Dh)
+            return self.w_out(out.flatten(-2))  # (B, Q, D)
         # Queries shared by every cell (pooling's inducing points, unpooling's gene embeddings) arrive
         # with batch 1: project once, then broadcast.
         q = q.expand(x_kv.shape[0], -1, -1)  # (B, Q, D)
@@ -58,6 +97,17 @@ class Attention(nn.Module):
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, K), True = attend
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, Q, Dh)
         return self.w_out(out.transpose(1, 2).flatten(-2))  # (B, Q, D)
+
+    def _folded_pooling(self, x_q: torch.Tensor, x_kv: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """q_h·(W_k,h x) = (W_k,hᵀ q_h)·x and Σ p (W_v,h x) = W_v,h (Σ p x): attend over the tokens x directly."""
+        h = self.n_heads
+        w_k, w_v = self.w_kv.weight.chunk(2, dim=0)  # (D, E) each, rows ordered (head, Dh)
+        q = self.w_q(x_q).unflatten(-1, (h, -1))  # (1 or B, M, H, Dh)
+        q_folded = torch.einsum("bmhd,hde->bmhe", q, w_k.unflatten(0, (h, -1)))  # (1 or B, M, H, E)
+        x_kv = x_kv.to(q_folded.dtype)  # under autocast: the dtype the K/V projection would have produced
+        pooled = self._fused(q_folded, x_kv, key_mask, scale=q.shape[-1] ** -0.5)  # (B, M, H, E)
+        out = torch.einsum("bmhe,hde->bmhd", pooled, w_v.unflatten(0, (h, -1)))  # (B, M, H, Dh)
+        return self.w_out(out.flatten(-2))  # (B, M, D)
 
 
 class SelfAttentionBlock(nn.Module):
@@ -82,11 +132,11 @@ class MCAB(nn.Module):
     MCAB(X, Q) = Q' + MLP(LN(Q')),  Q' = Q + Attn(LN_q(Q), LN_kv(X), mask)
     """
 
-    def __init__(self, d_model: int, n_heads: int, mlp_ratio: float):
+    def __init__(self, d_model: int, n_heads: int, mlp_ratio: float, kernel: str | None = None):
         super().__init__()
         self.norm_q = nn.LayerNorm(d_model, bias=False)
         self.norm_kv = nn.LayerNorm(d_model, bias=False)
-        self.attn = Attention(d_model, n_heads)
+        self.attn = Attention(d_model, n_heads, kernel)
         self.norm_mlp = nn.LayerNorm(d_model, bias=False)
         self.mlp = SwiGLU(d_model, mlp_ratio)
 

@@ -50,7 +50,9 @@ class SetVAE(nn.Module):
         self.tokens = GeneTokenEmbedding(self.gene_embedding, cfg.input_embedding)
         # Encoder: M inducing points pool the gene set, then self-attention over the M tokens.
         self.inducing_points = nn.Parameter(torch.randn(1, m, d) * 0.02)
-        self.pool = MCAB(d, cfg.n_cross_heads, cfg.mlp_ratio)
+        # attention_backend "triton": pooling and unpooling run the fused kernels (self-attention stays SDPA).
+        fused = cfg.attention_backend == "triton"
+        self.pool = MCAB(d, cfg.n_cross_heads, cfg.mlp_ratio, kernel="pooling" if fused else None)
         self.encoder_blocks = nn.ModuleList(
             SelfAttentionBlock(d, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_layers)
         )
@@ -65,7 +67,7 @@ class SetVAE(nn.Module):
         self.decoder_blocks = nn.ModuleList(
             SelfAttentionBlock(d, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_layers)
         )
-        self.unpool = MCAB(d, cfg.n_cross_heads, cfg.mlp_ratio)
+        self.unpool = MCAB(d, cfg.n_cross_heads, cfg.mlp_ratio, kernel="unpooling" if fused else None)
         self.decoder_norm = nn.LayerNorm(d, bias=False)
         self.apply(_init_weights)
         # Built after the generic init so the head keeps its own (theta = 1 at init).
