@@ -143,6 +143,53 @@ def cmd_bench_step(args: argparse.Namespace) -> None:
         raise ConfigError(str(err)) from None
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",") if item]
+    except ValueError:
+        raise ConfigError(f"{flag} expects comma-separated integers, e.g. 2048,8192; got {text!r}") from None
+
+
+def _kernel_shape(args: argparse.Namespace) -> dict:
+    """The shape and mode options `bench kernels` and `profile-kernels` share (see _add_kernel_shape_args)."""
+    shape = dict(cells=args.cells, heads=args.heads, n_latents=args.latents, head_dim=args.head_dim)
+    return shape | dict(dtype=args.dtype, smoke=args.smoke)
+
+
+def cmd_bench_kernels(args: argparse.Namespace) -> None:
+    from scldm_scale.bench.kernels import run_kernel_bench
+
+    ops = tuple(op for op in args.ops.split(",") if op)
+    genes = _int_list(args.genes, "--genes")
+    try:
+        run_kernel_bench(
+            genes=genes, ops=ops, warmup=args.warmup, reps=args.reps, json_path=args.json, **_kernel_shape(args)
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def cmd_profile_kernels(args: argparse.Namespace) -> None:
+    from scldm_scale.profile import profile_kernels
+
+    try:
+        profile_kernels(args.out, genes=args.genes, reps=args.reps, top=args.top, **_kernel_shape(args))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def cmd_profile_step(args: argparse.Namespace) -> None:
+    from scldm_scale.profile import profile_step
+
+    paths, overrides = split_config_args(args.configs)
+    try:
+        profile_step(paths, overrides, args.out, steps=args.steps, warmup=args.warmup, top=args.top)
+    except ValueError as err:
+        if isinstance(err, USER_ERRORS):
+            raise
+        raise ConfigError(str(err)) from None
+
+
 def cmd_plan(args: argparse.Namespace) -> None:
     from scldm_scale.plan import run_plan
 
@@ -156,6 +203,16 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     report = run_quickstart(args.out, args.overrides)
     print((Path(args.out) / "report.md").read_text())
     print(f"wrote {args.out}/generated.h5ad, report.json, report.md in {report['timings']['total_s']:.0f} s")
+
+
+def _add_kernel_shape_args(p: argparse.ArgumentParser) -> None:
+    smoke_help = "tiny shapes on the CPU under the Triton interpreter (automatic without CUDA): no timing meaning"
+    p.add_argument("--smoke", action="store_true", help=smoke_help)
+    p.add_argument("--cells", type=int, default=256)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--latents", type=int, default=32, help="latent tokens M")
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,6 +291,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the records here")
     p.add_argument("--dir", default=None, help="run folders (default: a temp dir)")
     p.set_defaults(func=cmd_bench_step)
+
+    p = bench.add_parser("kernels", help="Triton kernels vs SDPA backends, FlexAttention and eager NB loss")
+    _add_kernel_shape_args(p)
+    genes_help = "comma-separated gene counts G: keys of pooling, queries of unpooling, the NB loss's width"
+    p.add_argument("--genes", default="2048,8192,20000", help=genes_help)
+    p.add_argument("--ops", default="pooling,unpooling,nb_loss", help="comma-separated subset")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--json", default=None, metavar="OUT", help="write the records here")
+    p.set_defaults(func=cmd_bench_kernels)
+
+    p = sub.add_parser("profile-kernels", help="torch.profiler trace and time table of the Triton kernels")
+    _add_kernel_shape_args(p)
+    p.add_argument("--genes", type=int, default=20_000)
+    p.add_argument("--out", default="profile_kernels", help="folder for kernels_trace.json and kernels_table.txt")
+    p.add_argument("--reps", type=int, default=3, help="traced rounds of every kernel")
+    p.add_argument("--top", type=int, default=25, help="rows of the time table")
+    p.set_defaults(func=cmd_profile_kernels)
+
+    p = sub.add_parser("profile-step", help="torch.profiler trace and time table of training steps of a config")
+    p.add_argument("configs", nargs="+", metavar="CONFIG|key=value", help=config_help)
+    p.add_argument("--out", default="profile_step", help="folder for step_trace.json and step_table.txt")
+    p.add_argument("--steps", type=int, default=5, help="traced training steps")
+    p.add_argument("--warmup", type=int, default=3, help="untraced training steps before them")
+    p.add_argument("--top", type=int, default=25, help="rows of the time table")
+    p.set_defaults(func=cmd_profile_step)
 
     p = sub.add_parser("quickstart", help="train both stages on the built-in PBMC data, generate, report")
     p.add_argument("--out", default="quickstart_out")
