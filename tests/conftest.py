@@ -48,13 +48,6 @@ def tiny_overrides() -> tuple[str, ...]:
     return TINY_OVERRIDES
 
 
-def synthetic_vae_args(h5ad: Path, ckpt_dir: Path, metrics: Path | None = None) -> list[str]:
-    """Overrides that train the VAE stage on the synthetic .h5ad (add tiny_overrides and the rest)."""
-    args = ["stage=vae", "data.source=h5ad", f"data.path={h5ad}", "data.condition_keys=[cell_type]"]
-    args.append(f"train.ckpt_dir={ckpt_dir}")
-    return args + ([f"train.metrics_file={metrics}"] if metrics is not None else [])
-
-
 def make_counts_adata(n_cells: int = 120, n_genes: int = 50, n_types: int = 3, seed: int = 0) -> ad.AnnData:
     """NB counts with a different mean profile per cell type (obs['cell_type']), no empty cells."""
     rng = np.random.default_rng(seed)

@@ -22,7 +22,7 @@ import anndata as ad
 import numpy as np
 import pytest
 import torch
-from conftest import synthetic_vae_args
+from scldm_test_helpers import synthetic_vae_args
 
 from scldm_scale.cli import main
 from scldm_scale.config import CONFIG_DIR, REPO_ROOT

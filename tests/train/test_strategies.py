@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import synthetic_vae_args
+from scldm_test_helpers import synthetic_vae_args
 
 from scldm_scale.config import ConfigError, TrainConfig, load_config
 from scldm_scale.train import distributed

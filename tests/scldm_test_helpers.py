@@ -1,0 +1,13 @@
+"""Plain helpers shared by test modules (import them as `from scldm_test_helpers import ...`; `from conftest
+import` is ambiguous once tests/kernels/conftest.py is collected too)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def synthetic_vae_args(h5ad: Path, ckpt_dir: Path, metrics: Path | None = None) -> list[str]:
+    """Overrides that train the VAE stage on the synthetic .h5ad (add tiny_overrides and the rest)."""
+    args = ["stage=vae", "data.source=h5ad", f"data.path={h5ad}", "data.condition_keys=[cell_type]"]
+    args.append(f"train.ckpt_dir={ckpt_dir}")
+    return args + ([f"train.metrics_file={metrics}"] if metrics is not None else [])
