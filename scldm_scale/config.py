@@ -79,6 +79,10 @@ class VAEConfig:
     mlp_ratio: float = 8 / 3
     # MCAB cross-attention (pooling, unpooling): "torch" (SDPA) or "triton" (the fused kernels of kernels/).
     attention_backend: str = "torch"
+    # With attention_backend=triton: fold the pooling's key/value projections into its shared queries (the
+    # keys and values of the gene tokens are never formed). Fewer FLOPs when n_cross_heads * n_latent_tokens
+    # < d_model + n_latent_tokens; see kernels/README.md.
+    fold_pooling: bool = False
     # NB negative log-likelihood over cells x genes: "torch" (eager) or "triton" (the fused kernel).
     nb_loss_backend: str = "torch"
 
@@ -267,6 +271,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.max_steps must be positive, got {cfg.train.max_steps}")
     if cfg.train.zero_stage not in (1, 2, 3):
         raise ConfigError(f"train.zero_stage must be 1, 2 or 3, got {cfg.train.zero_stage}")
+    if cfg.model.fold_pooling and cfg.model.attention_backend != "triton":
+        raise ConfigError("model.fold_pooling=true needs model.attention_backend=triton (it is a kernel of its own)")
     if cfg.train.init_on_meta and cfg.train.strategy != "fsdp":
         raise ConfigError("train.init_on_meta=true needs train.strategy=fsdp (it shards the model as it is built)")
     if cfg.train.grad_accum_steps < 1:

@@ -52,7 +52,8 @@ class SetVAE(nn.Module):
         self.inducing_points = nn.Parameter(torch.randn(1, m, d) * 0.02)
         # attention_backend "triton": pooling and unpooling run the fused kernels (self-attention stays SDPA).
         fused = cfg.attention_backend == "triton"
-        self.pool = MCAB(d, cfg.n_cross_heads, cfg.mlp_ratio, kernel="pooling" if fused else None)
+        pooling = "pooling_folded" if cfg.fold_pooling else "pooling"
+        self.pool = MCAB(d, cfg.n_cross_heads, cfg.mlp_ratio, kernel=pooling if fused else None)
         self.encoder_blocks = nn.ModuleList(
             SelfAttentionBlock(d, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_layers)
         )

@@ -72,7 +72,7 @@ def _run_checkpoints(cfg: Config, stage: str, architecture: tuple[str, ...]) -> 
     """Training checkpoints under ckpt_dir/<stage>/, tagged with what a resume must match."""
     resolved = to_dict(cfg)
     # Kernel backends compute the same function: a run may resume with another one.
-    for key in ("attention_backend", "nb_loss_backend"):
+    for key in ("attention_backend", "nb_loss_backend", "fold_pooling"):
         resolved["model"].pop(key, None)
     meta = {"stage": stage, **{section: resolved[section] for section in architecture}}
     return {"checkpoints": RunCheckpoints(Path(cfg.train.ckpt_dir) / stage, cfg.train.keep_last), "run_meta": meta}

@@ -167,9 +167,11 @@ def test_unsupported_device_falls_back_to_the_reference_with_one_warning(monkeyp
     torch.testing.assert_close(out, ma.attention_reference(q, k, v))
 
 
-def test_vae_training_step_with_triton_attention_matches_torch():
+@pytest.mark.parametrize("fold_pooling", [False, True])
+def test_vae_training_step_with_triton_attention_matches_torch(fold_pooling):
     """A SetVAE training step (loss and every parameter's gradient) with MCAB pooling and unpooling on the
-    Triton kernels vs SDPA, same weights, fp32: relative 1e-4."""
+    Triton kernels (pooling plain or with its projections folded into the queries) vs SDPA, same weights,
+    fp32: relative 1e-4."""
     import numpy as np
     import scipy.sparse as sp
 
@@ -186,7 +188,10 @@ def test_vae_training_step_with_triton_attention_matches_torch():
     batch = collate(sp.csr_matrix(dense), {})
     sizes = dict(d_model=16, n_heads=2, n_cross_heads=2, n_layers=1, n_latent_tokens=4, latent_dim=8, mlp_ratio=2.0)
     torch.manual_seed(seed)
-    models = {b: SetVAE(VAEConfig(**sizes, attention_backend=b), n_genes) for b in ("torch", "triton")}
+    models = {
+        "torch": SetVAE(VAEConfig(**sizes), n_genes),
+        "triton": SetVAE(VAEConfig(**sizes, attention_backend="triton", fold_pooling=fold_pooling), n_genes),
+    }
     models["triton"].load_state_dict(models["torch"].state_dict())
     tol = 1e-4
     losses, grads = {}, {}
