@@ -1,8 +1,11 @@
-"""One training loop for every stage: the model's forward(batch) returns (loss, metrics).
+"""One training loop for every stage and strategy: the model's forward(batch) returns (loss, metrics).
 
-The loop knows nothing about genes or latents. It moves batches to the device, runs the forward under
-autocast when bf16 is on, clips the global gradient norm, steps AdamW and the schedule, updates the
-EMA, and logs loss, lr, grad norm and cells/s to the progress bar and to a JSONL file.
+The loop knows nothing about genes or latents, nor about how the model is spread over processes (that is
+the Strategy's: single, ddp, fsdp, deepspeed). Per step it runs grad_accum_steps micro-batches under
+autocast, lets the strategy clip the global gradient norm and step AdamW, the schedule and the EMA, logs
+loss (mean over ranks), lr, grad norm, cells/s, tokens/s, MFU and peak memory on rank 0 (progress bar,
+JSONL, W&B), checkpoints every train.ckpt_every steps, and on SIGTERM/SIGINT (agreed by all ranks)
+finishes the step, checkpoints and stops.
 """
 
 from __future__ import annotations
