@@ -326,13 +326,25 @@ class _Stream(IterableDataset):
         self.epoch = epoch
         self.skip = skip
 
-    def _jobs(self, worker: int, n_workers: int) -> Iterator[tuple[int, np.ndarray, list]]:
+    def _jobs(self, worker: int, n_workers: int) -> Iterator[tuple[int, np.ndarray | None, list, int]]:
+        """(epoch, positions to read or None, [(position, cells)], markers to yield after it).
+
+        The DataLoader takes one item from each worker in turn, so every worker yields the same number of
+        items per epoch: a worker with fewer batches (or none) pads its epoch with empty markers. Without
+        them, a worker with no reads would never yield (the rank hangs) and the batches of a busier worker
+        would pile up in the main process epoch after epoch.
+        """
         for epoch in itertools.count(self.epoch):
             skip = self.skip if epoch == self.epoch else 0
-            for positions, wanted in self.loader.reads(epoch, skip, worker, n_workers):
-                yield epoch, positions, wanted
+            counts = self.loader.worker_batches(epoch, skip, n_workers)
+            pad = max(counts) - counts[worker]
+            reads = self.loader.reads(epoch, skip, worker, n_workers)
+            if not reads:
+                yield epoch, None, [], pad
+            for i, (positions, wanted) in enumerate(reads):
+                yield epoch, positions, wanted, pad if i == len(reads) - 1 else 0
 
-    def __iter__(self) -> Iterator[tuple[tuple[int, int], CellBatch]]:
+    def __iter__(self) -> Iterator[tuple[tuple[int, int], CellBatch | None]]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         ld = self.loader
@@ -340,21 +352,27 @@ class _Stream(IterableDataset):
         # Read the next buffer in a thread while this one is collated (TileDB releases the GIL), across
         # epoch boundaries too.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="soma-read") as pool:
-            epoch, positions, wanted = next(jobs)
-            pending = pool.submit(ld.cells.read, positions)
+
+            def submit(job):
+                return pool.submit(ld.cells.read, job[1]) if job[1] is not None else None
+
+            job = next(jobs)
+            pending = submit(job)
             while True:
-                block = pending.result()
-                block_positions, current, current_epoch = positions, wanted, epoch
-                epoch, positions, wanted = next(jobs)
-                pending = pool.submit(ld.cells.read, positions)
-                # One row gather puts the block in batch order (cells sorted within a batch); each batch
-                # is then a contiguous, cheap row slice.
-                cells = [np.sort(c) for _, c in current]
-                block = block[np.searchsorted(block_positions, np.concatenate(cells))]
-                start = 0
-                for (position, _), batch_cells in zip(current, cells, strict=True):
-                    yield (current_epoch, position), ld.make_batch(block, batch_cells, start)
-                    start += len(batch_cells)
+                block = pending.result() if pending is not None else None
+                (epoch, block_positions, current, pad), job = job, next(jobs)
+                pending = submit(job)
+                if current:
+                    # One row gather puts the block in batch order (cells sorted within a batch); each
+                    # batch is then a contiguous, cheap row slice.
+                    cells = [np.sort(c) for _, c in current]
+                    block = block[np.searchsorted(block_positions, np.concatenate(cells))]
+                    start = 0
+                    for (position, _), batch_cells in zip(current, cells, strict=True):
+                        yield (epoch, position), ld.make_batch(block, batch_cells, start)
+                        start += len(batch_cells)
+                for _ in range(pad):
+                    yield (epoch, -1), None
 
 
 class SomaBatches:
@@ -420,21 +438,33 @@ class SomaBatches:
             )
         return order, units
 
-    def reads(self, epoch: int, skip: int, worker: int, n_workers: int) -> list[tuple[np.ndarray, list]]:
-        """This worker's reads of the epoch from stream position `skip` on: one per run of units in one
-        buffer (run k belongs to worker k % n_workers), as (sorted positions, [(stream position, cells)])."""
+    def _runs(self, epoch: int, skip: int) -> tuple[EpochOrder, np.ndarray, list[tuple[int, int]]]:
+        """The epoch's order, this rank's units and its runs [first, stop) of units in one buffer, from `skip`."""
         order, units = self.plan(epoch)
         buffers = order.buffer_of(units)
         starts = np.flatnonzero(np.r_[True, buffers[1:] != buffers[:-1]])
         bounds = np.r_[starts, len(units)]
+        runs = [(max(int(bounds[k]), skip), int(bounds[k + 1])) for k in range(len(starts))]
+        return order, units, runs
+
+    def reads(self, epoch: int, skip: int, worker: int, n_workers: int) -> list[tuple[np.ndarray, list]]:
+        """This worker's reads of the epoch from stream position `skip` on: one per run of units in one
+        buffer (run k belongs to worker k % n_workers), as (sorted positions, [(stream position, cells)])."""
+        order, units, runs = self._runs(epoch, skip)
         jobs = []
-        for k in range(len(starts)):
-            first, stop = max(int(bounds[k]), skip), int(bounds[k + 1])
+        for k, (first, stop) in enumerate(runs):
             if k % n_workers != worker or first >= stop:
                 continue
             wanted = list(zip(range(first, stop), order.batches(units[first:stop]), strict=True))
             jobs.append((np.sort(np.concatenate([cells for _, cells in wanted])), wanted))
         return jobs
+
+    def worker_batches(self, epoch: int, skip: int, n_workers: int) -> list[int]:
+        """How many batches of the epoch each worker yields (before padding)."""
+        counts = [0] * n_workers
+        for k, (first, stop) in enumerate(self._runs(epoch, skip)[2]):
+            counts[k % n_workers] += max(stop - first, 0)
+        return counts
 
     def limit(self, epoch: int) -> int:
         """Batches every rank yields in this epoch (the same on all ranks)."""
@@ -484,6 +514,8 @@ class SomaBatches:
         pending: dict[tuple[int, int], CellBatch] = {}
         limit = self.limit(self.epoch)
         for key, batch in tagged:
+            if batch is None:  # a worker's padding marker
+                continue
             pending[tuple(key)] = batch  # the DataLoader hands tuples over as lists
             while (self.epoch, self.position) in pending:
                 out = pending.pop((self.epoch, self.position))
@@ -543,6 +575,9 @@ class SomaBatches:
         else:
             order = self.order(self.epoch)
             left = units_left(self._remaining_units(self.epoch, order), saved_world, state["position"])
+            if len(left) < self.world_size:  # too few batches left for every new rank: the epoch is done
+                self.epoch, self.position, self._remaining, self._stream = self.epoch + 1, 0, None, None
+                return
             log.info(
                 "loader: resuming epoch %d on %d ranks instead of %d; %d batches of it are left",
                 self.epoch,

@@ -122,14 +122,14 @@ class RunCheckpoints:
         if rank == 0:
             _save_fsynced({"format": FORMAT, "version": STEP_VERSION, **state}, tmp / STATE_FILE)
             (tmp / COMPLETE).write_text(f"{step}\n")
-            shutil.rmtree(final, ignore_errors=True)
+            _remove(final)
             os.replace(tmp, final)
             fd, pointer = tempfile.mkstemp(prefix=".latest.", dir=self.root)
             with os.fdopen(fd, "w") as f:
                 f.write(final.name + "\n")
             os.replace(pointer, self.root / LATEST)
             for old in self._complete_steps()[: -self.keep_last] if self.keep_last > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
+                _remove(old)
         distributed.barrier()
         return final
 
@@ -167,7 +167,8 @@ def rng_state() -> dict:
         "torch": torch.get_rng_state(),
         "numpy": np.random.get_state(),
         "python": random.getstate(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        # This process's own GPU only: another job layout may expose another number of devices.
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }
 
 
@@ -176,7 +177,7 @@ def set_rng_state(rng: dict) -> None:
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
     if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+        torch.cuda.set_rng_state(rng["cuda"])
 
 
 def load_rng(folder: Path, rank: int) -> dict | None:
@@ -185,6 +186,15 @@ def load_rng(folder: Path, rank: int) -> dict | None:
     if not path.exists():
         return None
     return torch.load(path, map_location="cpu", weights_only=False)["rng"]
+
+
+def _remove(folder: Path) -> None:
+    """Delete a step folder so that no half-deleted folder ever looks complete: rename it first."""
+    if folder.exists():
+        trash = folder.with_name(f".trash-{folder.name}")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(folder, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _save_fsynced(obj, path: Path) -> None:

@@ -248,6 +248,8 @@ class DeepSpeedStrategy(Strategy):
             "bf16": {"enabled": self.amp_dtype == torch.bfloat16},
             "zero_optimization": zero,
             "zero_allow_untested_optimizer": True,  # our torch AdamW: no DeepSpeed op to compile
+            # ... also with the optimizer states offloaded to the CPU (else DeepSpeed demands its CPUAdam).
+            "zero_force_ds_cpu_optimizer": False,
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
@@ -266,10 +268,12 @@ class DeepSpeedStrategy(Strategy):
         return optimizer  # the schedule drives its param groups' lr, which DeepSpeed's wrapper reads
 
     def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed's idiom: backward and step on every micro-batch; engine.step() counts the micro-steps and
+        # clips, steps and zeroes the gradients only at the accumulation boundary (the last micro-batch).
         self.engine.backward(loss)  # divides by gradient_accumulation_steps itself
+        self.engine.step()
 
     def step(self) -> torch.Tensor:
-        self.engine.step()  # clips (gradient_clipping), steps, zeroes the gradients
         norm = self.engine.get_global_grad_norm()
         self.scheduler.step()
         if self.ema is not None:

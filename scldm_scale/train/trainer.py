@@ -94,6 +94,13 @@ class Trainer:
         # (kind, payload): what `scldm-scale export` needs besides the weights to write a single file.
         self.export = export
         self.peak_tflops = peak_tflops(self.device, train_cfg.peak_tflops)
+        if self.dist.world_size > 1:
+            # Every rank built the same initial weights from the shared seed; from here on each rank draws
+            # its own noise (flow-matching t, condition dropout, posterior samples) for its own cells.
+            seed = (torch.initial_seed() + 1_000_003 * self.dist.rank) % 2**32
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            random.seed(seed)
         self._stop_signal: int | None = None
 
     @property
@@ -143,6 +150,8 @@ class Trainer:
             )
         self.strategy.load(folder, state["strategy"])
         self.scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr  # whatever the optimizer state restored, the schedule's lr is the one
         if self.ema is not None:
             self.ema.n_updates = state["ema_updates"]
         batches.load_state_dict(state["loader"])

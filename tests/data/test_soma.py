@@ -193,7 +193,8 @@ def test_ranks_and_workers_partition_an_epoch(train_cells, soma_experiment, monk
             # What DataLoader worker `worker` of `n_workers` would produce, run in this process.
             monkeypatch.setattr(soma, "get_worker_info", lambda w=worker: SimpleNamespace(id=w, num_workers=n_workers))
             tagged = soma._Stream(loader, epoch=0, skip=0)  # endless: take epoch 0
-            streams[rank, worker] = [(p, b) for (e, p), b in itertools.takewhile(lambda x: x[0][0] == 0, tagged)]
+            epoch0 = itertools.takewhile(lambda x: x[0][0] == 0, tagged)
+            streams[rank, worker] = [(p, b) for (e, p), b in epoch0 if b is not None]
         positions = sorted(p for w in range(n_workers) for p, _ in streams[rank, w])
         assert positions == list(range(limit))  # the workers together yield the rank's stream once
         assert all(streams[rank, w] for w in range(n_workers))  # and both workers take part
@@ -205,6 +206,32 @@ def test_ranks_and_workers_partition_an_epoch(train_cells, soma_experiment, monk
     order = _plan()
     planned = np.concatenate(order.batches(np.arange(world_size * limit)))
     np.testing.assert_array_equal(np.sort(every), np.sort(train_cells.joinids[planned]))
+
+
+def test_workers_yield_equal_items_per_epoch_even_without_reads(train_cells, monkeypatch):
+    # One buffer holds the whole split: 1 read per epoch, so worker 1 of 2 has nothing to read. The
+    # DataLoader takes items from its workers in turn: worker 1 must pad every epoch with as many markers as
+    # worker 0 has batches, or the rank hangs (and a busier worker's batches pile up epoch after epoch).
+    loader = _loader(train_cells, buffer_chunks=64, num_workers=2)
+    per_worker = {}
+    for worker in range(2):
+        monkeypatch.setattr(soma, "get_worker_info", lambda w=worker: SimpleNamespace(id=w, num_workers=2))
+        items = list(itertools.islice(soma._Stream(loader, epoch=0, skip=0), 3 * loader.limit(0)))
+        per_worker[worker] = items
+    for epoch in range(3):
+        counts = [sum(1 for (e, _), _b in per_worker[w] if e == epoch) for w in range(2)]
+        assert counts == [loader.limit(epoch)] * 2
+    assert all(b is not None for _, b in per_worker[0])
+    assert all(b is None for _, b in per_worker[1])
+
+
+def test_resume_on_more_ranks_with_fewer_batches_left_than_ranks_starts_the_next_epoch(train_cells):
+    old = _loader(train_cells, rank=0, world_size=2)
+    # One batch left per old rank and the one the equal-steps rule drops: 3 batches for 4 new ranks.
+    state = {**old.state_dict(), "position": old.limit(0) - 1}
+    new = _loader(train_cells, rank=0, world_size=4)
+    new.load_state_dict(state)
+    assert (new.state_dict()["epoch"], new.state_dict()["position"]) == (1, 0)
 
 
 def test_ranks_stream_disjoint_cells_in_equal_steps(train_cells, soma_experiment):
