@@ -54,6 +54,8 @@ def export(folder: str | Path, out: str | Path | None = None) -> Path:
     kind, payload = state["export"]
     model_state, ema_state = consolidated_weights(folder, state["strategy"])
     model_state = {k: v.float() if v.is_floating_point() else v for k, v in model_state.items()}
+    if kind == "vae":
+        model_state = _with_tied_weights(payload, model_state, folder)
     out = Path(out) if out is not None else folder / f"{kind}.pt"
     data = exported_checkpoint(
         kind, {**payload, "step": state["step"], "history": state["history"]}, model_state, ema_state
@@ -61,3 +63,18 @@ def export(folder: str | Path, out: str | Path | None = None) -> Path:
     save_checkpoint(out, kind, data)
     log.info("exported %s (step %d, written by train.strategy=%s) to %s", folder, state["step"], state["strategy"], out)
     return out
+
+
+def _with_tied_weights(payload: dict, model_state: dict, folder: Path) -> dict:
+    """DeepSpeed's consolidation keeps one name per shared tensor (the decoder's gene embedding is the
+    encoder's when model.share_gene_embedding): rebuild the VAE to get every name the loader expects."""
+    from scldm_scale.config import VAEConfig, section_from_dict
+    from scldm_scale.models.vae import SetVAE
+
+    vae_cfg = section_from_dict(VAEConfig, payload["vae_config"], "checkpoint VAE config")
+    vae = SetVAE(vae_cfg, len(payload["gene_names"]))
+    missing, unexpected = vae.load_state_dict(model_state, strict=False)
+    tied = {"decoder_gene_embedding.weight"} if vae.decoder_gene_embedding is vae.gene_embedding else set()
+    if unexpected or set(missing) - tied:
+        raise CheckpointError(f"{folder}: weights do not fit the VAE (missing {missing}, unexpected {unexpected})")
+    return {k: v.detach().clone() for k, v in vae.state_dict().items()}

@@ -318,6 +318,13 @@ class DeepSpeedStrategy(Strategy):
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         with self._gathered():
             state = {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
+        if self.amp_dtype is not None:
+            # Under bf16 the engine's module holds bf16 copies: export the optimizer's fp32 master weights
+            # (as `scldm-scale export` does from the ZeRO files). A collective under ZeRO-3.
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            for name, param in self.model.named_parameters(remove_duplicate=False):
+                state[name] = safe_get_full_fp32_param(param).detach().float().cpu().clone()
         return state if self.dist.is_main else None
 
 

@@ -299,6 +299,21 @@ def test_export_consolidates_step_folders_and_generate_reads_the_file(fsdp_ref, 
     assert list(cells.var_names) == list(final_ldm["gene_names"])
 
 
+def test_a_bf16_zero_vae_exports_its_fp32_masters_with_the_tied_embedding(train_args, tmp_path):
+    # Under bf16 the engine holds bf16 weights: the final file must carry the fp32 master weights (what
+    # export reads from the ZeRO files), and the decoder's gene embedding, which DeepSpeed's consolidation
+    # keeps under the encoder's name only (model.share_gene_embedding), must be there for the loader.
+    run = tmp_path / "run"
+    run.mkdir()
+    zero = ("train.strategy=deepspeed", "train.zero_stage=3", "train.precision=bf16", f"train.ckpt_every={STEPS}")
+    _run([*_torchrun(), *train_args(run, *zero)], run / "log.txt")
+    assert main(["export", str(run / "vae" / f"step-{STEPS}"), "--out", str(tmp_path / "vae.pt")]) == 0
+    exported, final = _load(tmp_path / "vae.pt")["vae_state"], _load(run / "vae.pt")["vae_state"]
+    assert "decoder_gene_embedding.weight" in exported
+    assert _same_tensors(exported, final)
+    assert any((v.float() != v.bfloat16().float()).any() for v in final.values() if v.is_floating_point())
+
+
 # --- bad checkpoints --------------------------------------------------------------------------------------
 
 
