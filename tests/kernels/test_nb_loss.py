@@ -93,16 +93,24 @@ def _check_against_reference(logits, library_size, log_theta, counts, dtype, see
         (out * weights.float()).sum().backward()
         (ref * weights).sum().backward()
 
+    # Eager PyTorch in the same dtype: where a value is itself ill-conditioned (d log theta of one element is
+    # a small difference of digamma and log terms), no fp32 computation gets within 1e-4; the kernel must
+    # then be no worse than twice eager's error.
+    eager_leaves = [t.detach().clone().requires_grad_() for t in (logits, log_theta)]
+    eager = nb_nll_reference(eager_leaves[0].float(), library_size, eager_leaves[1].float(), counts)
+    (eager.mean() if mean_reduction else (eager * weights.float()).sum()).backward()
+
     tol = TOLERANCE[dtype]
     assert out.dtype == torch.float32 and out.shape == ref.shape
     assert logits.grad.dtype == dtype and log_theta.grad.dtype == dtype
-    for name, got, expected in (
-        ("nll", out, ref),
-        ("d logits", logits.grad, logits64.grad),
-        ("d log theta", log_theta.grad, log_theta64.grad),
+    for name, got, expected, baseline in (
+        ("nll", out, ref, eager),
+        ("d logits", logits.grad, logits64.grad, eager_leaves[0].grad),
+        ("d log theta", log_theta.grad, log_theta64.grad, eager_leaves[1].grad),
     ):
         err = _relative_error(got, expected)
-        assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e} (seed {seed}, {dtype})"
+        bound = max(tol, 2 * _relative_error(baseline, expected)) if dtype == torch.float32 else tol
+        assert err < bound, f"{name}: relative error {err:.2e} >= {bound:.1e} (seed {seed}, {dtype})"
 
 
 # Shapes: one cell and one gene; primes; rows cut into several chunks and cells into several groups
