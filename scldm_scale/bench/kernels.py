@@ -27,15 +27,14 @@ first imported (Triton reads it when its functions are defined); FlexAttention i
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import re
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from scldm_scale.bench.records import write_records
 from scldm_scale.train.flops import lookup_peak_tflops
 
 OPS = ("pooling", "unpooling", "nb_loss")
@@ -258,10 +257,7 @@ def run_kernel_bench(
         r.update(context)
     print(_header(context, why_smoke, str(torch_dtype).removeprefix("torch."), warmup, reps))
     print(format_table(records))
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(records, indent=2) + "\n")
-        print(f"\nwrote {len(records)} records to {json_path}")
+    write_records(records, json_path)
     return records
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import datetime
 import gc
 import itertools
-import json
 import multiprocessing
 import os
 import platform
@@ -45,6 +44,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from scldm_scale.bench.records import write_records
 from scldm_scale.config import DataConfig
 
 MEASUREMENT = "RNA"
@@ -492,8 +492,5 @@ def run_loader_bench(
     )
     print("shuffle TV = mean total-variation distance of batch vs global cell-type composition (lower is better)\n")
     print(_format_table(records))
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(records, indent=2) + "\n")
-        print(f"\nwrote {len(records)} records to {json_path}")
+    write_records(records, json_path)
     return records

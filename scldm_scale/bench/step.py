@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from scldm_scale.bench.loader import _machine
+from scldm_scale.bench.records import write_records
 from scldm_scale.config import CONFIG_DIR
 
 SIZES = {
@@ -115,10 +116,7 @@ def run_step_bench(
         base = next((b for b in records if b["model"] == r["model"] and b["strategy"] == "single"), None)
         r["ratio_vs_single"] = r["cells_per_s"] / base["cells_per_s"] if base else None
     print(_format(records, machine, nproc, global_batch, steps, warmup, device))
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(records, indent=2) + "\n")
-        print(f"\nwrote {len(records)} records to {json_path}")
+    write_records(records, json_path)
     return records
 
 
