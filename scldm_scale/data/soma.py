@@ -234,9 +234,13 @@ def obs_columns(spec: SomaSpec) -> list[str]:
 
 def epoch_chunks(n_cells: int, chunk_size: int, seed: int, epoch: int) -> list[np.ndarray]:
     """Contiguous chunks of cell positions, in the shuffled order of (seed, epoch)."""
-    starts = np.arange(0, n_cells, chunk_size)
-    order = np.random.default_rng([seed, epoch, 0]).permutation(len(starts))
-    return [np.arange(starts[i], min(starts[i] + chunk_size, n_cells)) for i in order]
+    order = chunk_order(-(-n_cells // chunk_size), seed, epoch)
+    return [np.arange(i * chunk_size, min((i + 1) * chunk_size, n_cells)) for i in order]
+
+
+def chunk_order(n_chunks: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's permutation of the chunks (the first step of the global order)."""
+    return np.random.default_rng([seed, epoch, 0]).permutation(n_chunks)
 
 
 class EpochOrder:
@@ -255,7 +259,7 @@ class EpochOrder:
         )
         self.seed, self.epoch = seed, epoch
         n_chunks = -(-n_cells // chunk_size)
-        self.chunk_order = np.random.default_rng([seed, epoch, 0]).permutation(n_chunks)
+        self.chunk_order = chunk_order(n_chunks, seed, epoch)
         chunk_len = np.full(n_chunks, chunk_size, dtype=np.int64)
         chunk_len[-1] = n_cells - (n_chunks - 1) * chunk_size
         buffer_len = np.add.reduceat(chunk_len[self.chunk_order], np.arange(0, n_chunks, buffer_chunks))

@@ -19,8 +19,6 @@ from scldm_scale.config import ConfigError, TrainConfig
 
 log = logging.getLogger(__name__)
 
-DISTRIBUTED = ("ddp", "fsdp", "deepspeed")
-
 
 @dataclass(frozen=True)
 class Dist:

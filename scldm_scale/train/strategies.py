@@ -264,7 +264,6 @@ class DeepSpeedStrategy(Strategy):
             model=self.model, optimizer=optimizer, config=self.deepspeed_config(), dist_init_required=False
         )
         self.module = self.engine
-        self._torch_optimizer = optimizer
         return optimizer  # the schedule drives its param groups' lr, which DeepSpeed's wrapper reads
 
     def backward(self, loss: torch.Tensor) -> None:
