@@ -1,0 +1,363 @@
+"""Embed cells with a trained VAE: the posterior-mean latent tokens of each cell, streamed from an .h5ad of
+raw counts or a SOMA experiment into obsm of a new .h5ad (`scldm-scale embed`).
+
+- The checkpoint is a VAE or an ldm checkpoint (the latter embeds its VAE); anything else is refused.
+- Genes are matched to the checkpoint's vocabulary by id: an .h5ad's var_names or the var column of ids
+  (feature_id, gene_ids, gene_id, ensembl_id) that matches the most vocabulary genes; a SOMA experiment's
+  var feature_id. Input genes outside the vocabulary are dropped. Vocabulary genes missing from the input
+  are an error unless allowed; then they are absent tokens: the set encoder sees no token for them, which
+  for a model trained on expressed genes only (data.gene_tokens=expressed) is exactly what it sees for a
+  zero count, and for dense / expressed_plus_zeros models means they are left out of the zero tokens.
+- The encoder tokens follow the checkpoint's data.gene_tokens. expressed_plus_zeros draws each cell's zero
+  tokens from a generator seeded by the cell's row in the input, so a cell's embedding never depends on the
+  batch it is in; tokens enter in vocabulary order whatever the input's gene order (the encoder is
+  permutation invariant, and a fixed order makes it so to the last bit).
+- Reading is in row chunks (h5py for .h5ad, X or a layer; SOMA reads for experiments), so large inputs
+  stream; encoding is in batches, in eval mode under no_grad, fp32: the same input gives the same output.
+- The output holds the input's obs and no genes (n_vars = 0): the embedding is per cell, and a copy of X
+  would double the input's size on disk for nothing (join on obs_names to get it back).
+  obsm["X_scldm"]: (N, M*L) float32, token-major (column m*L + l is dimension l of latent token m);
+  obsm["X_scldm_pooled"]: (N, L) float32, the mean of the M tokens; uns["scldm_embed"]: the settings.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from tqdm.auto import tqdm
+
+from scldm_scale.data.counts import DataError, validate_counts
+from scldm_scale.data.dataset import EXPRESSED_ONLY, TokenPolicy, collate_csr
+from scldm_scale.models.vae import SetVAE
+from scldm_scale.train.checkpoint import CheckpointError, load_checkpoint
+from scldm_scale.train.stages import load_vae
+
+log = logging.getLogger(__name__)
+
+EMBED_KEY = "X_scldm"
+POOLED_KEY = "X_scldm_pooled"
+UNS_KEY = "scldm_embed"
+READ_CHUNK_ROWS = 10_000
+GENE_ID_COLUMNS = ("feature_id", "gene_ids", "gene_id", "ensembl_id")
+ZERO_TOKEN_SEED = 0
+
+
+@dataclass
+class Embedder:
+    """A checkpoint's VAE and what encoding a cell the way it was trained needs."""
+
+    vae: SetVAE
+    gene_names: list[str]
+    policy: TokenPolicy
+    allow_non_integer: bool
+    checkpoint: str
+    kind: str
+    device: torch.device
+    batch_size: int = 256
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu", batch_size: int = 256) -> Embedder:
+        ckpt = load_checkpoint(path)
+        kind = ckpt.get("kind")
+        if kind not in ("vae", "ldm"):
+            raise CheckpointError(f"{path} is a {kind!r} checkpoint; embed reads a 'vae' or an 'ldm' checkpoint")
+        missing = [k for k in ("vae_config", "vae_state", "gene_names") if k not in ckpt]
+        if missing:
+            raise CheckpointError(f"{path}: the {kind} checkpoint lacks {missing}; export it again with this version")
+        data = ckpt.get("config", {}).get("data", {})
+        device_ = torch.device(device)
+        return cls(
+            vae=load_vae(ckpt).to(device_).eval(),
+            gene_names=list(ckpt["gene_names"]),
+            policy=TokenPolicy(data.get("gene_tokens", "expressed"), data.get("n_zero_tokens", 0)),
+            allow_non_integer=bool(data.get("allow_non_integer", False)),
+            checkpoint=str(path),
+            kind=kind,
+            device=device_,
+            batch_size=batch_size,
+        )
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        return self.vae.latent_shape
+
+    @torch.no_grad()
+    def encode(self, counts: sp.csr_matrix, gene_ids: np.ndarray, first_row: int = 0) -> np.ndarray:
+        """Posterior-mean latents (N, M, L) float32 of cells given as CSR rows.
+
+        Column j of `counts` is vocabulary gene gene_ids[j] (ascending); `first_row` is the input row of the
+        first cell, which seeds its zero tokens under expressed_plus_zeros. Every cell needs a count > 0.
+        """
+        counts = _canonical(counts)
+        policy = self.policy
+        if policy.mode == "expressed_plus_zeros" and policy.n_zero_tokens > 0:
+            counts = _with_zero_tokens(counts, policy.n_zero_tokens, first_row)
+            policy = EXPRESSED_ONLY  # the zero tokens are now stored entries
+        m, latent_dim = self.latent_shape
+        out = np.empty((counts.shape[0], m, latent_dim), dtype=np.float32)
+        data, indices, indptr = counts.data, counts.indices, counts.indptr
+        for start in range(0, counts.shape[0], self.batch_size):
+            stop = min(start + self.batch_size, counts.shape[0])
+            lo, hi = indptr[start], indptr[stop]
+            batch = collate_csr(
+                data[lo:hi], indices[lo:hi], indptr[start : stop + 1], counts.shape[1], {}, gene_ids, policy
+            ).to(self.device)
+            z, _ = self.vae.encode(batch.gene_ids, batch.counts, batch.mask, sample=False)  # (B, M, L)
+            out[start:stop] = z.float().cpu().numpy()
+        return out
+
+
+def _canonical(counts: sp.csr_matrix) -> sp.csr_matrix:
+    """float32 CSR with sorted columns and no stored zeros (what collate_csr expects)."""
+    counts = sp.csr_matrix(counts, dtype=np.float32)
+    if (counts.data == 0).any() or not counts.has_sorted_indices:
+        counts = counts.copy()
+        counts.eliminate_zeros()
+        counts.sort_indices()
+    return counts
+
+
+def _with_zero_tokens(counts: sp.csr_matrix, n_zero_tokens: int, first_row: int) -> sp.csr_matrix:
+    """The cells plus n_zero_tokens of each cell's zero genes as stored zeros, drawn per cell from
+    (ZERO_TOKEN_SEED, input row), so the draw does not depend on the batch (collate_csr draws per batch)."""
+    n_genes = counts.shape[1]
+    rows = []
+    for i in range(counts.shape[0]):
+        expressed = counts.indices[counts.indptr[i] : counts.indptr[i + 1]]
+        zeros = np.setdiff1d(np.arange(n_genes), expressed, assume_unique=True)
+        rng = np.random.default_rng([ZERO_TOKEN_SEED, first_row + i])
+        picked = rng.choice(zeros, size=min(n_zero_tokens, len(zeros)), replace=False)
+        columns = np.concatenate([expressed, picked])
+        values = np.concatenate([counts.data[counts.indptr[i] : counts.indptr[i + 1]], np.zeros(len(picked))])
+        order = np.argsort(columns)
+        rows.append((columns[order], values[order]))
+    lengths = [len(c) for c, _ in rows]
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    indices = np.concatenate([c for c, _ in rows]) if rows else np.zeros(0, dtype=np.int64)
+    data = np.concatenate([v for _, v in rows]).astype(np.float32) if rows else np.zeros(0, dtype=np.float32)
+    return sp.csr_matrix((data, indices, indptr), shape=counts.shape)  # stored zeros are kept
+
+
+def align_genes(
+    feature_ids: np.ndarray, vocabulary: list[str], where: str, allow_missing_genes: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(input columns, their vocabulary positions), both ordered by vocabulary position.
+
+    Input genes outside the vocabulary are dropped (logged); vocabulary genes absent from the input are an
+    error unless allow_missing_genes.
+    """
+    position = {g: i for i, g in enumerate(vocabulary)}
+    vocab_pos = np.array([position.get(str(g), -1) for g in feature_ids], dtype=np.int64)
+    present = vocab_pos >= 0
+    if not present.any():
+        raise DataError(
+            f"{where}: none of its {len(feature_ids)} genes are in the model's vocabulary (its genes look like "
+            f"{list(feature_ids[:3])}, the model's like {vocabulary[:3]}); match gene ids, not symbols"
+        )
+    if not present.all():
+        log.info(
+            "%s: dropping %d of %d genes not in the model's vocabulary", where, int((~present).sum()), len(vocab_pos)
+        )
+    found = np.zeros(len(vocabulary), dtype=bool)
+    found[vocab_pos[present]] = True
+    if not found.all():
+        missing = [vocabulary[i] for i in np.flatnonzero(~found)]
+        if not allow_missing_genes:
+            raise DataError(
+                f"{where}: {len(missing)} of the model's {len(vocabulary)} genes are missing from the input, "
+                f"e.g. {missing[:5]}; add them (as zeros if unmeasured) or pass --allow-missing-genes to encode "
+                "without them (absent tokens)"
+            )
+        log.warning(
+            "%s: %d of the model's %d genes are missing; encoding without them", where, len(missing), len(vocabulary)
+        )
+    columns = np.flatnonzero(present)
+    order = np.argsort(vocab_pos[columns], kind="stable")
+    return columns[order], vocab_pos[columns][order]
+
+
+class H5adCounts:
+    """The cells of an .h5ad, read in row chunks through h5py (X, or a layer), over the vocabulary genes."""
+
+    def __init__(
+        self, path: Path, vocabulary: list[str], allow_missing_genes: bool, layer: str | None, allow_non_integer: bool
+    ):
+        import h5py
+
+        self.where = str(path)
+        self.allow_non_integer = allow_non_integer
+        try:
+            self._file = h5py.File(path, "r")
+        except OSError as err:
+            raise DataError(f"{path}: cannot open as an .h5ad (HDF5) file ({err})") from None
+        try:
+            self._open(self._file, layer, vocabulary, allow_missing_genes)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, f, layer: str | None, vocabulary: list[str], allow_missing_genes: bool) -> None:
+        import h5py
+
+        if layer is not None and ("layers" not in f or layer not in f["layers"]):
+            layers = list(f["layers"]) if "layers" in f else []
+            raise DataError(f"{self.where}: no layer {layer!r}; layers are {layers} (omit --layer to use X)")
+        if layer is None and "X" not in f:
+            raise DataError(f"{self.where}: X is empty; pass --layer with the layer of raw counts")
+        matrix = f["layers"][layer] if layer is not None else f["X"]
+        self._x = ad.io.sparse_dataset(matrix) if isinstance(matrix, h5py.Group) else matrix
+        self.obs = ad.io.read_elem(f["obs"])
+        ids_name, ids = _best_id_column(ad.io.read_elem(f["var"]), vocabulary)
+        if ids_name != "var_names":
+            log.info("%s: matching genes by var[%r]", self.where, ids_name)
+        self._columns, self.gene_ids = align_genes(ids, vocabulary, self.where, allow_missing_genes)
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.obs)
+
+    def blocks(self, rows: int = READ_CHUNK_ROWS) -> Iterator[tuple[int, sp.csr_matrix]]:
+        """(first row, validated CSR counts over the vocabulary genes present) per chunk of rows."""
+        for start in range(0, self.n_cells, rows):
+            stop = min(start + rows, self.n_cells)
+            block = sp.csr_matrix(self._x[start:stop], dtype=np.float32)[:, self._columns]
+            _validate(block, self.where, start, self.allow_non_integer)
+            yield start, block
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _best_id_column(var: pd.DataFrame, vocabulary: list[str]) -> tuple[str, np.ndarray]:
+    """var_names or the var column of gene ids matching the most vocabulary genes (var_names on a tie)."""
+    vocab = set(vocabulary)
+    candidates = [("var_names", var.index.astype(str).to_numpy())]
+    candidates += [(c, var[c].astype(str).to_numpy()) for c in GENE_ID_COLUMNS if c in var]
+    hits = [sum(g in vocab for g in ids) for _, ids in candidates]
+    return candidates[int(np.argmax(hits))]
+
+
+class SomaCounts:
+    """The cells of a SOMA experiment (measurement RNA, X layer counts), genes matched by feature_id."""
+
+    def __init__(self, uri: str, vocabulary: list[str], allow_missing_genes: bool, allow_non_integer: bool):
+        from scldm_scale.data.soma import SomaCells, SomaSpec, open_experiment
+
+        self.where = uri
+        self.allow_non_integer = allow_non_integer
+        spec = SomaSpec(uri=uri)
+        handle, exp = open_experiment(spec)
+        try:
+            obs = exp.obs.read().concat().to_pandas().sort_values("soma_joinid")
+            var = exp.ms[spec.measurement].var.read(column_names=["feature_id"]).concat().to_pandas()
+        finally:
+            handle.close()
+        align_genes(var["feature_id"].astype(str).to_numpy(), vocabulary, uri, allow_missing_genes)
+        # SomaCells matches the same genes the same way and reads them in vocabulary order.
+        self._cells = SomaCells(spec, vocabulary=vocabulary)
+        self.gene_ids = self._cells.decode_gene_ids
+        index = obs["obs_id"].astype(str) if "obs_id" in obs else obs["soma_joinid"].astype(str)
+        self.obs = obs.drop(columns=[c for c in ("obs_id", "soma_joinid") if c in obs]).set_axis(index.to_numpy())
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.obs)
+
+    def blocks(self, rows: int = READ_CHUNK_ROWS) -> Iterator[tuple[int, sp.csr_matrix]]:
+        for start in range(0, self.n_cells, rows):
+            block = self._cells.read(np.arange(start, min(start + rows, self.n_cells)))
+            _validate(block, self.where, start, self.allow_non_integer)
+            yield start, block
+
+    def close(self) -> None:
+        """Each read opens and closes the experiment itself."""
+
+
+def _validate(block: sp.csr_matrix, where: str, start: int, allow_non_integer: bool) -> None:
+    try:
+        validate_counts(block, where, allow_non_integer)
+    except DataError as err:
+        raise DataError(f"{err} (in cells {start}..{start + block.shape[0] - 1})") from None
+
+
+def open_counts(
+    data: str | Path,
+    vocabulary: list[str],
+    allow_missing_genes: bool = False,
+    layer: str | None = None,
+    allow_non_integer: bool = False,
+) -> H5adCounts | SomaCounts:
+    """An .h5ad file or a SOMA experiment (any other path or URI), read over the vocabulary's genes."""
+    path = Path(data)
+    if path.suffix == ".h5ad":
+        if not path.is_file():
+            raise DataError(f"{path} does not exist")
+        return H5adCounts(path, vocabulary, allow_missing_genes, layer, allow_non_integer)
+    if layer is not None:
+        raise DataError(f"{data}: --layer is for .h5ad inputs; a SOMA experiment is read from its X layer 'counts'")
+    return SomaCounts(str(data), vocabulary, allow_missing_genes, allow_non_integer)
+
+
+def check_expressed(block: sp.csr_matrix, obs_names: pd.Index, start: int, where: str) -> None:
+    """Refuse cells with no counts over the model's genes: the set encoder would get no token at all."""
+    empty = np.flatnonzero(np.asarray(block.sum(axis=1)).ravel() == 0)
+    if empty.size:
+        raise DataError(
+            f"{where}: {empty.size} cells have zero counts over the model's genes (first: "
+            f"{obs_names[start + empty[0]]}); remove them, e.g. sc.pp.filter_cells(adata, min_counts=1)"
+        )
+
+
+def encode_source(embedder: Embedder, source: H5adCounts | SomaCounts, progress: bool = True) -> np.ndarray:
+    """Posterior-mean latents (N, M, L) float32 of every cell of a source, in order, one chunk at a time."""
+    m, latent_dim = embedder.latent_shape
+    out = np.empty((source.n_cells, m, latent_dim), dtype=np.float32)
+    bar = tqdm(total=source.n_cells, desc="embed", unit="cell", disable=not progress, dynamic_ncols=True)
+    for start, block in source.blocks():
+        check_expressed(block, source.obs.index, start, source.where)
+        out[start : start + block.shape[0]] = embedder.encode(block, source.gene_ids, first_row=start)
+        bar.update(block.shape[0])
+    bar.close()
+    return out
+
+
+def embed(
+    checkpoint: str | Path,
+    data: str | Path,
+    batch_size: int = 256,
+    device: str = "cpu",
+    allow_missing_genes: bool = False,
+    layer: str | None = None,
+    progress: bool = True,
+) -> ad.AnnData:
+    """The cells of `data` (.h5ad or SOMA URI) with their embeddings in obsm (see the module docstring)."""
+    embedder = Embedder.from_checkpoint(checkpoint, device=device, batch_size=batch_size)
+    source = open_counts(data, embedder.gene_names, allow_missing_genes, layer, embedder.allow_non_integer)
+    try:
+        latents = encode_source(embedder, source, progress)  # (N, M, L)
+    finally:
+        source.close()
+    m, latent_dim = embedder.latent_shape
+    out = ad.AnnData(obs=source.obs)
+    out.obsm[EMBED_KEY] = latents.reshape(len(latents), m * latent_dim)  # (N, M*L), token-major
+    out.obsm[POOLED_KEY] = latents.mean(axis=1)  # (N, L)
+    out.uns[UNS_KEY] = {
+        "checkpoint": str(checkpoint),
+        "checkpoint_kind": embedder.kind,
+        "input": str(data),
+        "n_latent_tokens": m,
+        "latent_dim": latent_dim,
+        "layout": f"{EMBED_KEY}[:, m * latent_dim + l] is dimension l of latent token m; {POOLED_KEY} is their mean",
+        "gene_tokens": embedder.policy.mode,
+        "n_genes_vocabulary": len(embedder.gene_names),
+        "n_genes_used": int(len(source.gene_ids)),
+    }
+    return out

@@ -1,0 +1,160 @@
+"""`scldm-scale embed`: posterior-mean latents of a tiny trained VAE, checked against the VAE on the collated cells,
+for independence from batch and gene order, gene matching, missing genes and bad checkpoints."""
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+from scldm_test_helpers import synthetic_vae_args
+
+from scldm_scale.cli import main
+from scldm_scale.config import load_config
+from scldm_scale.data.counts import DataError
+from scldm_scale.data.dataset import collate
+from scldm_scale.data.prepare import prepare
+from scldm_scale.evaluate.embed import EMBED_KEY, POOLED_KEY, UNS_KEY, embed
+from scldm_scale.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from scldm_scale.train.stages import load_vae, run_training
+
+M, L = 4, 8  # model.n_latent_tokens, model.latent_dim of the tiny overrides
+# Padding to another batch's longest cell changes the attention sums' rounding, not their value.
+BATCH_ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def vae_ckpt(tmp_path_factory, synthetic_h5ad, tiny_overrides):
+    out = tmp_path_factory.mktemp("embed_vae")
+    overrides = [*tiny_overrides, *synthetic_vae_args(synthetic_h5ad, out), "train.max_steps=4"]
+    return run_training(load_config(None, overrides))
+
+
+@pytest.fixture(scope="module")
+def reference(vae_ckpt, synthetic_h5ad) -> np.ndarray:
+    """Latents (N, M, L) of the whole file in one batch, straight from the VAE."""
+    vae = load_vae(load_checkpoint(vae_ckpt))
+    batch = collate(ad.read_h5ad(synthetic_h5ad).X, {})
+    with torch.no_grad():
+        z, _ = vae.encode(batch.gene_ids, batch.counts, batch.mask, sample=False)
+    return z.numpy()
+
+
+def _write(adata: ad.AnnData, path) -> str:
+    adata.write_h5ad(path)
+    return str(path)
+
+
+def test_cli_writes_obs_and_both_embeddings(vae_ckpt, synthetic_h5ad, reference, tmp_path, capsys):
+    out = tmp_path / "emb.h5ad"
+    assert main(["embed", str(vae_ckpt), str(synthetic_h5ad), "--out", str(out), "--batch-size", "16"]) == 0
+    assert "X_scldm (120, 32)" in capsys.readouterr().out
+    emb, source = ad.read_h5ad(out), ad.read_h5ad(synthetic_h5ad)
+    assert emb.shape == (120, 0)
+    pd.testing.assert_frame_equal(emb.obs, source.obs)
+    flat, pooled = emb.obsm[EMBED_KEY], emb.obsm[POOLED_KEY]
+    assert flat.dtype == pooled.dtype == np.float32
+    assert flat.shape == (120, M * L) and pooled.shape == (120, L)
+    np.testing.assert_allclose(flat.reshape(120, M, L), reference, atol=BATCH_ATOL)
+    np.testing.assert_allclose(pooled, flat.reshape(120, M, L).mean(1), rtol=1e-6, atol=1e-7)
+    settings = emb.uns[UNS_KEY]
+    assert (settings["n_latent_tokens"], settings["latent_dim"]) == (M, L)
+    assert settings["checkpoint"] == str(vae_ckpt) and settings["checkpoint_kind"] == "vae"
+
+
+def test_embedding_is_deterministic_and_independent_of_the_batch(vae_ckpt, synthetic_h5ad):
+    small = embed(vae_ckpt, synthetic_h5ad, batch_size=7, progress=False).obsm[EMBED_KEY]
+    again = embed(vae_ckpt, synthetic_h5ad, batch_size=7, progress=False).obsm[EMBED_KEY]
+    whole = embed(vae_ckpt, synthetic_h5ad, batch_size=256, progress=False).obsm[EMBED_KEY]
+    np.testing.assert_array_equal(small, again)
+    np.testing.assert_allclose(small, whole, atol=BATCH_ATOL)
+
+
+def test_gene_order_extra_genes_and_id_columns_do_not_change_the_embedding(vae_ckpt, synthetic_h5ad, tmp_path):
+    source = ad.read_h5ad(synthetic_h5ad)
+    expected = embed(vae_ckpt, synthetic_h5ad, progress=False).obsm[EMBED_KEY]
+    # Genes reversed and shuffled, plus two genes the model does not know (dropped).
+    extra = ad.AnnData(
+        X=np.ones((source.n_obs, 2), dtype=np.float32), obs=source.obs, var=pd.DataFrame(index=["new_1", "new_2"])
+    )
+    shuffled = ad.concat([source, extra], axis=1, merge="first")
+    shuffled = shuffled[:, np.random.default_rng(0).permutation(shuffled.n_vars)].copy()
+    got = embed(vae_ckpt, _write(shuffled, tmp_path / "shuffled.h5ad"), progress=False).obsm[EMBED_KEY]
+    np.testing.assert_array_equal(got, expected)  # tokens enter in vocabulary order: bit-identical
+    # Symbols as var_names, the ids in a var column.
+    by_column = source.copy()
+    by_column.var["gene_ids"] = by_column.var_names.to_numpy()
+    by_column.var_names = [f"SYMBOL{i}" for i in range(by_column.n_vars)]
+    got = embed(vae_ckpt, _write(by_column, tmp_path / "symbols.h5ad"), progress=False).obsm[EMBED_KEY]
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_missing_genes_are_an_error_unless_allowed_then_absent_like_zeros(vae_ckpt, synthetic_h5ad, tmp_path, capsys):
+    source = ad.read_h5ad(synthetic_h5ad)
+    dropped = ["gene_3", "gene_7", "gene_11"]
+    partial = _write(source[:, ~source.var_names.isin(dropped)].copy(), tmp_path / "partial.h5ad")
+    with pytest.raises(DataError, match=r"3 of the model's 50 genes are missing.*gene_3.*--allow-missing-genes"):
+        embed(vae_ckpt, partial, progress=False)
+    assert main(["embed", str(vae_ckpt), partial, "--out", str(tmp_path / "x.h5ad")]) == 2
+    assert "gene_3" in capsys.readouterr().err
+    got = embed(vae_ckpt, partial, allow_missing_genes=True, progress=False).obsm[EMBED_KEY]
+    # For a model trained on expressed genes, an absent gene is a gene with zero counts.
+    zeroed = source.copy()
+    zeroed.X = sp.csr_matrix(zeroed.X.multiply(~source.var_names.isin(dropped)[None, :]), dtype=np.float32)
+    expected = embed(vae_ckpt, _write(zeroed, tmp_path / "zeroed.h5ad"), progress=False).obsm[EMBED_KEY]
+    np.testing.assert_allclose(got, expected, atol=BATCH_ATOL)
+
+
+def test_ldm_checkpoint_embeds_like_its_vae_and_other_files_are_refused(vae_ckpt, synthetic_h5ad, tmp_path, capsys):
+    payload = {k: v for k, v in load_checkpoint(vae_ckpt).items() if k not in ("format", "version", "kind")}
+    ldm = save_checkpoint(tmp_path / "ldm.pt", "ldm", payload)
+    np.testing.assert_array_equal(
+        embed(ldm, synthetic_h5ad, progress=False).obsm[EMBED_KEY],
+        embed(vae_ckpt, synthetic_h5ad, progress=False).obsm[EMBED_KEY],
+    )
+    assert embed(ldm, synthetic_h5ad, progress=False).uns[UNS_KEY]["checkpoint_kind"] == "ldm"
+    other = save_checkpoint(tmp_path / "other.pt", "prior", {"weights": {}})
+    with pytest.raises(CheckpointError, match="'prior' checkpoint; embed reads a 'vae' or an 'ldm'"):
+        embed(other, synthetic_h5ad, progress=False)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt or not a torch file"):
+        embed(corrupt, synthetic_h5ad, progress=False)
+    assert main(["embed", str(corrupt), str(synthetic_h5ad), "--out", str(tmp_path / "x.h5ad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("scldm-scale embed: error:") and "\n" not in err
+
+
+def test_zero_tokens_are_drawn_per_cell_not_per_batch(vae_ckpt, synthetic_h5ad, tmp_path):
+    ckpt = load_checkpoint(vae_ckpt)
+    ckpt["config"]["data"].update(gene_tokens="expressed_plus_zeros", n_zero_tokens=5)
+    payload = {k: v for k, v in ckpt.items() if k not in ("format", "version", "kind")}
+    with_zeros = save_checkpoint(tmp_path / "zeros.pt", "vae", payload)
+    small = embed(with_zeros, synthetic_h5ad, batch_size=7, progress=False).obsm[EMBED_KEY]
+    whole = embed(with_zeros, synthetic_h5ad, batch_size=256, progress=False).obsm[EMBED_KEY]
+    np.testing.assert_allclose(small, whole, atol=BATCH_ATOL)
+    expressed_only = embed(vae_ckpt, synthetic_h5ad, progress=False).obsm[EMBED_KEY]
+    assert np.abs(small - expressed_only).max() > 1e-3  # the zero tokens are there and matter
+
+
+def test_soma_input_gives_the_h5ad_embedding(vae_ckpt, synthetic_h5ad, tmp_path):
+    uri = prepare(synthetic_h5ad, tmp_path / "cells.soma", labels=["cell_type"], test_fraction=0.2, val_fraction=0.0)
+    from_soma = embed(vae_ckpt, str(uri), progress=False)
+    from_h5ad = embed(vae_ckpt, synthetic_h5ad, progress=False)
+    assert list(from_soma.obs_names) == list(from_h5ad.obs_names)
+    assert {"cell_type", "split", "n_counts"} <= set(from_soma.obs)
+    np.testing.assert_allclose(from_soma.obsm[EMBED_KEY], from_h5ad.obsm[EMBED_KEY], atol=BATCH_ATOL)
+
+
+def test_counts_are_read_from_a_layer_and_validated(vae_ckpt, synthetic_h5ad, tmp_path):
+    source = ad.read_h5ad(synthetic_h5ad)
+    expected = embed(vae_ckpt, synthetic_h5ad, progress=False).obsm[EMBED_KEY]
+    layered = source.copy()
+    layered.layers["counts"] = source.X.copy()
+    layered.X = source.X.log1p()  # log-normalised X, counts in a layer
+    path = _write(layered, tmp_path / "layered.h5ad")
+    with pytest.raises(DataError, match="non-integer values"):
+        embed(vae_ckpt, path, progress=False)
+    np.testing.assert_array_equal(embed(vae_ckpt, path, layer="counts", progress=False).obsm[EMBED_KEY], expected)
+    with pytest.raises(DataError, match=r"no layer 'raw'; layers are \['counts'\]"):
+        embed(vae_ckpt, path, layer="raw", progress=False)
