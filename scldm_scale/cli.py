@@ -89,6 +89,50 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"wrote {adata.n_obs} cells x {adata.n_vars} genes to {args.out}")
 
 
+def cmd_embed(args: argparse.Namespace) -> None:
+    from scldm_scale.evaluate.embed import EMBED_KEY, POOLED_KEY, embed
+
+    if args.batch_size <= 0:
+        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+    Path(args.out).resolve().parent.mkdir(parents=True, exist_ok=True)
+    adata = embed(
+        args.checkpoint,
+        args.input,
+        batch_size=args.batch_size,
+        device=args.device,
+        allow_missing_genes=args.allow_missing_genes,
+        layer=args.layer,
+    )
+    adata.write_h5ad(args.out)
+    shapes = f"obsm {EMBED_KEY} {adata.obsm[EMBED_KEY].shape}, {POOLED_KEY} {adata.obsm[POOLED_KEY].shape}"
+    print(f"wrote {adata.n_obs} cells to {args.out}: {shapes}")
+
+
+def cmd_classify(args: argparse.Namespace) -> None:
+    from scldm_scale.evaluate.classify import classify
+
+    if args.batch_size <= 0:
+        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.rare_max_train is not None and args.rare_max_train < 1:
+        raise ConfigError(f"--rare-max-train must be at least 1, got {args.rare_max_train}")
+    result = classify(
+        args.checkpoint,
+        args.data,
+        args.label_key,
+        args.out,
+        split_key=args.split_key,
+        generated=args.generated,
+        rare_classes=[c for c in args.rare_classes.split(",") if c] if args.rare_classes else None,
+        rare_max_train=args.rare_max_train,
+        batch_size=args.batch_size,
+        device=args.device,
+        allow_missing_genes=args.allow_missing_genes,
+        layer=args.layer,
+    )
+    print((Path(args.out) / "classify.md").read_text())
+    print(f"wrote {len(result['records'])} records to {args.out}/classify.json and classify.md")
+
+
 def cmd_prepare(args: argparse.Namespace) -> None:
     from scldm_scale.data.prepare import prepare
 
@@ -197,10 +241,39 @@ def cmd_plan(args: argparse.Namespace) -> None:
     run_plan(paths, overrides, args.world_size, args.strategy, args.n_genes, args.tokens_per_cell, args.json)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from scldm_scale.evaluate.run import EvalOptions, Holdout, evaluate, read_cells, split_real
+
+    holdout = Holdout(
+        [_pairs(c.split(","), "--holdout") for c in args.holdout],
+        args.perturbation_key,
+        args.context_key,
+        args.control_value,
+    )
+    opts = EvalOptions(
+        condition_keys=args.condition_key,
+        baselines=[b for b in args.baselines.split(",") if b],
+        holdout=holdout,
+        intersect_genes=args.intersect_genes,
+        n_pcs=args.n_pcs,
+        n_hvg=args.n_hvg,
+        seed=args.seed,
+        scvi_epochs=args.scvi_epochs,
+        vae_checkpoint=args.vae_checkpoint,
+        plots=not args.no_plots,
+    )
+    real = read_cells(args.real, "real")
+    train = read_cells(args.train, "train") if args.train else None
+    if train is None and (parts := split_real(real, args.split_key)) is not None:
+        train, real = parts
+    evaluate(real, read_cells(args.generated, "generated"), args.out, opts, train=train)
+    print(f"wrote {args.out}/metrics.json, report.md and the figures")
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from scldm_scale.quickstart import run_quickstart
 
-    report = run_quickstart(args.out, args.overrides)
+    report = run_quickstart(args.out, args.overrides, config=args.config)
     print((Path(args.out) / "report.md").read_text())
     print(f"wrote {args.out}/generated.h5ad, report.json, report.md in {report['timings']['total_s']:.0f} s")
 
@@ -213,6 +286,14 @@ def _add_kernel_shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latents", type=int, default=32, help="latent tokens M")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+
+
+def _add_embed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=256, help="cells per encoder batch")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--layer", default=None, help="layer of an .h5ad input with raw counts (default: X)")
+    missing_help = "encode when the input lacks some of the model's genes (they become absent tokens)"
+    p.add_argument("--allow-missing-genes", action="store_true", help=missing_help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,6 +328,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="output .h5ad")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("evaluate", help="generated vs real cells: metrics per condition, baselines, report, plots")
+    p.add_argument("--real", required=True, help="real cells: .h5ad of counts or a SOMA experiment folder")
+    p.add_argument("--generated", required=True, help="generated cells: .h5ad of counts")
+    p.add_argument("--train", help="real training cells: the baselines and the PCA are fitted on them")
+    p.add_argument(
+        "--split-key",
+        default="split",
+        help="without --train, a --real column with train/test values splits it into training and real cells",
+    )
+    p.add_argument("--condition-key", action="append", default=[], help="obs column of conditions (repeatable)")
+    p.add_argument("--intersect-genes", action="store_true", help="evaluate on the shared genes only")
+    p.add_argument("--baselines", default="real_train_cells,independent_nb,scvi", help="comma-separated, or ''")
+    p.add_argument(
+        "--holdout",
+        action="append",
+        default=[],
+        help="a combination held out of training, e.g. cell_line=A,perturbation=P (repeatable)",
+    )
+    p.add_argument("--perturbation-key", default="perturbation")
+    p.add_argument("--context-key", default="cell_line")
+    p.add_argument("--control-value", default="control")
+    p.add_argument("--vae-checkpoint", help="VAE or LDM checkpoint: adds its reconstruction of the real cells")
+    p.add_argument("--n-pcs", type=int, default=30)
+    p.add_argument("--n-hvg", type=int, default=2000)
+    p.add_argument("--scvi-epochs", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("embed", help="posterior-mean latents of cells (.h5ad or SOMA) -> obsm of an .h5ad")
+    p.add_argument("checkpoint", help="a vae or ldm checkpoint")
+    p.add_argument("input", help=".h5ad of raw counts, or a SOMA experiment URI")
+    _add_embed_args(p)
+    p.add_argument("--out", required=True, help="output .h5ad: the input's obs, obsm X_scldm and X_scldm_pooled")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("classify", help="label classification from scLDM latents vs PCA, optionally augmented")
+    p.add_argument("checkpoint", help="a vae or ldm checkpoint")
+    p.add_argument("data", help=".h5ad of raw counts, or a SOMA experiment URI, with the labels in obs")
+    p.add_argument("--label-key", required=True, help="obs column to predict, e.g. cell_type")
+    p.add_argument("--split-key", default="split", help="obs column with train/test (else a stratified 80/20 split)")
+    p.add_argument("--generated", default=None, help="generated cells (.h5ad, labels in obs) to add to rare classes")
+    rare = p.add_mutually_exclusive_group()
+    rare.add_argument("--rare-classes", default=None, metavar="A,B", help="the classes to augment")
+    rare.add_argument(
+        "--rare-max-train", type=int, default=None, metavar="N", help="augment classes with <= N train cells"
+    )
+    _add_embed_args(p)
+    p.add_argument("--out", required=True, help="folder for classify.json and classify.md")
+    p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("prepare", help="ingest .h5ad / 10x .h5 / Matrix Market folder / CSV into a SOMA experiment")
     p.add_argument("input")
@@ -320,7 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quickstart", help="train both stages on the built-in PBMC data, generate, report")
     p.add_argument("--out", default="quickstart_out")
-    p.add_argument("overrides", nargs="*", help="dot-list overrides of configs/quickstart.yaml")
+    p.add_argument(
+        "--config", default=None, help="a demo config (default configs/quickstart.yaml; configs/perturbation.yaml)"
+    )
+    p.add_argument("overrides", nargs="*", help="dot-list overrides of the config")
     p.set_defaults(func=cmd_quickstart)
     return parser
 

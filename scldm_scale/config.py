@@ -55,6 +55,11 @@ class DataConfig:
     split_seed: int = 0
     # Only for data that is not raw counts (e.g. ambient-corrected): allow non-integer values.
     allow_non_integer: bool = False
+    # Condition combinations kept out of training (both stages, every source), to evaluate generation for
+    # combinations the model never saw, e.g. [{cell_line: line_B, perturbation: pert_2}]. A cell matching
+    # any entry (all of its key: value pairs) is held out; keys are data.condition_keys, and each held-out
+    # value must still occur in other training cells, so the model knows it.
+    holdout_combinations: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -259,6 +264,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("data.chunk_size and data.buffer_chunks must be positive, data.num_workers >= 0")
     if cfg.data.n_zero_tokens < 0:
         raise ConfigError(f"data.n_zero_tokens must be >= 0, got {cfg.data.n_zero_tokens}")
+    _validate_holdout(cfg.data)
     if not 0.0 < cfg.data.test_fraction < 1.0:
         raise ConfigError(f"data.test_fraction must be in (0, 1), got {cfg.data.test_fraction}")
     if not 0.0 <= cfg.prior.cond_drop_prob <= 1.0:
@@ -288,6 +294,30 @@ def validate(cfg: Config) -> Config:
     if cfg.stage == "ldm" and not cfg.train.vae_checkpoint:
         raise ConfigError("stage=ldm needs train.vae_checkpoint=PATH (a checkpoint written by stage=vae)")
     return cfg
+
+
+def _validate_holdout(data: DataConfig) -> None:
+    seen: dict[frozenset, int] = {}
+    for i, combination in enumerate(data.holdout_combinations):
+        where = f"data.holdout_combinations[{i}]"
+        if not combination:
+            raise ConfigError(
+                f"{where} is empty, which would hold out every cell; give key: value pairs, e.g. "
+                f"{{{', '.join(f'{k}: VALUE' for k in data.condition_keys)}}}"
+            )
+        unknown = [k for k in combination if k not in data.condition_keys]
+        if unknown:
+            raise ConfigError(
+                f"{where} has keys {unknown} that are not data.condition_keys {list(data.condition_keys)}; "
+                "a held-out combination is made of condition values"
+            )
+        not_text = {k: v for k, v in combination.items() if not isinstance(v, str)}
+        if not_text:
+            raise ConfigError(f"{where}: values must be strings (condition labels), got {not_text}")
+        items = frozenset(combination.items())
+        if items in seen:
+            raise ConfigError(f"{where} repeats data.holdout_combinations[{seen[items]}]: {dict(combination)}")
+        seen[items] = i
 
 
 def _friendly(err: OmegaConfBaseException) -> str:

@@ -247,16 +247,18 @@ def test_quickstart_writes_the_report(tmp_path, tiny_overrides):
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
     assert on_disk["n_genes"] == 765
-    assert on_disk["n_train_cells"] + on_disk["n_test_cells"] == 700
-    recon = on_disk["reconstruction"]
-    assert np.isfinite(recon["nll_per_cell"]) and recon["nll_per_cell"] > 0
-    assert recon["n_cells"] == on_disk["n_test_cells"]
-    overall = {(r["method"], r["metric"]): r["value"] for r in on_disk["metrics"] if r["condition"] == "all"}
-    for method in ("scLDM", "independent_nb", "real_train_cells"):
-        for metric in ("mmd", "mean_r2", "var_r2"):
+    assert on_disk["n_train_cells"] + on_disk["n_real_cells"] == 700
+    records = json.loads((tmp_path / "metrics.json").read_text())
+    assert records == on_disk["metrics"]
+    overall = {(r["method"], r["metric"]): r["value"] for r in records if r["condition"] == "all"}
+    assert np.isfinite(overall[("reconstruction", "nll_per_cell")]) and overall[("reconstruction", "nll_per_cell")] > 0
+    for method in ("generated", "independent_nb", "real_train_cells"):
+        for metric in ("mmd", "wasserstein2", "frechet", "mean_r2", "var_r2", "c2st_accuracy", "coverage"):
             assert np.isfinite(overall[(method, metric)]), (method, metric)
     generated = ad.read_h5ad(tmp_path / "generated.h5ad")
-    assert generated.n_obs == on_disk["n_test_cells"]
+    assert generated.n_obs == on_disk["n_real_cells"]
     markdown = (tmp_path / "report.md").read_text()
     assert "NB negative log-likelihood per cell" in markdown
-    assert "| scLDM |" in markdown and "| independent_nb |" in markdown
+    assert "| generated |" in markdown and "| independent_nb |" in markdown and "## Time" in markdown
+    for figure in ("umap.png", "mean_var.png", "metric_by_condition.png"):
+        assert f"]({figure})" in markdown and (tmp_path / figure).stat().st_size > 1000

@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -222,6 +223,15 @@ def _axis_query(value_filter: str | None):
     import tiledbsoma
 
     return tiledbsoma.AxisQuery(value_filter=value_filter) if value_filter else tiledbsoma.AxisQuery()
+
+
+def read_obs(spec: SomaSpec, column_names: list[str]) -> pd.DataFrame:
+    """The given obs columns of the cells passing spec.obs_filter."""
+    handle, exp = open_experiment(spec)
+    try:
+        return exp.obs.read(value_filter=spec.obs_filter, column_names=column_names).concat().to_pandas()
+    finally:
+        handle.close()
 
 
 def obs_columns(spec: SomaSpec) -> list[str]:

@@ -5,6 +5,8 @@ gene vocabulary, the condition encoders, and per-cell labels / library sizes / c
 train split in a fixed order (for library-size fits and for encoding latents in order).
 Sources: `soma` (a local SOMA experiment, the default), `census` (the CELLxGENE Census or a local
 collection laid out like it), `h5ad` (in memory, for small data; also the built-in dataset).
+The cells of `data.holdout_combinations` are not training cells, whatever the source: SOMA never reads
+them (the obs value filter excludes them), the h5ad source drops their rows.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from scldm_scale.config import DataConfig
 from scldm_scale.data.counts import DataError
@@ -25,6 +28,7 @@ from scldm_scale.data.dataset import (
     build_dataset,
     load_anndata,
 )
+from scldm_scale.data.holdout import check_holdout, exclusion_filter, holdout_mask, match_filter
 
 ORDERED_BATCH = 256
 
@@ -44,7 +48,9 @@ class TrainCells:
         return len(self.library_sizes)
 
 
-def soma_spec(cfg: DataConfig, split: str | None):
+def soma_spec(cfg: DataConfig, split: str | None, exclude_holdout: bool = False):
+    """The cells of data.obs_filter in `split` (None: every split), without data.holdout_combinations'
+    cells when `exclude_holdout` (training reads; evaluation wants the held-out cells)."""
     from scldm_scale.data.soma import SomaSpec
 
     census = cfg.source == "census"
@@ -52,7 +58,12 @@ def soma_spec(cfg: DataConfig, split: str | None):
         raise DataError(
             "data.source=soma needs data.uri=PATH of a SOMA experiment (make one with `scldm-scale prepare`)"
         )
-    filters = [f for f in (cfg.obs_filter, f"{cfg.split_key} == '{split}'" if split else None) if f]
+    filters = [
+        cfg.obs_filter,
+        f"{cfg.split_key} == '{split}'" if split else None,
+        exclusion_filter(cfg.holdout_combinations) if exclude_holdout else None,
+    ]
+    filters = [f for f in filters if f]
     return SomaSpec(
         uri=cfg.uri or "",
         layer=cfg.layer or ("raw" if census else "counts"),
@@ -83,7 +94,9 @@ def open_train_cells(
     from scldm_scale.data.soma import SomaBatches, SomaCells
 
     split = "train" if _has_split_column(cfg) else None
-    cells = SomaCells(soma_spec(cfg, split), vocabulary=vocabulary)
+    cells = SomaCells(soma_spec(cfg, split, exclude_holdout=True), vocabulary=vocabulary)
+    if cfg.holdout_combinations:
+        _check_soma_holdout(cfg, split, cells.labels)
     if encoders is None:
         encoders = {k: LabelEncoder.fit(k, v) for k, v in cells.labels.items()}
     if cells.n_counts is None:
@@ -122,6 +135,20 @@ def open_train_cells(
     )
 
 
+def _check_soma_holdout(cfg: DataConfig, split: str | None, train_labels: dict[str, np.ndarray]) -> None:
+    """check_holdout on the obs of the held-out cells (any split), read with one filtered query."""
+    from scldm_scale.data.soma import read_obs
+
+    spec = soma_spec(cfg, None)
+    combos = cfg.holdout_combinations
+    spec.obs_filter = " and ".join(f"({f})" for f in (spec.obs_filter, match_filter(combos)) if f)
+    keys = list(dict.fromkeys(k for c in combos for k in c))
+    obs = read_obs(spec, keys + ([cfg.split_key] if split else []))
+    in_train = obs[cfg.split_key].astype(str).to_numpy() == split if split else np.ones(len(obs), dtype=bool)
+    where = cfg.uri or f"Census {cfg.census_version}"
+    check_holdout(combos, obs, in_train, train_labels, where)
+
+
 def _h5ad_train_cells(cfg, batch_size, seed, vocabulary, encoders) -> TrainCells:
     adata = load_anndata(cfg)
     if vocabulary is not None:
@@ -134,6 +161,12 @@ def _h5ad_train_cells(cfg, batch_size, seed, vocabulary, encoders) -> TrainCells
         adata = adata[:, [position[g] for g in vocabulary]].copy()
     dataset = build_dataset(adata, cfg, encoders=encoders)
     idx = dataset.indices("train")
+    if cfg.holdout_combinations:
+        obs = pd.DataFrame(dataset.obs)
+        idx = idx[~holdout_mask(obs, cfg.holdout_combinations)[idx]]
+        train_labels = {k: v[idx] for k, v in dataset.obs.items()}
+        where = cfg.path or f"built-in {cfg.builtin}"
+        check_holdout(cfg.holdout_combinations, obs, dataset.split == "train", train_labels, where)
 
     def ordered() -> Iterator[CellBatch]:
         for start in range(0, len(idx), ORDERED_BATCH):

@@ -1,63 +1,107 @@
-"""Compare generated with real held-out cells, beside the independent-NB baseline and the noise floor.
-
-Preprocessing (fixed): library-size normalisation to 1e4, log1p, PCA (30 components) fitted on the
-real training cells and applied to every set. Metrics per method: RBF-kernel MMD in PCA space
-(multi-bandwidth, see metrics.mmd_rbf), and R² of per-gene means and variances of the log-normalised
-genes. Overall and per condition value.
-"""
+"""report.md from the metric records: tables per method and condition, the held-out combinations, the
+VAE reconstruction, the figures and what each metric means."""
 
 from __future__ import annotations
 
-import numpy as np
-import scipy.sparse as sp
+import math
 
-from scldm_scale.evaluate.metrics import PCAProjector, mean_var_r2, mmd_rbf, normalize_log1p
+# Higher is better for these; the rest are lower-is-better, or best at 0.5 (the two-sample accuracies).
+DEFINITIONS = {
+    "mmd": "squared MMD, RBF kernel averaged over bandwidths (0.25, 0.5, 1, 2, 4) × the median pairwise "
+    "distance, on the PCs (lower is better; 0 = same sample)",
+    "wasserstein2": "2-Wasserstein distance, exact optimal transport (POT) on up to 2,000 cells a side, on the "
+    "PCs (lower is better)",
+    "frechet": "Fréchet distance between Gaussian fits of the PCs (lower is better)",
+    "mean_r2": "R² of per-gene means of log-normalised counts, generated predicting real (higher is better)",
+    "var_r2": "R² of per-gene variances (higher is better)",
+    "mean_pearson": "Pearson r of per-gene means (higher is better)",
+    "var_pearson": "Pearson r of per-gene variances (higher is better)",
+    "dropout_mae": "mean absolute difference of per-gene fractions of zero counts (lower is better)",
+    "one_nn_accuracy": "leave-one-out 1-NN accuracy telling real from generated on the highly variable genes "
+    "(0.5 is perfect, 1 = fully separable)",
+    "c2st_accuracy": "cross-validated accuracy of a classifier telling real from generated on the PCs (0.5 is perfect)",
+    "precision": "k-NN precision (Kynkäänniemi et al. 2019): generated cells inside the real manifold (higher)",
+    "recall": "k-NN recall: real cells inside the generated manifold (higher is better)",
+    "density": "k-NN density (Naeem et al. 2020): about 1 when generated cells are as dense as real ones",
+    "coverage": "k-NN coverage (Naeem et al. 2020): real cells with a generated cell in their k-NN ball (higher)",
+}
+# The per-condition tables shown in full; every other metric is in metrics.json and the heatmap.
+PER_CONDITION_METRICS = ("mmd", "wasserstein2", "c2st_accuracy")
 
-N_COMPONENTS = 30
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.4g}"
 
 
-def compare(
-    train_counts: sp.csr_matrix,
-    test_counts: sp.csr_matrix,
-    test_labels: np.ndarray,
-    methods: dict[str, tuple[np.ndarray | sp.csr_matrix, np.ndarray]],
-) -> list[dict]:
-    """Records {metric, condition, method, value} for each method's (counts, labels) vs the test cells."""
-    pca = PCAProjector().fit(normalize_log1p(train_counts), n_components=N_COMPONENTS)
-    real_log = normalize_log1p(test_counts)
-    real_pc = pca.transform(real_log)
-    records = []
-    for method, (counts, labels) in methods.items():
-        gen_log = normalize_log1p(counts)
-        gen_pc = pca.transform(gen_log)
-        groups = [("all", np.ones(len(real_pc), bool), np.ones(len(gen_pc), bool))]
-        groups += [(str(v), test_labels == v, labels == v) for v in np.unique(test_labels)]
-        for condition, real_sel, gen_sel in groups:
-            if real_sel.sum() < 2 or gen_sel.sum() < 2:
-                continue
-            values = {"mmd": mmd_rbf(real_pc[real_sel], gen_pc[gen_sel])}
-            values.update(mean_var_r2(real_log[real_sel], gen_log[gen_sel]))
-            for metric, value in values.items():
-                records.append({"metric": metric, "condition": condition, "method": method, "value": float(value)})
-    return records
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _ordered(records: list[dict], field: str) -> list[str]:
+    return list(dict.fromkeys(r[field] for r in records))
 
 
 def summary_table(records: list[dict], condition: str = "all") -> str:
-    """Markdown table: one row per method, one column per metric, for one condition."""
-    methods = list(dict.fromkeys(r["method"] for r in records))
-    metrics = list(dict.fromkeys(r["metric"] for r in records))
+    """One row per method, one column per metric, for one condition."""
+    metrics = _ordered(records, "metric")
     value = {(r["method"], r["metric"]): r["value"] for r in records if r["condition"] == condition}
-    lines = ["| method | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
-    for m in methods:
-        lines.append(f"| {m} | " + " | ".join(f"{value.get((m, k), float('nan')):.4f}" for k in metrics) + " |")
-    return "\n".join(lines)
+    rows = [[m] + [_fmt(value.get((m, k))) for k in metrics] for m in _ordered(records, "method")]
+    return _table(["method", *metrics], rows)
 
 
-def per_condition_table(records: list[dict], metric: str) -> str:
-    methods = list(dict.fromkeys(r["method"] for r in records))
-    conditions = [c for c in dict.fromkeys(r["condition"] for r in records) if c != "all"]
+def per_condition_table(records: list[dict], metric: str, skip: tuple[str, ...] = ("all",)) -> str:
+    """One row per condition, one column per method, for one metric."""
+    methods = _ordered(records, "method")
     value = {(r["method"], r["condition"]): r["value"] for r in records if r["metric"] == metric}
-    lines = ["| condition | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
-    for c in conditions:
-        lines.append(f"| {c} | " + " | ".join(f"{value.get((m, c), float('nan')):.4f}" for m in methods) + " |")
-    return "\n".join(lines)
+    conditions = [c for c in _ordered(records, "condition") if c not in skip]
+    return _table(["condition", *methods], [[c] + [_fmt(value.get((m, c))) for m in methods] for c in conditions])
+
+
+def holdout_table(records: list[dict]) -> str:
+    """Seen vs unseen combinations: one row per (method, group), one column per metric."""
+    metrics = _ordered(records, "metric")
+    value = {(r["method"], r["condition"], r["metric"]): r["value"] for r in records}
+    rows = []
+    for group in ("unseen", "seen"):
+        for method in _ordered(records, "method"):
+            if any((method, group, k) in value for k in metrics):
+                rows.append([group, method] + [_fmt(value.get((method, group, k))) for k in metrics])
+    return _table(["combinations", "method", *metrics], rows)
+
+
+def render(context: dict, records: list[dict], figures: dict[str, str]) -> str:
+    """The whole report; `context` holds the inputs' description and what was skipped."""
+    generation = [r for r in records if r["method"] != "reconstruction"]
+    out = [
+        "# scldm-scale evaluation report",
+        "",
+        context["inputs"],
+        "",
+        "## Preprocessing (fixed)",
+        context["preprocessing"],
+        "",
+        "## All conditions",
+        "Every method is compared with the real cells of the conditions it generated. "
+        "`real_train_cells` is the noise floor: real cells that no model generated.",
+        "",
+        summary_table(generation),
+    ]
+    if any(r["condition"] == "unseen" for r in generation):
+        out += ["", "## Held-out combinations (never seen in training) vs seen ones", "", holdout_table(generation)]
+    for metric in PER_CONDITION_METRICS:
+        if any(r["metric"] == metric for r in generation):
+            out += ["", f"## {metric} per condition", "", per_condition_table(generation, metric)]
+    recon = {r["metric"]: r["value"] for r in records if r["method"] == "reconstruction"}
+    if recon:
+        out += [
+            "",
+            "## VAE reconstruction of the real cells",
+            f"- NB negative log-likelihood per cell: {recon['nll_per_cell']:.2f}",
+            f"- Pearson r, reconstructed vs observed log-normalised counts: {recon['pearson_lognorm']:.4f}",
+        ]
+    out += ["", "## Figures"] + [f"![{caption}]({name})" for name, caption in figures.items()]
+    if context.get("skipped"):
+        out += ["", "## Skipped"] + [f"- {s}" for s in context["skipped"]]
+    out += ["", "## Metrics"] + [f"- `{k}`: {v}" for k, v in DEFINITIONS.items()]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,101 @@
+"""The report's figures, written as PNG: UMAP of real and generated cells, per-gene mean/variance
+agreement, and a metric-by-condition heatmap. matplotlib's Agg backend: no display needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+# UMAP is fitted on at most this many cells per side; beyond that a plot shows nothing more.
+UMAP_MAX_CELLS = 5000
+# Metrics where lower is better; the heatmap colours every column so that darker is worse.
+LOWER_IS_BETTER = {"mmd", "wasserstein2", "frechet", "dropout_mae"}
+# Accuracy-type two-sample metrics are best at 0.5.
+BEST_AT_HALF = {"one_nn_accuracy", "c2st_accuracy"}
+
+
+def _subsample(n: int, rng: np.random.Generator) -> np.ndarray:
+    return np.sort(rng.choice(n, size=UMAP_MAX_CELLS, replace=False)) if n > UMAP_MAX_CELLS else np.arange(n)
+
+
+def umap_plot(
+    real_pcs: np.ndarray, gen_pcs: np.ndarray, real_cond: np.ndarray, gen_cond: np.ndarray, path: Path, seed: int
+) -> None:
+    """One UMAP of the pooled PCs, drawn twice: coloured by source and by condition."""
+    import umap
+
+    rng = np.random.default_rng(seed)
+    r, g = _subsample(len(real_pcs), rng), _subsample(len(gen_pcs), rng)
+    pooled = np.concatenate([real_pcs[r], gen_pcs[g]])
+    n_neighbors = max(2, min(15, len(pooled) - 1))
+    xy = umap.UMAP(n_neighbors=n_neighbors, random_state=seed, n_jobs=1).fit_transform(pooled)
+    source = np.array(["real"] * len(r) + ["generated"] * len(g))
+    condition = np.concatenate([real_cond[r], gen_cond[g]]).astype(str)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    for ax, colour_by, title in ((axes[0], source, "source"), (axes[1], condition, "condition")):
+        values = list(dict.fromkeys(colour_by))
+        cmap = plt.get_cmap("tab10" if len(values) <= 10 else "tab20")
+        for i, v in enumerate(values):
+            sel = colour_by == v
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=4, color=cmap(i % cmap.N), label=v, alpha=0.7, linewidths=0)
+        ax.set_title(f"UMAP of real and generated cells, by {title}")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.legend(markerscale=3, fontsize=7, loc="best", frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def mean_var_plot(real_lognorm: np.ndarray, methods: dict[str, np.ndarray], path: Path) -> None:
+    """Per-gene mean (top) and variance (bottom) of each method against the real cells'."""
+    stats = {"mean": (real_lognorm.mean(0), {k: v.mean(0) for k, v in methods.items()})}
+    stats["variance"] = (real_lognorm.var(0), {k: v.var(0) for k, v in methods.items()})
+    fig, axes = plt.subplots(2, len(methods), figsize=(4 * len(methods), 8), squeeze=False)
+    for row, (stat, (real, per_method)) in enumerate(stats.items()):
+        for col, (method, values) in enumerate(per_method.items()):
+            ax = axes[row, col]
+            ax.scatter(real, values, s=3, alpha=0.5, linewidths=0)
+            hi = float(max(real.max(), values.max()))
+            ax.plot([0, hi], [0, hi], color="grey", lw=0.8)
+            ax.set_xlabel(f"real per-gene {stat}")
+            ax.set_ylabel(f"{method} per-gene {stat}")
+            ax.set_title(f"{method}: {stat} (log-normalised)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _badness(column: pd.Series) -> pd.Series:
+    """Per metric, 0 = the best value in the column and 1 = the worst, so colours compare across metrics."""
+    if column.name in BEST_AT_HALF:
+        column = (column - 0.5).abs()
+    elif column.name not in LOWER_IS_BETTER:
+        column = -column
+    span = column.max() - column.min()
+    return (column - column.min()) / span if span > 0 else column * 0.0
+
+
+def heatmap(records: list[dict], method: str, path: Path) -> None:
+    """Conditions × metrics for one method, values printed, colour = rank within the metric's column."""
+    table = pd.DataFrame([r for r in records if r["method"] == method and r["condition"] != "all"])
+    if table.empty:
+        return
+    table = table.pivot(index="condition", columns="metric", values="value")
+    colours = table.apply(_badness)
+    fig, ax = plt.subplots(figsize=(1.1 * table.shape[1] + 3, 0.4 * table.shape[0] + 2))
+    ax.imshow(colours.to_numpy(dtype=float), cmap="Reds", aspect="auto", vmin=0, vmax=1.3)
+    ax.set_xticks(range(table.shape[1]), table.columns, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(table.shape[0]), table.index, fontsize=8)
+    for (i, j), value in np.ndenumerate(table.to_numpy(dtype=float)):
+        ax.text(j, i, "" if np.isnan(value) else f"{value:.3g}", ha="center", va="center", fontsize=6)
+    ax.set_title(f"{method}: metric by condition (darker = worse within a metric)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

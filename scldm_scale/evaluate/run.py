@@ -1,0 +1,252 @@
+"""`scldm-scale evaluate`: read real, generated and (optionally) training cells, build the baselines on
+the same split, compute every metric, and write metrics.json, report.md and the figures.
+
+metrics.json is a list of records {"metric", "condition", "method", "value"}: `method` is "generated"
+for the file under evaluation, the baseline's name otherwise, and "reconstruction" for the VAE's
+reconstruction figures; `condition` is "all", "key=value", "k1=v1, k2=v2", "seen" or "unseen".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from scldm_scale.data.counts import DataError, validate_counts
+from scldm_scale.data.holdout import combination_mask, describe
+from scldm_scale.evaluate import baselines, plots, report
+from scldm_scale.evaluate.conditions import combination_labels
+from scldm_scale.evaluate.suite import GENERATED, PREPROCESSING, CellSet, Preprocessor, align_genes, compare
+
+log = logging.getLogger(__name__)
+BASELINES = ("real_train_cells", "independent_nb", "scvi")
+
+
+@dataclass
+class Holdout:
+    """Condition combinations held out of training, and the columns the additive-shift baseline reads."""
+
+    combinations: list[dict[str, str]] = field(default_factory=list)
+    perturbation_key: str = "perturbation"
+    context_key: str = "cell_line"
+    control_value: str = "control"
+
+
+@dataclass
+class EvalOptions:
+    condition_keys: list[str]
+    baselines: Sequence[str] = BASELINES
+    holdout: Holdout = field(default_factory=Holdout)
+    intersect_genes: bool = False
+    n_pcs: int = PREPROCESSING["n_pcs"]
+    n_hvg: int = PREPROCESSING["n_hvg"]
+    seed: int = 0
+    scvi_epochs: int = 200
+    vae_checkpoint: str | None = None
+    plots: bool = True
+
+
+def _check_options(opts: EvalOptions, have_train: bool) -> None:
+    unknown = sorted(set(opts.baselines) - set(BASELINES))
+    if unknown:
+        raise DataError(f"unknown baselines {unknown}; choose from {list(BASELINES)}")
+    for combo in opts.holdout.combinations:
+        stray = sorted(set(combo) - set(opts.condition_keys))
+        if stray or not combo:
+            raise DataError(
+                f"held-out combination {combo} must set some of the condition keys {opts.condition_keys}, only those"
+            )
+    if opts.holdout.combinations and not have_train:
+        raise DataError("held-out combinations need the training cells (--train) for the additive-shift baseline")
+
+
+def _baseline_sets(train: CellSet, real: CellSet, opts: EvalOptions, skipped: list[str]) -> dict[str, CellSet]:
+    out = {}
+    if "independent_nb" in opts.baselines:
+        counts, labels = baselines.independent_nb_cells(train.counts, train.labels, real.labels, opts.seed)
+        out["independent_nb"] = CellSet(sp.csr_matrix(counts, dtype=np.float64), labels)
+    if "scvi" in opts.baselines:
+        made = baselines.scvi_cells(train.counts, train.labels, real.labels, opts.seed, opts.scvi_epochs)
+        if made is None:
+            skipped.append(baselines.SCVI_MISSING)
+        else:
+            out["scvi"] = CellSet(sp.csr_matrix(made[0], dtype=np.float64), made[1])
+    if opts.holdout.combinations:
+        out["additive_shift"] = _additive_shift(train, real, opts)
+    return out
+
+
+def _noise_floor(train: CellSet, real: CellSet, opts: EvalOptions) -> tuple[CellSet | None, CellSet]:
+    """The real_train_cells baseline and the cells the preprocessing is fitted on.
+
+    A PCA fitted on a set spreads that set along its noise directions more than any other set, so the
+    noise-floor cells would look farther from the real cells than they are: they are kept out of the fit,
+    which uses the remaining training cells (all of them when too few remain for the PCA).
+    """
+    if "real_train_cells" not in opts.baselines:
+        return None, train
+    rows, labels = baselines.matched_train_rows(train.labels, real.labels, opts.seed)
+    floor = CellSet(train.counts[rows], labels)
+    rest = np.setdiff1d(np.arange(len(train)), rows)
+    if len(rest) <= 2 * opts.n_pcs:
+        log.warning("only %d training cells are not in the noise floor; the PCA is fitted on all of them", len(rest))
+        return floor, train
+    return floor, train.subset(rest)
+
+
+def _additive_shift(train: CellSet, real: CellSet, opts: EvalOptions) -> CellSet:
+    """The held-out combinations predicted by control cells plus the perturbation's shift elsewhere."""
+    from scldm_scale.evaluate.perturbation import additive_shift_baseline
+
+    h = opts.holdout
+    counts, labels = [], []
+    for combo in h.combinations:
+        if set(combo) != {h.perturbation_key, h.context_key}:
+            raise DataError(
+                f"the additive-shift baseline predicts a combination of {h.context_key!r} and {h.perturbation_key!r}; "
+                f"held-out combination {describe(combo)} sets {sorted(combo)} (see --context-key, --perturbation-key)"
+            )
+        real_rows = combination_mask(real.labels, combo)
+        n = int(real_rows.sum())
+        if n == 0:
+            raise DataError(f"the real cells hold no cell of the held-out combination {describe(combo)}")
+        counts.append(
+            additive_shift_baseline(
+                train.counts,
+                train.labels,
+                dict(combo),
+                n_cells=n,
+                seed=opts.seed,
+                perturbation_key=h.perturbation_key,
+                context_key=h.context_key,
+                control_value=h.control_value,
+            )
+        )
+        labels.append(real.labels[real_rows])
+    return CellSet(sp.csr_matrix(np.concatenate(counts), dtype=np.float64), pd.concat(labels, ignore_index=True))
+
+
+def evaluate(
+    real: ad.AnnData,
+    generated: ad.AnnData,
+    out_dir: str | Path,
+    opts: EvalOptions,
+    train: ad.AnnData | None = None,
+) -> list[dict]:
+    """Every metric of the generated cells and the baselines against the real cells; writes the report."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_options(opts, train is not None)
+    named = {"real": real, GENERATED: generated} | ({"train": train} if train is not None else {})
+    for name, adata in named.items():
+        if adata.n_obs < 2:
+            raise DataError(f"the {name} cells number {adata.n_obs}; evaluation needs at least 2")
+        # Generated counts may be non-integer (some models emit expected counts); real ones may not.
+        validate_counts(adata.X, f"{name} cells", allow_non_integer=name == GENERATED)
+    aligned = align_genes(named, opts.intersect_genes)
+    sets = {name: CellSet.from_anndata(a, opts.condition_keys, f"{name} cells") for name, a in aligned.items()}
+    real_set, reference = sets["real"], sets.get("train", sets["real"])
+    skipped: list[str] = []
+    methods = {GENERATED: sets[GENERATED]}
+    if "train" in sets:
+        floor, reference = _noise_floor(sets["train"], real_set, opts)
+        methods |= {"real_train_cells": floor} if floor is not None else {}
+        methods |= _baseline_sets(sets["train"], real_set, opts, skipped)
+    elif opts.baselines:
+        skipped.append("baselines: no training cells (--train), so none was fitted")
+    records = compare(real_set, methods, reference, opts.holdout.combinations, opts.n_pcs, opts.n_hvg, opts.seed)
+    if opts.vae_checkpoint:
+        from scldm_scale.evaluate.reconstruction import reconstruction_of
+
+        recon = reconstruction_of(opts.vae_checkpoint, real, torch.device("cpu"))
+        records += [
+            {"metric": k, "condition": "all", "method": "reconstruction", "value": float(recon[k])}
+            for k in ("nll_per_cell", "pearson_lognorm")
+        ]
+    (out / "metrics.json").write_text(json.dumps(records, indent=1))
+    figures = _figures(out, real_set, methods, reference, records, opts) if opts.plots else {}
+    context = {
+        "inputs": _describe(aligned, opts),
+        "preprocessing": _preprocessing_text(opts, "train" in sets),
+        "skipped": skipped,
+    }
+    (out / "report.md").write_text(report.render(context, records, figures))
+    log.info("wrote %s, %s and %d figures", out / "metrics.json", out / "report.md", len(figures))
+    return records
+
+
+def _figures(out: Path, real: CellSet, methods: dict[str, CellSet], reference: CellSet, records, opts) -> dict:
+    prep = Preprocessor(reference.counts, opts.n_pcs, opts.n_hvg)
+    real_f = prep(real.counts)
+    method_f = {name: prep(cells.counts) for name, cells in methods.items()}
+    gen = methods[GENERATED]
+    plots.umap_plot(
+        real_f.pcs,
+        method_f[GENERATED].pcs,
+        combination_labels(real.labels),
+        combination_labels(gen.labels),
+        out / "umap.png",
+        opts.seed,
+    )
+    plots.mean_var_plot(real_f.lognorm, {k: f.lognorm for k, f in method_f.items()}, out / "mean_var.png")
+    plots.heatmap(records, GENERATED, out / "metric_by_condition.png")
+    return {
+        "umap.png": "UMAP of real and generated cells, by source and by condition",
+        "mean_var.png": "per-gene means and variances, each method against the real cells",
+        "metric_by_condition.png": "metric by condition for the generated cells",
+    }
+
+
+def _describe(aligned: dict[str, ad.AnnData], opts: EvalOptions) -> str:
+    sizes = ", ".join(f"{name} {a.n_obs} cells" for name, a in aligned.items())
+    genes = next(iter(aligned.values())).n_vars
+    held = f"; held-out combinations: {opts.holdout.combinations}" if opts.holdout.combinations else ""
+    return f"Inputs: {sizes}; {genes} genes; condition keys {opts.condition_keys}{held}."
+
+
+def _preprocessing_text(opts: EvalOptions, have_train: bool) -> str:
+    fitted_on = (
+        "the real training cells (less those drawn for the `real_train_cells` noise floor, which a fit would favour)"
+        if have_train
+        else "the real cells themselves (no --train was given, so the fit favours them over every other set)"
+    )
+    return (
+        f"Counts normalised to {PREPROCESSING['target_sum']:.0e} per cell and log1p-transformed; PCA with "
+        f"{opts.n_pcs} components and the {opts.n_hvg} highly variable genes (scanpy, flavor "
+        f"{PREPROCESSING['hvg_flavor']!r}) fitted on {fitted_on} and applied to every set. Seed {opts.seed}."
+    )
+
+
+def read_cells(path: str | Path, what: str) -> ad.AnnData:
+    """Counts from an .h5ad (X) or a SOMA experiment folder (its `counts` layer), for the named role."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"the {what} cells: {path} does not exist")
+    if path.is_dir():
+        from scldm_scale.data.soma import SomaSpec, read_anndata
+
+        return read_anndata(SomaSpec(uri=str(path)))
+    from scldm_scale.data.counts import read_counts
+
+    return read_counts(path)
+
+
+def split_real(adata: ad.AnnData, split_key: str) -> tuple[ad.AnnData, ad.AnnData] | None:
+    """(train, test) from the split column `prepare` writes, or None when the cells have no such column."""
+    if split_key not in adata.obs:
+        return None
+    split = adata.obs[split_key].astype(str).to_numpy()
+    parts = {name: adata[split == name].copy() for name in ("train", "test")}
+    empty = [name for name, part in parts.items() if part.n_obs == 0]
+    if empty:
+        raise DataError(f"obs[{split_key!r}] of the real cells has no {empty} cells; it holds {sorted(set(split))}")
+    log.info("real cells split by obs[%r]: %d train, %d test", split_key, parts["train"].n_obs, parts["test"].n_obs)
+    return parts["train"], parts["test"]

@@ -1,0 +1,162 @@
+"""Generated cells against real ones, metric by metric, overall and per condition, beside baselines.
+
+Preprocessing (fixed, as in the literature; `PREPROCESSING` holds the numbers):
+1. Genes are aligned by id (var_names). A gene on one side only is an error unless `intersect_genes`.
+2. Each cell is normalised to 1e4 total counts and log1p-transformed.
+3. PCA (30 components) is fitted on the reference cells (the real training cells when given, else the
+   real cells) and applied to every set. The 2,000 highly variable genes (scanpy, flavor "seurat") are
+   chosen on the same reference cells.
+
+Metrics, each computed for every (method, condition) pair:
+- in PC space: `mmd` (multi-bandwidth RBF, see metrics.mmd_rbf), `wasserstein2` (exact OT on
+  subsamples), `frechet` (Gaussian fits), `c2st_accuracy` (a classifier telling real from generated;
+  0.5 is perfect) and the k-NN `precision`, `recall`, `density`, `coverage`;
+- on the log-normalised genes: `mean_r2`, `var_r2`, `mean_pearson`, `var_pearson` (per-gene means and
+  variances); on the highly variable genes: `one_nn_accuracy` (leave-one-out 1-NN; 0.5 is perfect);
+- on the counts: `dropout_mae` (per-gene fraction of zeros).
+
+Conditions: "all"; "key=value" for each value of each condition key; "k1=v1, k2=v2" for each
+combination when there are several keys; with held-out combinations also "seen" and "unseen" (the
+real cells of the combinations used in training vs of those held out). A method is compared only with
+the real cells of the conditions it generated, so "all" means all of those.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from scldm_scale.data.counts import DataError
+from scldm_scale.evaluate import metrics as m
+from scldm_scale.evaluate.conditions import groups
+
+log = logging.getLogger(__name__)
+
+PREPROCESSING = {"target_sum": 1e4, "n_pcs": 30, "n_hvg": 2000, "hvg_flavor": "seurat"}
+# Fewer cells than this on either side and the nearest-neighbour and classifier metrics are skipped:
+# a 5-fold classifier and k = 5 neighbourhoods need that many points to mean anything.
+MIN_CELLS_NEIGHBOURS = 10
+GENERATED = "generated"
+
+
+@dataclass
+class CellSet:
+    """Counts (cells × the aligned genes) with one label column per condition key, all strings."""
+
+    counts: sp.csr_matrix
+    labels: pd.DataFrame
+
+    @classmethod
+    def from_anndata(cls, adata: ad.AnnData, keys: Sequence[str], what: str) -> CellSet:
+        missing = [k for k in keys if k not in adata.obs]
+        if missing:
+            raise DataError(f"{what}: condition keys {missing} are not obs columns; obs has {list(adata.obs)}")
+        labels = pd.DataFrame({k: adata.obs[k].astype(str).to_numpy() for k in keys})
+        return cls(sp.csr_matrix(adata.X, dtype=np.float64), labels)
+
+    def subset(self, rows: np.ndarray) -> CellSet:
+        return CellSet(self.counts[rows], self.labels.iloc[rows].reset_index(drop=True))
+
+    def __len__(self) -> int:
+        return self.counts.shape[0]
+
+
+def align_genes(sets: dict[str, ad.AnnData], intersect: bool) -> dict[str, ad.AnnData]:
+    """The same genes in the same order on every side: the first set's order, restricted if asked."""
+    names = list(sets)
+    genes = [pd.Index(a.var_names) for a in sets.values()]
+    common = genes[0]
+    for other in genes[1:]:
+        common = common.intersection(other, sort=False)
+    if not intersect:
+        problems = []
+        for name, g in zip(names, genes, strict=True):
+            only = g.difference(common, sort=False)
+            if len(only):
+                problems.append(f"{len(only)} genes only in {name} (e.g. {only[:5].tolist()})")
+        if problems:
+            raise DataError(
+                "the gene sets differ: " + "; ".join(problems) + ". Evaluate on the shared genes with "
+                "--intersect-genes, or align the files first"
+            )
+    if len(common) < 2:
+        raise DataError(f"only {len(common)} genes are shared by {names}; check that var_names are gene ids")
+    for name, g in zip(names, genes, strict=True):
+        if not g.is_unique:
+            raise DataError(f"{name}: duplicate gene ids in var_names, e.g. {g[g.duplicated()][:5].tolist()}")
+    return {name: a[:, common].copy() for name, a in sets.items()}
+
+
+@dataclass
+class Features:
+    """A cell set in the three spaces the metrics use."""
+
+    counts: sp.csr_matrix
+    lognorm: np.ndarray  # (cells, genes)
+    pcs: np.ndarray  # (cells, n_pcs)
+    hvg: np.ndarray  # (cells, n_hvg) log-normalised highly variable genes
+
+
+class Preprocessor:
+    """Normalisation, PCA and HVG choice fitted once on the reference cells, applied to every set."""
+
+    def __init__(self, reference_counts: sp.csr_matrix, n_pcs: int, n_hvg: int):
+        reference = m.normalize_log1p(reference_counts, PREPROCESSING["target_sum"])
+        self.pca = m.PCAProjector().fit(reference, n_components=n_pcs)
+        self.hvg = m.highly_variable_genes(reference, n_top=n_hvg)
+
+    def __call__(self, counts: sp.csr_matrix) -> Features:
+        lognorm = m.normalize_log1p(counts, PREPROCESSING["target_sum"])
+        return Features(counts, lognorm, self.pca.transform(lognorm), lognorm[:, self.hvg])
+
+
+def group_metrics(real: Features, gen: Features, seed: int) -> dict[str, float]:
+    """Every metric for one (method, condition) pair; neighbour metrics only with enough cells."""
+    out = {
+        "mmd": m.mmd_rbf(real.pcs, gen.pcs),
+        "wasserstein2": m.wasserstein2(real.pcs, gen.pcs, seed=seed),
+        "frechet": m.frechet_distance(real.pcs, gen.pcs),
+    }
+    out.update(m.moment_agreement(real.lognorm, gen.lognorm))
+    out["dropout_mae"] = m.dropout_mae(real.counts, gen.counts)
+    if min(len(real.pcs), len(gen.pcs)) >= MIN_CELLS_NEIGHBOURS:
+        out["one_nn_accuracy"] = m.one_nn_accuracy(real.hvg, gen.hvg, seed=seed)
+        out["c2st_accuracy"] = m.classifier_two_sample_accuracy(real.pcs, gen.pcs, seed=seed)
+        out.update(m.precision_recall_knn(real.pcs, gen.pcs, seed=seed))
+    return out
+
+
+def _rows(f: Features, mask: np.ndarray) -> Features:
+    return Features(f.counts[mask], f.lognorm[mask], f.pcs[mask], f.hvg[mask])
+
+
+def compare(
+    real: CellSet,
+    methods: dict[str, CellSet],
+    reference: CellSet,
+    holdout: Sequence[dict[str, str]] = (),
+    n_pcs: int = PREPROCESSING["n_pcs"],
+    n_hvg: int = PREPROCESSING["n_hvg"],
+    seed: int = 0,
+) -> list[dict]:
+    """Records {metric, condition, method, value} of every method against the real cells."""
+    prep = Preprocessor(reference.counts, n_pcs, n_hvg)
+    real_f = prep(real.counts)
+    records = []
+    for method, cells in methods.items():
+        gen_f = prep(cells.counts)
+        for condition, real_rows, gen_rows in groups(real.labels, cells.labels, holdout):
+            if real_rows.sum() < 2 or gen_rows.sum() < 2:
+                continue
+            values = group_metrics(_rows(real_f, real_rows), _rows(gen_f, gen_rows), seed)
+            records += [
+                {"metric": k, "condition": condition, "method": method, "value": float(v)} for k, v in values.items()
+            ]
+        log.info("evaluated %s: %d cells", method, len(cells))
+    return records

@@ -1,0 +1,150 @@
+"""`scldm-scale evaluate` end to end on small NB cell sets: records, report, figures, baselines, errors."""
+
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from scldm_scale.data.counts import DataError
+from scldm_scale.evaluate.conditions import groups
+from scldm_scale.evaluate.run import EvalOptions, Holdout, evaluate
+
+N_GENES = 60
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _split(adata: ad.AnnData, n_real: int, seed: int) -> tuple[ad.AnnData, ad.AnnData]:
+    rows = np.random.default_rng(seed).permutation(adata.n_obs)
+    return adata[np.sort(rows[n_real:])].copy(), adata[np.sort(rows[:n_real])].copy()
+
+
+@pytest.fixture
+def cells(counts_adata):
+    """(train, real, generated): disjoint draws of one NB distribution with 3 cell types."""
+    train, real = _split(counts_adata(n_cells=450, n_genes=N_GENES, seed=0), n_real=90, seed=0)
+    train, generated = _split(train, n_real=90, seed=1)
+    return train, real, generated
+
+
+def _records(out) -> list[dict]:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _value(records, metric, method="generated", condition="all") -> float:
+    hits = [r["value"] for r in records if (r["metric"], r["method"], r["condition"]) == (metric, method, condition)]
+    assert len(hits) == 1, (metric, method, condition, len(hits))
+    return hits[0]
+
+
+def test_report_records_and_figures(cells, tmp_path):
+    train, real, generated = cells
+    evaluate(real, generated, tmp_path, EvalOptions(["cell_type"], n_hvg=40), train=train)
+    records = _records(tmp_path)
+    assert all(set(r) == {"metric", "condition", "method", "value"} for r in records)
+    assert {r["method"] for r in records} >= {"generated", "real_train_cells", "independent_nb"}
+    assert {r["condition"] for r in records} == {"all", "cell_type=type_0", "cell_type=type_1", "cell_type=type_2"}
+    metrics = {r["metric"] for r in records if r["condition"] == "all"}
+    assert metrics == {
+        "mmd", "wasserstein2", "frechet", "mean_r2", "var_r2", "mean_pearson", "var_pearson", "dropout_mae",
+        "one_nn_accuracy", "c2st_accuracy", "precision", "recall", "density", "coverage",
+    }  # fmt: skip
+    assert all(np.isfinite(r["value"]) for r in records)
+    for name in ("umap.png", "mean_var.png", "metric_by_condition.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+    report = (tmp_path / "report.md").read_text()
+    assert "| generated |" in report and "| real_train_cells |" in report and "![" in report
+    try:
+        import scvi  # noqa: F401
+    except ImportError:
+        assert "scVI baseline is skipped" in report
+
+
+def test_the_real_cells_themselves_score_perfectly(cells, tmp_path):
+    train, real, _ = cells
+    evaluate(real, real.copy(), tmp_path, EvalOptions(["cell_type"], baselines=(), n_hvg=40, plots=False), train=train)
+    records = _records(tmp_path)
+    assert {r["method"] for r in records} == {"generated"}
+    assert _value(records, "mmd") == pytest.approx(0.0, abs=1e-12)
+    assert _value(records, "wasserstein2") == pytest.approx(0.0, abs=1e-6)
+    assert _value(records, "frechet") == pytest.approx(0.0, abs=1e-6)
+    assert _value(records, "mean_r2") == _value(records, "var_r2") == 1.0
+    assert _value(records, "dropout_mae") == 0.0
+    assert _value(records, "precision") == _value(records, "recall") == 1.0
+
+
+def test_a_distorted_generator_is_worse_than_the_noise_floor(cells, tmp_path):
+    train, real, generated = cells
+    distorted = generated.copy()
+    # Swap the labels of two cell types: every per-type distribution is now wrong, the pooled one is not.
+    labels = distorted.obs["cell_type"].astype(str)
+    distorted.obs["cell_type"] = labels.replace({"type_0": "type_1", "type_1": "type_0"}).to_numpy()
+    opts = EvalOptions(["cell_type"], baselines=("real_train_cells",), n_hvg=40, plots=False)
+    evaluate(real, distorted, tmp_path, opts, train=train)
+    records = _records(tmp_path)
+    for condition in ("cell_type=type_0", "cell_type=type_1"):
+        assert _value(records, "mmd", condition=condition) > 3 * _value(
+            records, "mmd", "real_train_cells", condition=condition
+        )
+        assert _value(records, "c2st_accuracy", condition=condition) > 0.9
+    # The untouched type is as good as the noise floor, within the metric's noise.
+    assert _value(records, "c2st_accuracy", condition="cell_type=type_2") < 0.75
+
+
+def test_differing_genes_are_listed_unless_intersected(cells, tmp_path):
+    train, real, generated = cells
+    fewer = generated[:, 3:].copy()
+    with pytest.raises(DataError, match=r"3 genes only in real.*gene_0"):
+        evaluate(real, fewer, tmp_path, EvalOptions(["cell_type"], baselines=(), plots=False))
+    opts = EvalOptions(["cell_type"], baselines=(), n_hvg=40, plots=False, intersect_genes=True)
+    evaluate(real, fewer, tmp_path, opts, train=train)
+    assert f"{N_GENES - 3} genes" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda a: a.obs.drop(columns="cell_type", inplace=True), "condition keys \\['cell_type'\\]"),
+        (lambda a: setattr(a, "X", a.X * -1.0), "negative values"),
+        (lambda a: setattr(a, "X", a.X * np.nan), "NaN"),
+    ],
+)
+def test_bad_generated_input_is_refused(cells, tmp_path, mutate, message):
+    train, real, generated = cells
+    generated = generated.copy()
+    generated.X = sp.csr_matrix(generated.X, dtype=np.float64)
+    mutate(generated)
+    with pytest.raises(DataError, match=message):
+        evaluate(real, generated, tmp_path, EvalOptions(["cell_type"], plots=False), train=train)
+
+
+def test_non_integer_real_counts_are_refused(cells, tmp_path):
+    train, real, generated = cells
+    real = real.copy()
+    real.X = sp.csr_matrix(real.X, dtype=np.float64) * 0.5
+    with pytest.raises(DataError, match="real cells: .* non-integer"):
+        evaluate(real, generated, tmp_path, EvalOptions(["cell_type"], plots=False), train=train)
+
+
+def test_groups_cover_values_combinations_and_the_held_out_split():
+    real = pd.DataFrame({"line": ["a", "a", "b", "b", "b"], "pert": ["ctrl", "p", "ctrl", "p", "p"]})
+    gen = pd.DataFrame({"line": ["a", "b", "b"], "pert": ["p", "p", "ctrl"]})
+    got = {name: (r.tolist(), g.tolist()) for name, r, g in groups(real, gen, [{"line": "b", "pert": "p"}])}
+    assert got["all"] == ([False, True, True, True, True], [True, True, True])  # (a, ctrl) was not generated
+    assert got["line=a"] == ([False, True, False, False, False], [True, False, False])
+    assert got["pert=p"] == ([False, True, False, True, True], [True, True, False])
+    assert got["line=b, pert=p"] == ([False, False, False, True, True], [False, True, False])
+    assert got["unseen"] == ([False, False, False, True, True], [False, True, False])
+    assert got["seen"] == ([False, True, True, False, False], [True, False, True])
+
+
+def test_holdout_needs_training_cells_and_full_combinations(cells, tmp_path):
+    train, real, generated = cells
+    opts = EvalOptions(["cell_type"], holdout=Holdout([{"cell_type": "type_0"}]), plots=False)
+    with pytest.raises(DataError, match="need the training cells"):
+        evaluate(real, generated, tmp_path, opts)
+    opts = EvalOptions(["cell_type"], holdout=Holdout([{"cell_line": "x"}]), plots=False)
+    with pytest.raises(DataError, match="must set some of the condition keys"):
+        evaluate(real, generated, tmp_path, opts, train=train)
