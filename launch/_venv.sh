@@ -30,6 +30,16 @@ ensure_venv() {
     if _venv_is_fresh; then
         return 0
     fi
+    # Two launches at once (two shells, or the ranks of a node) must not install over each other: the
+    # first takes the lock and installs, the others wait for it and then find .venv fresh.
+    mkdir -p "$VENV"
+    local lock_fd
+    exec {lock_fd}>"$VENV/.install.lock"
+    flock "$lock_fd"
+    if _venv_is_fresh; then
+        exec {lock_fd}>&-
+        return 0
+    fi
     if [[ ! -x "$VENV_PY" ]]; then
         local python="${PYTHON:-python3}"
         if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
@@ -47,6 +57,7 @@ ensure_venv() {
     "$VENV_PY" -m pip install -e "${ROOT}[test,dist,logging]"
     _pyproject_hash >"$VENV_STAMP"
     _venv_log "installed; stamp written to $VENV_STAMP"
+    exec {lock_fd}>&-
 }
 
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
