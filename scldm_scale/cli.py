@@ -262,9 +262,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         vae_checkpoint=args.vae_checkpoint,
         plots=not args.no_plots,
     )
-    real = read_cells(args.real, "real")
-    train = read_cells(args.train, "train") if args.train else None
-    if train is None and (parts := split_real(real, args.split_key)) is not None:
+    real = read_cells(args.real, "real", args.layer)
+    train = read_cells(args.train, "train", args.layer) if args.train else None
+    if train is None and (parts := split_real(real, args.split_key, holdout.combinations)) is not None:
         train, real = parts
     evaluate(real, read_cells(args.generated, "generated"), args.out, opts, train=train)
     print(f"wrote {args.out}/metrics.json, report.md and the figures")
@@ -333,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real", required=True, help="real cells: .h5ad of counts or a SOMA experiment folder")
     p.add_argument("--generated", required=True, help="generated cells: .h5ad of counts")
     p.add_argument("--train", help="real training cells: the baselines and the PCA are fitted on them")
+    p.add_argument("--layer", help="the layer of --real / --train that holds raw counts (default X)")
     p.add_argument(
         "--split-key",
         default="split",
@@ -340,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--condition-key", action="append", default=[], help="obs column of conditions (repeatable)")
     p.add_argument("--intersect-genes", action="store_true", help="evaluate on the shared genes only")
-    p.add_argument("--baselines", default="real_train_cells,independent_nb,scvi", help="comma-separated, or ''")
+    p.add_argument(
+        "--baselines", default="real_train_cells,independent_nb,scvi,additive_shift", help="comma-separated, or ''"
+    )
     p.add_argument(
         "--holdout",
         action="append",

@@ -23,11 +23,10 @@ import torch
 
 from scldm_scale.config import CONFIG_DIR, load_config
 from scldm_scale.data.counts import load_builtin
-from scldm_scale.data.holdout import holdout_mask
 from scldm_scale.data.prepare import prepare
 from scldm_scale.data.soma import read_anndata
 from scldm_scale.data.source import soma_spec
-from scldm_scale.evaluate.run import EvalOptions, Holdout, evaluate
+from scldm_scale.evaluate.run import EvalOptions, Holdout, evaluate, split_real
 from scldm_scale.generate import generate
 from scldm_scale.train.stages import run_training
 
@@ -131,9 +130,7 @@ def _labels(adata, keys: list[str]) -> pd.DataFrame:
 def _evaluation_cells(cfg) -> tuple[ad.AnnData, ad.AnnData]:
     """(train, real): the train split without held-out cells; the test split plus every held-out cell."""
     cells = read_anndata(soma_spec(cfg.data, None))
-    held = holdout_mask(cells.obs, cfg.data.holdout_combinations)
-    split = cells.obs[cfg.data.split_key].astype(str).to_numpy()
-    return cells[(split == "train") & ~held].copy(), cells[(split == "test") | held].copy()
+    return split_real(cells, cfg.data.split_key, [dict(c) for c in cfg.data.holdout_combinations])
 
 
 def _requests(real: ad.AnnData, keys: list[str]) -> list[tuple[dict[str, str], int]]:

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from scldm_scale.data.counts import DataError
 from scldm_scale.evaluate.conditions import combination_labels
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,12 @@ def _requests(real_labels: pd.DataFrame, train_labels: pd.DataFrame) -> list[tup
             log.info("no training cells of %s: the baselines fitted on training cells skip it", combo)
             continue
         out.append((combo, int(n), rows))
+    if not out:
+        raise DataError(
+            f"the training cells hold none of the real cells' condition combinations (real: "
+            f"{sorted(set(real_combo))[:5]}, train: {sorted(set(train_combo))[:5]}); check --condition-key, or "
+            "leave out the baselines fitted on training cells (--baselines)"
+        )
     return out
 
 

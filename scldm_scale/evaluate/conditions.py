@@ -22,18 +22,29 @@ def combination_labels(labels: pd.DataFrame) -> np.ndarray:
 def groups(
     real: pd.DataFrame, gen: pd.DataFrame, holdout: Sequence[Mapping[str, str]] = ()
 ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    """(condition, real rows, generated rows) for every condition both sides have cells of."""
+    """(condition, real rows, generated rows) over the combinations both sides have cells of.
+
+    Cells of a combination that only one side has take part in no group, "all" included, so every
+    group compares like with like.
+    """
     keys = list(real.columns)
     real_combo, gen_combo = combination_labels(real), combination_labels(gen)
-    covered = np.isin(real_combo, np.unique(gen_combo))
-    yield "all", covered, np.ones(len(gen), bool)
+    shared = np.intersect1d(real_combo.astype(str), gen_combo.astype(str))
+    real_in, gen_in = np.isin(real_combo, shared), np.isin(gen_combo, shared)
+    yield "all", real_in, gen_in
     for key in keys:
-        for value in np.unique(gen[key]):
-            yield f"{key}={value}", covered & (real[key].to_numpy() == value), gen[key].to_numpy() == value
+        for value in np.unique(gen[key].to_numpy()[gen_in]):
+            yield f"{key}={value}", real_in & (real[key].to_numpy() == value), gen_in & (gen[key].to_numpy() == value)
     if len(keys) > 1:
-        for combo in np.unique(gen_combo):
+        for combo in shared:
             yield combo, real_combo == combo, gen_combo == combo
     if holdout:
         real_unseen, gen_unseen = holdout_mask(real, holdout), holdout_mask(gen, holdout)
-        yield "unseen", real_unseen, gen_unseen
-        yield "seen", covered & ~real_unseen, ~gen_unseen
+        yield "unseen", real_in & real_unseen, gen_in & gen_unseen
+        yield "seen", real_in & ~real_unseen, gen_in & ~gen_unseen
+
+
+def unmatched(real: pd.DataFrame, gen: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """(combinations only the real cells have, combinations only the generated cells have)."""
+    real_combo, gen_combo = set(combination_labels(real)), set(combination_labels(gen))
+    return sorted(real_combo - gen_combo), sorted(gen_combo - real_combo)

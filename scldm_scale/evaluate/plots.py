@@ -16,8 +16,10 @@ import pandas as pd  # noqa: E402
 UMAP_MAX_CELLS = 5000
 # Metrics where lower is better; the heatmap colours every column so that darker is worse.
 LOWER_IS_BETTER = {"mmd", "wasserstein2", "frechet", "dropout_mae"}
-# Accuracy-type two-sample metrics are best at 0.5.
-BEST_AT_HALF = {"one_nn_accuracy", "c2st_accuracy"}
+# Accuracy-type two-sample metrics are best at 0.5, density at 1.
+BEST_AT = {"one_nn_accuracy": 0.5, "c2st_accuracy": 0.5, "density": 1.0}
+# Cell counts describe a group; they are not scored.
+NOT_SCORED = {"n_real_cells", "n_cells"}
 
 
 def _subsample(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -53,16 +55,18 @@ def umap_plot(
     plt.close(fig)
 
 
-def mean_var_plot(real_lognorm: np.ndarray, methods: dict[str, np.ndarray], path: Path) -> None:
-    """Per-gene mean (top) and variance (bottom) of each method against the real cells'."""
-    stats = {"mean": (real_lognorm.mean(0), {k: v.mean(0) for k, v in methods.items()})}
-    stats["variance"] = (real_lognorm.var(0), {k: v.var(0) for k, v in methods.items()})
-    fig, axes = plt.subplots(2, len(methods), figsize=(4 * len(methods), 8), squeeze=False)
-    for row, (stat, (real, per_method)) in enumerate(stats.items()):
-        for col, (method, values) in enumerate(per_method.items()):
+def mean_var_plot(pairs: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
+    """Per-gene mean (top) and variance (bottom) of each method against the real cells it is compared with.
+
+    `pairs` maps a method to (real log-normalised cells, its own log-normalised cells).
+    """
+    fig, axes = plt.subplots(2, len(pairs), figsize=(4 * len(pairs), 8), squeeze=False)
+    for col, (method, (real, generated)) in enumerate(pairs.items()):
+        for row, (stat, fn) in enumerate((("mean", np.mean), ("variance", np.var))):
+            x, y = fn(real, axis=0), fn(generated, axis=0)
             ax = axes[row, col]
-            ax.scatter(real, values, s=3, alpha=0.5, linewidths=0)
-            hi = float(max(real.max(), values.max()))
+            ax.scatter(x, y, s=3, alpha=0.5, linewidths=0)
+            hi = float(max(x.max(), y.max()))
             ax.plot([0, hi], [0, hi], color="grey", lw=0.8)
             ax.set_xlabel(f"real per-gene {stat}")
             ax.set_ylabel(f"{method} per-gene {stat}")
@@ -74,20 +78,27 @@ def mean_var_plot(real_lognorm: np.ndarray, methods: dict[str, np.ndarray], path
 
 def _badness(column: pd.Series) -> pd.Series:
     """Per metric, 0 = the best value in the column and 1 = the worst, so colours compare across metrics."""
-    if column.name in BEST_AT_HALF:
-        column = (column - 0.5).abs()
+    if column.name in BEST_AT:
+        column = (column - BEST_AT[column.name]).abs()
     elif column.name not in LOWER_IS_BETTER:
         column = -column
     span = column.max() - column.min()
     return (column - column.min()) / span if span > 0 else column * 0.0
 
 
-def heatmap(records: list[dict], method: str, path: Path) -> None:
-    """Conditions × metrics for one method, values printed, colour = rank within the metric's column."""
-    table = pd.DataFrame([r for r in records if r["method"] == method and r["condition"] != "all"])
+def heatmap(records: list[dict], method: str, path: Path) -> bool:
+    """Conditions × metrics for one method, values printed, colour = rank within the metric's column.
+
+    False (and no file) when the method has no per-condition record.
+    """
+    scored = [r for r in records if r["method"] == method and r["condition"] != "all" and r["metric"] not in NOT_SCORED]
+    table = pd.DataFrame(scored)
     if table.empty:
-        return
+        return False
+    # Rows and columns in the records' order (values, then combinations, then seen/unseen), not sorted.
+    order = {axis: list(dict.fromkeys(table[axis])) for axis in ("condition", "metric")}
     table = table.pivot(index="condition", columns="metric", values="value")
+    table = table.reindex(index=order["condition"], columns=order["metric"])
     colours = table.apply(_badness)
     fig, ax = plt.subplots(figsize=(1.1 * table.shape[1] + 3, 0.4 * table.shape[0] + 2))
     ax.imshow(colours.to_numpy(dtype=float), cmap="Reds", aspect="auto", vmin=0, vmax=1.3)
@@ -95,7 +106,8 @@ def heatmap(records: list[dict], method: str, path: Path) -> None:
     ax.set_yticks(range(table.shape[0]), table.index, fontsize=8)
     for (i, j), value in np.ndenumerate(table.to_numpy(dtype=float)):
         ax.text(j, i, "" if np.isnan(value) else f"{value:.3g}", ha="center", va="center", fontsize=6)
-    ax.set_title(f"{method}: metric by condition (darker = worse within a metric)")
+    ax.set_title(f"{method}: metric by condition (darker = worse within a metric; small groups score worse)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True

@@ -7,6 +7,8 @@ import math
 
 # Higher is better for these; the rest are lower-is-better, or best at 0.5 (the two-sample accuracies).
 DEFINITIONS = {
+    "n_real_cells": "real cells in the comparison (the real cells of the conditions the method has)",
+    "n_cells": "the method's cells in the comparison",
     "mmd": "squared MMD, RBF kernel averaged over bandwidths (0.25, 0.5, 1, 2, 4) × the median pairwise "
     "distance, on the PCs (lower is better; 0 = same sample)",
     "wasserstein2": "2-Wasserstein distance, exact optimal transport (POT) on up to 2,000 cells a side, on the "
@@ -92,6 +94,11 @@ def render(context: dict, records: list[dict], figures: dict[str, str]) -> str:
     for metric in PER_CONDITION_METRICS:
         if any(r["metric"] == metric for r in generation):
             out += ["", f"## {metric} per condition", "", per_condition_table(generation, metric)]
+    out += [
+        "",
+        "Distances and two-sample scores depend on the number of cells compared, so compare methods within a "
+        "row, not conditions with one another.",
+    ]
     recon = {r["metric"]: r["value"] for r in records if r["method"] == "reconstruction"}
     if recon:
         out += [

@@ -21,13 +21,13 @@ import scipy.sparse as sp
 import torch
 
 from scldm_scale.data.counts import DataError, validate_counts
-from scldm_scale.data.holdout import combination_mask, describe
+from scldm_scale.data.holdout import combination_mask, describe, holdout_mask
 from scldm_scale.evaluate import baselines, plots, report
 from scldm_scale.evaluate.conditions import combination_labels
 from scldm_scale.evaluate.suite import GENERATED, PREPROCESSING, CellSet, Preprocessor, align_genes, compare
 
 log = logging.getLogger(__name__)
-BASELINES = ("real_train_cells", "independent_nb", "scvi")
+BASELINES = ("real_train_cells", "independent_nb", "scvi", "additive_shift")
 
 
 @dataclass
@@ -79,8 +79,10 @@ def _baseline_sets(train: CellSet, real: CellSet, opts: EvalOptions, skipped: li
             skipped.append(baselines.SCVI_MISSING)
         else:
             out["scvi"] = CellSet(sp.csr_matrix(made[0], dtype=np.float64), made[1])
-    if opts.holdout.combinations:
-        out["additive_shift"] = _additive_shift(train, real, opts)
+    if opts.holdout.combinations and "additive_shift" in opts.baselines:
+        made = _additive_shift(train, real, opts, skipped)
+        if made is not None:
+            out["additive_shift"] = made
     return out
 
 
@@ -102,35 +104,43 @@ def _noise_floor(train: CellSet, real: CellSet, opts: EvalOptions) -> tuple[Cell
     return floor, train.subset(rest)
 
 
-def _additive_shift(train: CellSet, real: CellSet, opts: EvalOptions) -> CellSet:
-    """The held-out combinations predicted by control cells plus the perturbation's shift elsewhere."""
+def _additive_shift(train: CellSet, real: CellSet, opts: EvalOptions, skipped: list[str]) -> CellSet | None:
+    """The held-out combinations predicted by control cells plus the perturbation's shift elsewhere.
+
+    Only combinations of exactly the context and perturbation keys can be predicted this way; others are
+    listed in `skipped`. None when no combination could be predicted.
+    """
     from scldm_scale.evaluate.perturbation import additive_shift_baseline
 
     h = opts.holdout
     counts, labels = [], []
     for combo in h.combinations:
         if set(combo) != {h.perturbation_key, h.context_key}:
-            raise DataError(
-                f"the additive-shift baseline predicts a combination of {h.context_key!r} and {h.perturbation_key!r}; "
-                f"held-out combination {describe(combo)} sets {sorted(combo)} (see --context-key, --perturbation-key)"
+            skipped.append(
+                f"additive_shift: {describe(combo)} is not a ({h.context_key}, {h.perturbation_key}) pair "
+                "(set --context-key / --perturbation-key)"
             )
+            continue
         real_rows = combination_mask(real.labels, combo)
-        n = int(real_rows.sum())
-        if n == 0:
+        if not real_rows.any():
             raise DataError(f"the real cells hold no cell of the held-out combination {describe(combo)}")
-        counts.append(
-            additive_shift_baseline(
+        try:
+            made = additive_shift_baseline(
                 train.counts,
                 train.labels,
                 dict(combo),
-                n_cells=n,
+                n_cells=int(real_rows.sum()),
                 seed=opts.seed,
                 perturbation_key=h.perturbation_key,
                 context_key=h.context_key,
                 control_value=h.control_value,
             )
-        )
+        except ValueError as err:
+            raise DataError(f"additive_shift baseline for {describe(combo)}: {err} (see --control-value)") from None
+        counts.append(made)
         labels.append(real.labels[real_rows])
+    if not counts:
+        return None
     return CellSet(sp.csr_matrix(np.concatenate(counts), dtype=np.float64), pd.concat(labels, ignore_index=True))
 
 
@@ -162,7 +172,8 @@ def evaluate(
         methods |= _baseline_sets(sets["train"], real_set, opts, skipped)
     elif opts.baselines:
         skipped.append("baselines: no training cells (--train), so none was fitted")
-    records = compare(real_set, methods, reference, opts.holdout.combinations, opts.n_pcs, opts.n_hvg, opts.seed)
+    prep = Preprocessor(reference.counts, opts.n_pcs, opts.n_hvg)
+    records = compare(real_set, methods, prep, opts.holdout.combinations, opts.seed, notes=skipped)
     if opts.vae_checkpoint:
         from scldm_scale.evaluate.reconstruction import reconstruction_of
 
@@ -172,7 +183,7 @@ def evaluate(
             for k in ("nll_per_cell", "pearson_lognorm")
         ]
     (out / "metrics.json").write_text(json.dumps(records, indent=1))
-    figures = _figures(out, real_set, methods, reference, records, opts) if opts.plots else {}
+    figures = _figures(out, real_set, methods, prep, records, opts.seed) if opts.plots else {}
     context = {
         "inputs": _describe(aligned, opts),
         "preprocessing": _preprocessing_text(opts, "train" in sets),
@@ -183,26 +194,28 @@ def evaluate(
     return records
 
 
-def _figures(out: Path, real: CellSet, methods: dict[str, CellSet], reference: CellSet, records, opts) -> dict:
-    prep = Preprocessor(reference.counts, opts.n_pcs, opts.n_hvg)
+def _figures(out: Path, real: CellSet, methods: dict[str, CellSet], prep: Preprocessor, records, seed: int) -> dict:
+    """The figures that could be drawn, {file name: caption}."""
     real_f = prep(real.counts)
+    real_combo = combination_labels(real.labels)
     method_f = {name: prep(cells.counts) for name, cells in methods.items()}
     gen = methods[GENERATED]
     plots.umap_plot(
-        real_f.pcs,
-        method_f[GENERATED].pcs,
-        combination_labels(real.labels),
-        combination_labels(gen.labels),
-        out / "umap.png",
-        opts.seed,
+        real_f.pcs, method_f[GENERATED].pcs, real_combo, combination_labels(gen.labels), out / "umap.png", seed
     )
-    plots.mean_var_plot(real_f.lognorm, {k: f.lognorm for k, f in method_f.items()}, out / "mean_var.png")
-    plots.heatmap(records, GENERATED, out / "metric_by_condition.png")
-    return {
+    # Each method against the real cells of the combinations it generated.
+    pairs = {}
+    for name, cells in methods.items():
+        covered = np.isin(real_combo, combination_labels(cells.labels))
+        pairs[name] = (real_f.lognorm[covered], method_f[name].lognorm)
+    plots.mean_var_plot(pairs, out / "mean_var.png")
+    figures = {
         "umap.png": "UMAP of real and generated cells, by source and by condition",
-        "mean_var.png": "per-gene means and variances, each method against the real cells",
-        "metric_by_condition.png": "metric by condition for the generated cells",
+        "mean_var.png": "per-gene means and variances, each method against the real cells it covers",
     }
+    if plots.heatmap(records, GENERATED, out / "metric_by_condition.png"):
+        figures["metric_by_condition.png"] = "metric by condition for the generated cells"
+    return figures
 
 
 def _describe(aligned: dict[str, ad.AnnData], opts: EvalOptions) -> str:
@@ -225,28 +238,37 @@ def _preprocessing_text(opts: EvalOptions, have_train: bool) -> str:
     )
 
 
-def read_cells(path: str | Path, what: str) -> ad.AnnData:
-    """Counts from an .h5ad (X) or a SOMA experiment folder (its `counts` layer), for the named role."""
+def read_cells(path: str | Path, what: str, layer: str | None = None) -> ad.AnnData:
+    """Counts from an .h5ad (X, or `layer`) or a SOMA experiment folder (its `counts` layer)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"the {what} cells: {path} does not exist")
     if path.is_dir():
         from scldm_scale.data.soma import SomaSpec, read_anndata
 
-        return read_anndata(SomaSpec(uri=str(path)))
+        return read_anndata(SomaSpec(uri=str(path), layer=layer or "counts"))
     from scldm_scale.data.counts import read_counts
 
-    return read_counts(path)
+    return read_counts(path, layer)
 
 
-def split_real(adata: ad.AnnData, split_key: str) -> tuple[ad.AnnData, ad.AnnData] | None:
-    """(train, test) from the split column `prepare` writes, or None when the cells have no such column."""
+def split_real(
+    adata: ad.AnnData, split_key: str, holdout: Sequence[dict[str, str]] = ()
+) -> tuple[ad.AnnData, ad.AnnData] | None:
+    """(train, real) from the split column `prepare` writes, or None when the cells have no such column.
+
+    Training cells are the train split less every held-out cell; real cells are the test split plus every
+    held-out cell (a held-out combination was never trained on, whatever its split).
+    """
     if split_key not in adata.obs:
         return None
     split = adata.obs[split_key].astype(str).to_numpy()
-    parts = {name: adata[split == name].copy() for name in ("train", "test")}
-    empty = [name for name, part in parts.items() if part.n_obs == 0]
-    if empty:
-        raise DataError(f"obs[{split_key!r}] of the real cells has no {empty} cells; it holds {sorted(set(split))}")
-    log.info("real cells split by obs[%r]: %d train, %d test", split_key, parts["train"].n_obs, parts["test"].n_obs)
-    return parts["train"], parts["test"]
+    held = holdout_mask(adata.obs, holdout)
+    train, real = (split == "train") & ~held, (split == "test") | held
+    if not train.any() or not real.any():
+        raise DataError(
+            f"obs[{split_key!r}] leaves {int(train.sum())} training and {int(real.sum())} real cells; it holds "
+            f"{sorted(set(split))} (train and test are used)"
+        )
+    log.info("cells split by obs[%r]: %d train, %d real", split_key, int(train.sum()), int(real.sum()))
+    return adata[train].copy(), adata[real].copy()

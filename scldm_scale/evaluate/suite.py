@@ -24,7 +24,7 @@ the real cells of the conditions it generated, so "all" means all of those.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import anndata as ad
@@ -34,7 +34,7 @@ import scipy.sparse as sp
 
 from scldm_scale.data.counts import DataError
 from scldm_scale.evaluate import metrics as m
-from scldm_scale.evaluate.conditions import groups
+from scldm_scale.evaluate.conditions import combination_labels, groups, unmatched
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ class CellSet:
         missing = [k for k in keys if k not in adata.obs]
         if missing:
             raise DataError(f"{what}: condition keys {missing} are not obs columns; obs has {list(adata.obs)}")
-        labels = pd.DataFrame({k: adata.obs[k].astype(str).to_numpy() for k in keys})
+        # The explicit index keeps one row per cell when there are no condition keys.
+        labels = pd.DataFrame({k: adata.obs[k].astype(str).to_numpy() for k in keys}, index=pd.RangeIndex(adata.n_obs))
         return cls(sp.csr_matrix(adata.X, dtype=np.float64), labels)
 
     def subset(self, rows: np.ndarray) -> CellSet:
@@ -71,6 +72,9 @@ def align_genes(sets: dict[str, ad.AnnData], intersect: bool) -> dict[str, ad.An
     """The same genes in the same order on every side: the first set's order, restricted if asked."""
     names = list(sets)
     genes = [pd.Index(a.var_names) for a in sets.values()]
+    for name, g in zip(names, genes, strict=True):
+        if not g.is_unique:
+            raise DataError(f"{name}: duplicate gene ids in var_names, e.g. {g[g.duplicated()][:5].tolist()}")
     common = genes[0]
     for other in genes[1:]:
         common = common.intersection(other, sort=False)
@@ -87,9 +91,6 @@ def align_genes(sets: dict[str, ad.AnnData], intersect: bool) -> dict[str, ad.An
             )
     if len(common) < 2:
         raise DataError(f"only {len(common)} genes are shared by {names}; check that var_names are gene ids")
-    for name, g in zip(names, genes, strict=True):
-        if not g.is_unique:
-            raise DataError(f"{name}: duplicate gene ids in var_names, e.g. {g[g.duplicated()][:5].tolist()}")
     return {name: a[:, common].copy() for name, a in sets.items()}
 
 
@@ -117,15 +118,24 @@ class Preprocessor:
 
 
 def group_metrics(real: Features, gen: Features, seed: int) -> dict[str, float]:
-    """Every metric for one (method, condition) pair; neighbour metrics only with enough cells."""
+    """Every metric for one (method, condition) pair, with the cell counts compared.
+
+    The Fréchet distance needs more cells than PCs on each side (else a covariance is singular and
+    the value mostly measures the cell count); the neighbour and classifier metrics need
+    MIN_CELLS_NEIGHBOURS. Smaller groups leave those metrics out.
+    """
+    n_real, n_gen = len(real.pcs), len(gen.pcs)
     out = {
+        "n_real_cells": n_real,
+        "n_cells": n_gen,
         "mmd": m.mmd_rbf(real.pcs, gen.pcs),
         "wasserstein2": m.wasserstein2(real.pcs, gen.pcs, seed=seed),
-        "frechet": m.frechet_distance(real.pcs, gen.pcs),
     }
+    if min(n_real, n_gen) > real.pcs.shape[1]:
+        out["frechet"] = m.frechet_distance(real.pcs, gen.pcs)
     out.update(m.moment_agreement(real.lognorm, gen.lognorm))
     out["dropout_mae"] = m.dropout_mae(real.counts, gen.counts)
-    if min(len(real.pcs), len(gen.pcs)) >= MIN_CELLS_NEIGHBOURS:
+    if min(n_real, n_gen) >= MIN_CELLS_NEIGHBOURS:
         out["one_nn_accuracy"] = m.one_nn_accuracy(real.hvg, gen.hvg, seed=seed)
         out["c2st_accuracy"] = m.classifier_two_sample_accuracy(real.pcs, gen.pcs, seed=seed)
         out.update(m.precision_recall_knn(real.pcs, gen.pcs, seed=seed))
@@ -139,20 +149,34 @@ def _rows(f: Features, mask: np.ndarray) -> Features:
 def compare(
     real: CellSet,
     methods: dict[str, CellSet],
-    reference: CellSet,
-    holdout: Sequence[dict[str, str]] = (),
-    n_pcs: int = PREPROCESSING["n_pcs"],
-    n_hvg: int = PREPROCESSING["n_hvg"],
+    prep: Preprocessor,
+    holdout: Sequence[Mapping[str, str]] = (),
     seed: int = 0,
+    notes: list[str] | None = None,
 ) -> list[dict]:
-    """Records {metric, condition, method, value} of every method against the real cells."""
-    prep = Preprocessor(reference.counts, n_pcs, n_hvg)
+    """Records {metric, condition, method, value} of every method against the real cells.
+
+    Combinations that only one side has are left out of every group and listed in `notes`; a method
+    that shares no combination with the real cells is an error.
+    """
+    notes = notes if notes is not None else []
     real_f = prep(real.counts)
     records = []
     for method, cells in methods.items():
+        only_real, only_method = unmatched(real.labels, cells.labels)
+        if len(only_real) == len(set(combination_labels(real.labels))):
+            raise DataError(
+                f"{method}: no condition combination is shared with the real cells (real: {only_real[:5]}, "
+                f"{method}: {only_method[:5]}); check --condition-key and that both files label conditions alike"
+            )
+        if only_real:
+            notes.append(f"{method}: no cells of {len(only_real)} real combination(s), e.g. {only_real[:3]}")
+        if only_method:
+            notes.append(f"{method}: {len(only_method)} combination(s) without real cells, e.g. {only_method[:3]}")
         gen_f = prep(cells.counts)
         for condition, real_rows, gen_rows in groups(real.labels, cells.labels, holdout):
             if real_rows.sum() < 2 or gen_rows.sum() < 2:
+                notes.append(f"{method}, {condition}: fewer than 2 cells on a side, no metric")
                 continue
             values = group_metrics(_rows(real_f, real_rows), _rows(gen_f, gen_rows), seed)
             records += [

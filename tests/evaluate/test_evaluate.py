@@ -48,8 +48,8 @@ def test_report_records_and_figures(cells, tmp_path):
     assert {r["condition"] for r in records} == {"all", "cell_type=type_0", "cell_type=type_1", "cell_type=type_2"}
     metrics = {r["metric"] for r in records if r["condition"] == "all"}
     assert metrics == {
-        "mmd", "wasserstein2", "frechet", "mean_r2", "var_r2", "mean_pearson", "var_pearson", "dropout_mae",
-        "one_nn_accuracy", "c2st_accuracy", "precision", "recall", "density", "coverage",
+        "n_real_cells", "n_cells", "mmd", "wasserstein2", "frechet", "mean_r2", "var_r2", "mean_pearson",
+        "var_pearson", "dropout_mae", "one_nn_accuracy", "c2st_accuracy", "precision", "recall", "density", "coverage",
     }  # fmt: skip
     assert all(np.isfinite(r["value"]) for r in records)
     for name in ("umap.png", "mean_var.png", "metric_by_condition.png"):
@@ -148,3 +148,83 @@ def test_holdout_needs_training_cells_and_full_combinations(cells, tmp_path):
     opts = EvalOptions(["cell_type"], holdout=Holdout([{"cell_line": "x"}]), plots=False)
     with pytest.raises(DataError, match="must set some of the condition keys"):
         evaluate(real, generated, tmp_path, opts, train=train)
+
+
+def test_no_condition_key_compares_all_cells(cells, tmp_path):
+    train, real, generated = cells
+    evaluate(real, generated, tmp_path, EvalOptions([], baselines=("independent_nb",), n_hvg=40), train=train)
+    records = _records(tmp_path)
+    assert {r["condition"] for r in records} == {"all"}
+    assert _value(records, "n_real_cells") == real.n_obs and _value(records, "n_cells") == generated.n_obs
+    assert _value(records, "n_cells", "independent_nb") == real.n_obs
+    assert not (tmp_path / "metric_by_condition.png").exists()
+    assert "metric_by_condition.png" not in (tmp_path / "report.md").read_text()
+
+
+def test_conditions_on_one_side_only_are_left_out_and_listed(cells, tmp_path):
+    train, real, generated = cells
+    only_two = generated[generated.obs["cell_type"] != "type_2"].copy()
+    opts = EvalOptions(["cell_type"], baselines=("real_train_cells",), n_hvg=40, plots=False)
+    evaluate(real, only_two, tmp_path, opts, train=train)
+    records = _records(tmp_path)
+    assert _value(records, "n_real_cells") == int((real.obs["cell_type"] != "type_2").sum())
+    assert _value(records, "n_real_cells", "real_train_cells") == real.n_obs
+    assert (
+        "generated: no cells of 1 real combination(s), e.g. ['cell_type=type_2']"
+        in (tmp_path / "report.md").read_text()
+    )
+    renamed = generated.copy()
+    renamed.obs["cell_type"] = "other"
+    with pytest.raises(DataError, match="no condition combination is shared"):
+        evaluate(real, renamed, tmp_path, opts, train=train)
+
+
+def _perturbation_cells():
+    from scldm_scale.data.synthetic import synthetic_perturbation
+
+    cells = synthetic_perturbation(n_cells_per_group=40, n_genes=80, n_perturbations=2, seed=0)
+    cells.obs["split"] = np.where(np.arange(cells.n_obs) % 4 == 0, "test", "train")
+    return cells
+
+
+def test_cli_splits_by_the_split_column_and_holds_out_combinations(tmp_path, capsys):
+    from scldm_scale.cli import main
+
+    cells = _perturbation_cells()
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    held = (cells.obs["cell_line"] == "line_B") & (cells.obs["perturbation"] == "pert_2")
+    # A stand-in for a model: real cells of every combination the evaluation asks for.
+    cells[held | (cells.obs["split"] == "test").to_numpy()].write_h5ad(tmp_path / "gen.h5ad")
+    args = ["evaluate", "--real", str(tmp_path / "cells.h5ad"), "--generated", str(tmp_path / "gen.h5ad")]
+    args += ["--condition-key", "cell_line", "--condition-key", "perturbation", "--n-hvg", "40", "--no-plots"]
+    args += ["--holdout", "cell_line=line_B,perturbation=pert_2", "--out", str(tmp_path / "eval")]
+    assert main(args) == 0
+    records = _records(tmp_path / "eval")
+    # Every held-out cell is a real cell, none is a training cell: only additive_shift covers "unseen".
+    assert _value(records, "n_real_cells", condition="unseen") == int(held.sum())
+    assert {r["method"] for r in records if r["condition"] == "unseen"} == {"generated", "additive_shift"}
+    assert _value(records, "mmd", condition="unseen") == pytest.approx(0.0, abs=1e-12)
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "## Held-out combinations" in report and "| unseen | additive_shift |" in report
+
+
+def test_additive_shift_needs_a_context_and_perturbation_pair(tmp_path):
+    cells = _perturbation_cells()
+    train, real = cells[cells.obs["split"] == "train"].copy(), cells[cells.obs["split"] == "test"].copy()
+    opts = EvalOptions(
+        ["cell_line", "perturbation"], baselines=("additive_shift",), holdout=Holdout([{"perturbation": "pert_1"}])
+    )
+    opts.plots, opts.n_hvg = False, 40
+    evaluate(real, real.copy(), tmp_path, opts, train=train)
+    assert (
+        "additive_shift: perturbation=pert_1 is not a (cell_line, perturbation) pair"
+        in (tmp_path / "report.md").read_text()
+    )
+    bad_control = EvalOptions(
+        ["cell_line", "perturbation"],
+        holdout=Holdout([{"cell_line": "line_A", "perturbation": "pert_1"}], control_value="ctrl"),
+        plots=False,
+        n_hvg=40,
+    )
+    with pytest.raises(DataError, match="control-value"):
+        evaluate(real, real.copy(), tmp_path, bad_control, train=train)
