@@ -74,7 +74,12 @@ def _started(argv: list[str], log: Path, **env: str):
         proc.wait()
 
 
-def _run(argv: list[str], log: Path, expect: int = 0, timeout: float = 120, **env: str) -> str:
+# Generous: a first DeepSpeed run on a fresh machine JIT-builds a C++ op, and a loaded 2-core machine can
+# take minutes for a few torchrun steps. A hang still ends here, with the log in the failure message.
+RUN_TIMEOUT_S = 400
+
+
+def _run(argv: list[str], log: Path, expect: int = 0, timeout: float = RUN_TIMEOUT_S, **env: str) -> str:
     with _started(argv, log, **env) as proc:
         proc.wait(timeout)
     output = log.read_text()
@@ -87,7 +92,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _wait_for(condition, proc: subprocess.Popen, timeout: float = 120, poll_s: float = 0.002) -> None:
+def _wait_for(condition, proc: subprocess.Popen, timeout: float = RUN_TIMEOUT_S, poll_s: float = 0.002) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert proc.poll() is None, "the run ended before the awaited moment"
