@@ -25,6 +25,7 @@ from sklearn.decomposition import PCA
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.neighbors import NearestNeighbors
+from threadpoolctl import threadpool_limits
 
 # The median heuristic sets the scale; the multiples cover structure finer and coarser than it.
 MEDIAN_MULTIPLES = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -342,7 +343,10 @@ def classifier_two_sample_accuracy(
         )
     classifier = HistGradientBoostingClassifier(max_iter=50, max_leaf_nodes=15, random_state=seed)
     folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    return float(cross_val_score(classifier, pooled, labels, cv=folds, scoring="accuracy").mean())
+    # One OpenMP thread: at these sizes threads only add overhead, and after scanpy's numba code has run
+    # in the process, sklearn may pick up a raised thread count and oversubscribe a busy machine.
+    with threadpool_limits(limits=1, user_api="openmp"):
+        return float(cross_val_score(classifier, pooled, labels, cv=folds, scoring="accuracy").mean())
 
 
 def _kth_neighbour_radii(x: np.ndarray, k: int) -> np.ndarray:

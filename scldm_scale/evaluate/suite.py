@@ -175,8 +175,10 @@ def compare(
             notes.append(f"{method}: {len(only_method)} combination(s) without real cells, e.g. {only_method[:3]}")
         gen_f = prep(cells.counts)
         for condition, real_rows, gen_rows in groups(real.labels, cells.labels, holdout):
-            if real_rows.sum() < 2 or gen_rows.sum() < 2:
-                notes.append(f"{method}, {condition}: fewer than 2 cells on a side, no metric")
+            n_real, n_gen = int(real_rows.sum()), int(gen_rows.sum())
+            if n_real < 2 or n_gen < 2:
+                if n_real and n_gen:  # an empty side is a combination already listed as unmatched
+                    notes.append(f"{method}, {condition}: {n_real} real and {n_gen} cells, too few for a metric")
                 continue
             values = group_metrics(_rows(real_f, real_rows), _rows(gen_f, gen_rows), seed)
             records += [
