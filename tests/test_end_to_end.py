@@ -262,3 +262,18 @@ def test_quickstart_writes_the_report(tmp_path, tiny_overrides):
     assert "| generated |" in markdown and "| independent_nb |" in markdown and "## Time" in markdown
     for figure in ("umap.png", "mean_var.png", "metric_by_condition.png"):
         assert f"]({figure})" in markdown and (tmp_path / figure).stat().st_size > 1000
+
+
+def test_perturbation_demo_reports_the_unseen_pair_beside_its_baseline(tmp_path, tiny_overrides):
+    from scldm_scale.quickstart import run_quickstart
+
+    overrides = [*tiny_overrides, "train.max_steps=4", "sample.method=euler", "sample.n_steps=2"]
+    report = run_quickstart(tmp_path, overrides=overrides, config=CONFIG_DIR / "perturbation.yaml")
+    assert report["holdout_combinations"] == [{"cell_line": "line_B", "perturbation": "pert_2"}]
+    unseen = {(r["method"], r["metric"]): r["value"] for r in report["metrics"] if r["condition"] == "unseen"}
+    # The held-out pair is all of its cells (100), never trained on; only the additive shift predicts it.
+    assert {m for m, _ in unseen} == {"generated", "additive_shift"}
+    assert unseen[("generated", "n_real_cells")] == unseen[("additive_shift", "n_cells")] == 100
+    seen_methods = {r["method"] for r in report["metrics"] if r["condition"] == "seen"}
+    assert seen_methods == {"generated", "real_train_cells", "independent_nb"}
+    assert "| unseen | additive_shift |" in (tmp_path / "report.md").read_text()
