@@ -275,7 +275,10 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 
     report = run_quickstart(args.out, args.overrides, config=args.config)
     print((Path(args.out) / "report.md").read_text())
-    print(f"wrote {args.out}/generated.h5ad, report.json, report.md in {report['timings']['total_s']:.0f} s")
+    print(
+        f"wrote {args.out}/generated.h5ad, metrics.json, report.md, report.json and the figures "
+        f"in {report['timings']['total_s']:.0f} s"
+    )
 
 
 def _add_kernel_shape_args(p: argparse.ArgumentParser) -> None:
@@ -454,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=25, help="rows of the time table")
     p.set_defaults(func=cmd_profile_step)
 
-    p = sub.add_parser("quickstart", help="train both stages on the built-in PBMC data, generate, report")
+    p = sub.add_parser("quickstart", help="train both stages on built-in data, generate, evaluate, report")
     p.add_argument("--out", default="quickstart_out")
     p.add_argument(
         "--config", default=None, help="a demo config (default configs/quickstart.yaml; configs/perturbation.yaml)"
