@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from scldm_scale.data.counts import DataError
 from scldm_scale.data.dataset import CellDataset
+from scldm_scale.evaluate.embed import Embedder, align_genes
 from scldm_scale.evaluate.metrics import normalize_log1p, pearson
 from scldm_scale.models.vae import SetVAE
-from scldm_scale.train.checkpoint import CheckpointError, load_checkpoint
-from scldm_scale.train.stages import load_vae
 
 BATCH = 256
 
@@ -41,19 +38,12 @@ def reconstruction_metrics(vae: SetVAE, dataset: CellDataset, idx: np.ndarray, d
 def reconstruction_of(checkpoint: str, adata: ad.AnnData, device: torch.device) -> dict:
     """reconstruction_metrics of a VAE or LDM checkpoint's VAE on the cells of an AnnData of raw counts.
 
-    The cells' genes are put in the checkpoint's vocabulary order; a vocabulary gene the cells lack is
-    an error (the likelihood is over every vocabulary gene), genes outside the vocabulary are ignored.
+    The cells' genes are put in the checkpoint's vocabulary order (embed.align_genes); a vocabulary gene
+    the cells lack is an error (the likelihood is over every vocabulary gene), other genes are dropped.
     """
-    ckpt = load_checkpoint(checkpoint)
-    if ckpt.get("kind") not in ("vae", "ldm"):
-        raise CheckpointError(f"{checkpoint} is a {ckpt.get('kind')!r} checkpoint; pass a VAE or LDM checkpoint")
-    vocabulary = pd.Index(ckpt["gene_names"])
-    missing = vocabulary.difference(adata.var_names, sort=False)
-    if len(missing):
-        raise DataError(
-            f"{len(missing)} genes of the checkpoint's vocabulary are missing from the real cells, e.g. "
-            f"{missing[:5].tolist()}; the reconstruction needs every vocabulary gene"
-        )
-    counts = sp.csr_matrix(adata[:, vocabulary].X, dtype=np.float32)
-    dataset = CellDataset(counts, vocabulary.tolist(), {}, {}, np.full(adata.n_obs, "test"))
-    return reconstruction_metrics(load_vae(ckpt).to(device), dataset, np.arange(adata.n_obs), device)
+    embedder = Embedder.from_checkpoint(checkpoint, device=str(device))
+    columns, _ = align_genes(adata.var_names.to_numpy(), embedder.gene_names, "the real cells", False)
+    counts = sp.csr_matrix(adata.X[:, columns], dtype=np.float32)
+    split = np.full(adata.n_obs, "test")
+    dataset = CellDataset(counts, embedder.gene_names, {}, {}, split, embedder.policy)
+    return reconstruction_metrics(embedder.vae, dataset, np.arange(adata.n_obs), device)

@@ -24,7 +24,15 @@ from scldm_scale.data.counts import DataError, validate_counts
 from scldm_scale.data.holdout import combination_mask, describe, holdout_mask
 from scldm_scale.evaluate import baselines, plots, report
 from scldm_scale.evaluate.conditions import combination_labels
-from scldm_scale.evaluate.suite import GENERATED, PREPROCESSING, CellSet, Preprocessor, align_genes, compare
+from scldm_scale.evaluate.suite import (
+    GENERATED,
+    PREPROCESSING,
+    CellSet,
+    Features,
+    Preprocessor,
+    align_genes,
+    compare,
+)
 
 log = logging.getLogger(__name__)
 BASELINES = ("real_train_cells", "independent_nb", "scvi", "additive_shift")
@@ -173,7 +181,7 @@ def evaluate(
     elif opts.baselines:
         skipped.append("baselines: no training cells (--train), so none was fitted")
     prep = Preprocessor(reference.counts, opts.n_pcs, opts.n_hvg)
-    records = compare(real_set, methods, prep, opts.holdout.combinations, opts.seed, notes=skipped)
+    records, features = compare(real_set, methods, prep, opts.holdout.combinations, opts.seed, notes=skipped)
     if opts.vae_checkpoint:
         from scldm_scale.evaluate.reconstruction import reconstruction_of
 
@@ -183,7 +191,7 @@ def evaluate(
             for k in ("nll_per_cell", "pearson_lognorm")
         ]
     (out / "metrics.json").write_text(json.dumps(records, indent=1))
-    figures = _figures(out, real_set, methods, prep, records, opts.seed) if opts.plots else {}
+    figures = _figures(out, real_set, methods, features, records, opts.seed) if opts.plots else {}
     context = {
         "inputs": _describe(aligned, opts),
         "preprocessing": _preprocessing_text(opts, "train" in sets),
@@ -194,11 +202,13 @@ def evaluate(
     return records
 
 
-def _figures(out: Path, real: CellSet, methods: dict[str, CellSet], prep: Preprocessor, records, seed: int) -> dict:
-    """The figures that could be drawn, {file name: caption}."""
-    real_f = prep(real.counts)
+def _figures(
+    out: Path, real: CellSet, methods: dict[str, CellSet], features: dict[str, Features], records, seed: int
+) -> dict:
+    """The figures that could be drawn, {file name: caption}; `features` as `compare` returns them."""
+    real_f = features["real"]
     real_combo = combination_labels(real.labels)
-    method_f = {name: prep(cells.counts) for name, cells in methods.items()}
+    method_f = {name: features[name] for name in methods}
     gen = methods[GENERATED]
     plots.umap_plot(
         real_f.pcs, method_f[GENERATED].pcs, real_combo, combination_labels(gen.labels), out / "umap.png", seed

@@ -153,14 +153,16 @@ def compare(
     holdout: Sequence[Mapping[str, str]] = (),
     seed: int = 0,
     notes: list[str] | None = None,
-) -> list[dict]:
-    """Records {metric, condition, method, value} of every method against the real cells.
+) -> tuple[list[dict], dict[str, Features]]:
+    """Records {metric, condition, method, value} of every method against the real cells, and the
+    features of every set (key "real" and the method names), for the figures.
 
     Combinations that only one side has are left out of every group and listed in `notes`; a method
     that shares no combination with the real cells is an error.
     """
     notes = notes if notes is not None else []
     real_f = prep(real.counts)
+    features = {"real": real_f}
     records = []
     for method, cells in methods.items():
         only_real, only_method = unmatched(real.labels, cells.labels)
@@ -173,7 +175,7 @@ def compare(
             notes.append(f"{method}: no cells of {len(only_real)} real combination(s), e.g. {only_real[:3]}")
         if only_method:
             notes.append(f"{method}: {len(only_method)} combination(s) without real cells, e.g. {only_method[:3]}")
-        gen_f = prep(cells.counts)
+        gen_f = features[method] = prep(cells.counts)
         for condition, real_rows, gen_rows in groups(real.labels, cells.labels, holdout):
             n_real, n_gen = int(real_rows.sum()), int(gen_rows.sum())
             if n_real < 2 or n_gen < 2:
@@ -185,4 +187,4 @@ def compare(
                 {"metric": k, "condition": condition, "method": method, "value": float(v)} for k, v in values.items()
             ]
         log.info("evaluated %s: %d cells", method, len(cells))
-    return records
+    return records, features
