@@ -1,16 +1,27 @@
-"""Typed, closed configuration schemas: load YAML -> merge dot-list overrides -> validate.
+"""Typed, closed configuration schemas: load YAML -> merge dot-list overrides -> validate; and the CLI's
+flags as views of them.
 
 Every section is a dataclass; OmegaConf's structured configs reject unknown keys and wrong types, and
 `load_config` turns those errors into one line that names the key and says how to fix it. Choices
-(enums spelled as strings) are checked in `validate`, which also checks cross-field constraints.
+(enums spelled as strings) sit in each field's metadata (`option`) and are checked in `validate`, which
+also checks cross-field constraints.
+
+`Config` is a training run (`scldm-scale train`, `plan`, `profile-step`, the quickstart) and its `sample`
+section is how cells are generated. The other commands' options have sections of their own
+(`EvalConfig`, `EmbedConfig`, `KernelShapeConfig`), outside a run's YAML. A command declares a flag
+with `add_option(parser, Section, "field")`: the flag's default, type, choices and help are the field's,
+so the flags and the config keys share one definition (the sampler's defaults live in `SampleConfig`
+and nowhere else). `parse_pairs` and `split_config_args` turn command-line text into config values.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import argparse
+import types
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -23,11 +34,20 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and the fix."""
 
 
+def option(default: Any, help: str = "", choices: Sequence[str] = ()) -> Any:
+    """A schema field that documents itself: `help` is its CLI flag's help text, `choices` the values
+    `validate` (and the flag) accept. A list default is copied for each instance."""
+    metadata = {"help": help, "choices": tuple(choices)}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class DataConfig:
     # "soma": a SOMA experiment at `uri` (made by `scldm-scale prepare`); "census": the CELLxGENE Census
     # (`census_version`, or a local Census-shaped collection at `uri`); "h5ad": in memory, for small data.
-    source: str = "soma"
+    source: str = option("soma", choices=("soma", "census", "h5ad"))
     uri: str | None = None
     census_version: str = "stable"
     organism: str = "homo_sapiens"
@@ -40,7 +60,7 @@ class DataConfig:
     num_workers: int = 0
     # Encoder tokens per cell: "expressed" genes only, "dense" (all genes), or "expressed_plus_zeros"
     # (the expressed genes plus n_zero_tokens genes sampled among the cell's zeros).
-    gene_tokens: str = "expressed"
+    gene_tokens: str = option("expressed", choices=("expressed", "dense", "expressed_plus_zeros"))
     n_zero_tokens: int = 0
     # h5ad source: path to an .h5ad with raw integer counts; null uses the built-in dataset `builtin`.
     path: str | None = None
@@ -72,24 +92,24 @@ class VAEConfig:
     latent_dim: int = 16
     # "layernorm": deterministic latent, LayerNorm without affine (the reference, KL 0);
     # "gaussian": diagonal Gaussian per token with a KL to N(0, I) weighted by kl_weight.
-    latent_mode: str = "layernorm"
+    latent_mode: str = option("layernorm", choices=("layernorm", "gaussian"))
     kl_weight: float = 1e-4
     # "scale": E[gene] * log1p(count) (the reference); "concat": Linear([E[gene], log1p(count)]).
-    input_embedding: str = "scale"
+    input_embedding: str = option("scale", choices=("scale", "concat"))
     share_gene_embedding: bool = True
     # "nb": negative binomial on raw counts; "gaussian": Gaussian on log1p(counts / L * 1e4).
-    likelihood: str = "nb"
+    likelihood: str = option("nb", choices=("nb", "gaussian"))
     # "gene": one learned inverse dispersion per gene; "cell": predicted per cell and gene.
-    theta_mode: str = "gene"
+    theta_mode: str = option("gene", choices=("gene", "cell"))
     mlp_ratio: float = 8 / 3
     # MCAB cross-attention (pooling, unpooling): "torch" (SDPA) or "triton" (the fused kernels of kernels/).
-    attention_backend: str = "torch"
+    attention_backend: str = option("torch", choices=("torch", "triton"))
     # With attention_backend=triton: fold the pooling's key/value projections into its shared queries (the
     # keys and values of the gene tokens are never formed). Fewer FLOPs when n_cross_heads * n_latent_tokens
     # < d_model + n_latent_tokens; see kernels/README.md.
     fold_pooling: bool = False
     # NB negative log-likelihood over cells x genes: "torch" (eager) or "triton" (the fused kernel).
-    nb_loss_backend: str = "torch"
+    nb_loss_backend: str = option("torch", choices=("torch", "triton"))
 
 
 @dataclass
@@ -102,7 +122,7 @@ class PriorConfig:
     cond_drop_prob: float = 0.2
     # "independent": each key dropped on its own; "one_at_a_time": one random key is active per
     # cell (the rest NULL), the compositional scheme; "joint": all keys dropped together.
-    cond_dropout: str = "independent"
+    cond_dropout: str = option("independent", choices=("independent", "one_at_a_time", "joint"))
 
 
 @dataclass
@@ -111,7 +131,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.01
     # "wsd": linear warmup, constant, sqrt decay to min_lr_ratio; "cosine": warmup then cosine.
-    schedule: str = "wsd"
+    schedule: str = option("wsd", choices=("wsd", "cosine"))
     warmup_frac: float = 0.1
     decay_frac: float = 0.1
     min_lr_ratio: float = 0.1
@@ -133,7 +153,7 @@ class TrainConfig:
     # EMA of the prior's weights, used for sampling.
     ema_decay: float = 0.999
     # "auto": bf16 autocast on CUDA devices that support it, fp32 elsewhere.
-    precision: str = "auto"
+    precision: str = option("auto", choices=("auto", "bf16", "fp32"))
     device: str = "auto"
     num_threads: int | None = None
     log_every: int = 50
@@ -148,7 +168,7 @@ class TrainConfig:
     metrics_file: str | None = None
     progress: bool = True
     # How the model is spread over processes: single | ddp | fsdp (FSDP2) | deepspeed (ZeRO).
-    strategy: str = "single"
+    strategy: str = option("single", choices=("single", "ddp", "fsdp", "deepspeed"))
     # DeepSpeed ZeRO stage (1: optimizer states, 2: + gradients, 3: + parameters sharded).
     zero_stage: int = 2
     # DeepSpeed: keep optimizer states in CPU memory.
@@ -156,7 +176,7 @@ class TrainConfig:
     # FSDP2: free the gathered parameters of a block after its forward (less memory, one more all-gather).
     reshard_after_forward: bool = True
     # Gradient reduction dtype under bf16 (fp32 is exact-er, bf16 halves the traffic).
-    reduce_dtype: str = "fp32"
+    reduce_dtype: str = option("fp32", choices=("fp32", "bf16"))
     # Recompute each transformer block's activations in the backward pass.
     activation_checkpointing: bool = False
     # Micro-batches of train.batch_size per optimizer step (the global batch is batch_size x accum x ranks).
@@ -171,20 +191,82 @@ class TrainConfig:
     peak_tflops: float | None = None
 
 
+SAMPLERS = ("euler", "heun", "dopri5")
+
+
 @dataclass
 class SampleConfig:
-    method: str = "heun"
-    n_steps: int = 50
-    atol: float = 1e-5
-    rtol: float = 1e-5
-    # Guidance weight w_k the quickstart gives every condition (1 = plain conditioning).
-    guidance: float = 1.0
+    """How cells are generated: the ODE solver from noise to latents, and guidance (`models/sampling.py`)."""
+
+    method: str = option("heun", "ODE solver (dopri5: adaptive)", choices=SAMPLERS)
+    n_steps: int = option(50, "solver steps of euler and heun (heun costs 2 model calls per step)")
+    atol: float = option(1e-5, "absolute tolerance of dopri5")
+    rtol: float = option(1e-5, "relative tolerance of dopri5")
+    batch_size: int = option(1024, "cells per ODE solve")
+    guidance: float = option(1.0, "guidance weight of a condition given no weight of its own (1: plain conditioning)")
+
+
+BASELINES = ("real_train_cells", "independent_nb", "scvi", "additive_shift")
+
+
+@dataclass
+class HoldoutConfig:
+    """Condition combinations held out of training, and the columns the additive-shift baseline reads."""
+
+    combinations: list[dict[str, str]] = option(
+        [], "a combination held out of training, e.g. cell_line=A,perturbation=P (repeatable)"
+    )
+    perturbation_key: str = option("perturbation", "obs column of the perturbations (additive-shift baseline)")
+    context_key: str = option("cell_line", "obs column of the contexts the perturbations act in")
+    control_value: str = option("control", "the perturbation value of unperturbed cells")
+
+
+@dataclass
+class EvalConfig:
+    """`scldm-scale evaluate`: what generated cells are compared on, and against which baselines."""
+
+    condition_keys: list[str] = option([], "obs column of conditions (repeatable)")
+    baselines: list[str] = option(list(BASELINES), f"comma-separated, of {','.join(BASELINES)}; or ''")
+    holdout: HoldoutConfig = field(default_factory=HoldoutConfig)
+    intersect_genes: bool = option(False, "evaluate on the shared genes only")
+    n_pcs: int = option(30, "principal components of the log-normalised counts")
+    n_hvg: int = option(2000, "highly variable genes the PCA is fitted on")
+    seed: int = option(0, "random seed of the baselines and the subsampling")
+    scvi_epochs: int = option(200, "training epochs of the scvi baseline")
+    vae_checkpoint: str | None = option(None, "VAE or LDM checkpoint: adds its reconstruction of the real cells")
+    plots: bool = option(True, "draw the figures")
+
+
+@dataclass
+class EmbedConfig:
+    """How `scldm-scale embed` and `classify` read cells and run the encoder."""
+
+    batch_size: int = option(256, "cells per encoder batch")
+    device: str = option("cpu", "torch device of the encoder")
+    layer: str | None = option(None, "layer of an .h5ad input with raw counts (default: X)")
+    allow_missing_genes: bool = option(
+        False, "encode when the input lacks some of the model's genes (they become absent tokens)"
+    )
+
+
+@dataclass
+class KernelShapeConfig:
+    """The problem `bench kernels` and `profile-kernels` run the Triton kernels on."""
+
+    cells: int = option(256, "cells per batch")
+    heads: int = option(8, "attention heads")
+    n_latents: int = option(32, "latent tokens M")
+    head_dim: int = option(64, "dimension of one head")
+    dtype: str = option("bf16", "dtype of the inputs", choices=("bf16", "fp16", "fp32"))
+    smoke: bool = option(
+        False, "tiny shapes on the CPU under the Triton interpreter (automatic without CUDA): no timing meaning"
+    )
 
 
 @dataclass
 class WandbConfig:
     # offline (the default: a run folder under ckpt_dir/wandb, sync later with `wandb sync`), online, disabled
-    mode: str = "offline"
+    mode: str = option("offline", choices=("offline", "online", "disabled"))
     project: str = "scldm-scale"
     entity: str | None = None
     name: str | None = None
@@ -198,8 +280,8 @@ class LoggingConfig:
 
 @dataclass
 class Config:
-    stage: str = "vae"
-    seed: int = 0
+    stage: str = option("vae", choices=("vae", "ldm"))
+    seed: int = option(0, "random seed (a run's initialisation and data order; generation's noise and library sizes)")
     data: DataConfig = field(default_factory=DataConfig)
     model: VAEConfig = field(default_factory=VAEConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
@@ -209,25 +291,16 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "stage": ("vae", "ldm"),
-    "data.source": ("soma", "census", "h5ad"),
-    "data.gene_tokens": ("expressed", "dense", "expressed_plus_zeros"),
-    "model.latent_mode": ("layernorm", "gaussian"),
-    "model.input_embedding": ("scale", "concat"),
-    "model.likelihood": ("nb", "gaussian"),
-    "model.theta_mode": ("gene", "cell"),
-    "model.attention_backend": ("torch", "triton"),
-    "model.nb_loss_backend": ("torch", "triton"),
-    "prior.cond_dropout": ("independent", "one_at_a_time", "joint"),
-    "optim.vae.schedule": ("wsd", "cosine"),
-    "optim.ldm.schedule": ("wsd", "cosine"),
-    "train.precision": ("auto", "bf16", "fp32"),
-    "train.strategy": ("single", "ddp", "fsdp", "deepspeed"),
-    "train.reduce_dtype": ("fp32", "bf16"),
-    "logging.wandb.mode": ("offline", "online", "disabled"),
-    "sample.method": ("euler", "heun", "dopri5"),
-}
+def _choices(section: type, prefix: str = "") -> dict[str, tuple[str, ...]]:
+    """Every field of `section` (and of its sections) that has choices, by dotted key."""
+    out = {}
+    hints = get_type_hints(section)
+    for spec in fields(section):
+        if is_dataclass(hints[spec.name]):
+            out |= _choices(hints[spec.name], f"{prefix}{spec.name}.")
+        elif spec.metadata.get("choices"):
+            out[prefix + spec.name] = spec.metadata["choices"]
+    return out
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -238,7 +311,7 @@ def _get(cfg: Any, dotted: str) -> Any:
 
 def validate(cfg: Config) -> Config:
     """Check choices and cross-field constraints; raise ConfigError naming the key."""
-    for key, choices in _CHOICES.items():
+    for key, choices in _choices(Config).items():
         value = _get(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
@@ -283,6 +356,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("train.init_on_meta=true needs train.strategy=fsdp (it shards the model as it is built)")
     if cfg.train.grad_accum_steps < 1:
         raise ConfigError(f"train.grad_accum_steps must be >= 1, got {cfg.train.grad_accum_steps}")
+    if cfg.sample.n_steps < 1 or cfg.sample.batch_size < 1:
+        raise ConfigError(
+            f"sample.n_steps and sample.batch_size must be >= 1, got {cfg.sample.n_steps} and {cfg.sample.batch_size}"
+        )
     if cfg.train.peak_tflops is not None and cfg.train.peak_tflops <= 0:
         raise ConfigError(f"train.peak_tflops must be positive, got {cfg.train.peak_tflops}")
     for stage in ("vae", "ldm"):
@@ -393,3 +470,81 @@ def stage_optim(cfg: Config, stage: str) -> OptimConfig:
     if cfg.train.max_steps is not None:
         optim = OptimConfig(**{**optim.__dict__, "max_steps": cfg.train.max_steps})
     return optim
+
+
+# --- The command line: flags are views of the schema's fields ---------------------------------------------
+
+
+def comma_separated(text: str) -> list[str]:
+    """'a,b,' -> ['a', 'b']; '' -> []."""
+    return [item for item in text.split(",") if item]
+
+
+def _flag_type(hint: Any) -> Any:
+    """The argparse `type` of a field's annotation: `int | None` -> int, `list[str]` -> list."""
+    if get_origin(hint) is list:
+        return list
+    if get_origin(hint) in (Union, types.UnionType):
+        return _flag_type(next(arg for arg in get_args(hint) if arg is not type(None)))
+    return hint
+
+
+def add_option(parser: argparse.ArgumentParser, section: type, name: str, *flags: str, **kwargs: Any) -> None:
+    """Declare a flag (default --name-with-dashes) as a view of the field `name` of the schema `section`.
+
+    Its default, type, choices and help come from the field, its value lands in args.<name>; a bool field
+    is a switch that flips its default, a list field takes comma-separated values. `kwargs` go to argparse
+    as they are (e.g. required=True, or action="append", type=str for a repeatable flag).
+    """
+    spec = next(spec for spec in fields(section) if spec.name == name)
+    default = spec.default_factory() if spec.default is MISSING else spec.default
+    kind = _flag_type(get_type_hints(section)[name])
+    view: dict[str, Any] = {"dest": name, "default": default, "help": spec.metadata.get("help", "")}
+    if kind is bool:
+        view["action"] = "store_false" if default else "store_true"
+    else:
+        view["type"] = comma_separated if kind is list else kind
+        if spec.metadata.get("choices"):
+            view["choices"] = spec.metadata["choices"]
+    parser.add_argument(*(flags or (f"--{name.replace('_', '-')}",)), **(view | kwargs))
+
+
+def from_flags(section: type, args: argparse.Namespace, **values: Any) -> Any:
+    """The `section` that the flags declared by `add_option` (and `values`, which win) describe."""
+    given = {spec.name: getattr(args, spec.name) for spec in fields(section) if hasattr(args, spec.name)}
+    return section(**(given | values))
+
+
+def parse_pairs(items: Sequence[str], flag: str, cast: Callable[[str], Any] = str) -> dict[str, Any]:
+    """['k=v', ...] from a repeatable flag -> {k: cast(v)}; a malformed item is a ConfigError naming `flag`."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = cast(value)
+        except ValueError:
+            raise ConfigError(f"{flag} {item!r}: {value!r} is not a number") from None
+    return out
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The CONFIG [CONFIG ...] [key=value ...] positional of the commands that run a `Config`."""
+    config_help = (
+        "config files merged left to right, then dot-list overrides, e.g. configs/quickstart.yaml "
+        "configs/model/vae_base.yaml model.n_layers=4 train.max_steps=200"
+    )
+    parser.add_argument("configs", nargs="+", metavar="CONFIG|key=value", help=config_help)
+
+
+def split_config_args(items: list[str]) -> tuple[list[str], list[str]]:
+    """CONFIG [CONFIG ...] [key=value ...]: .yaml/.yml files (merged left to right), then overrides."""
+    paths = [item for item in items if "=" not in item and item.endswith((".yaml", ".yml"))]
+    overrides = [item for item in items if "=" in item]
+    stray = [item for item in items if item not in paths and item not in overrides]
+    if stray:
+        raise ConfigError(f"{stray} are neither config files (.yaml/.yml) nor key=value overrides")
+    if not paths:
+        raise ConfigError("give at least one config file, e.g. configs/quickstart.yaml")
+    return paths, overrides

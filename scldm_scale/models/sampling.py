@@ -4,7 +4,8 @@ What is unusual here:
 - Time runs from t0 = 0 (noise) to t1 = 1 (data), SiT's convention (see `transport.py`).
 - Euler and Heun are fixed-step and honour `n_steps` (the reference ignored its configured steps);
   Heun always applies its corrector, also on the last step, so it costs 2·n_steps evaluations.
-  dopri5 is adaptive (torchdiffeq) and ignores `n_steps`; atol = rtol = 1e-5 is the published default.
+  dopri5 is adaptive (torchdiffeq) and ignores `n_steps`. The defaults (Heun, 50 steps, atol = rtol = 1e-5,
+  the published dopri5 tolerances) are `config.SampleConfig`'s, as they are for the CLI and the YAML.
 - Guidance evaluates every branch it needs (NULL, one per condition, or all conditions) in ONE model
   call on a batch concatenated along dim 0, because the model is a transformer. It is written as
   v = (1 − Σ_k w_k)·v_∅ + Σ_k w_k·v_k, which equals v_∅ + Σ_k w_k (v_k − v_∅) and lets a branch with
@@ -17,22 +18,23 @@ from collections.abc import Callable, Mapping
 import torch
 from torchdiffeq import odeint
 
+from scldm_scale.config import SAMPLERS, ConfigError, SampleConfig
+
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Conditions = Mapping[str, torch.Tensor | int]
 # model(x (B, ...), t (B,), {key: LongTensor (B,)}) -> velocity (B, ...)
 GuidedModel = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 
-METHODS = ("euler", "heun", "dopri5")
 GUIDANCE_MODES = ("compositional", "joint")
 
 
 def integrate(
     velocity_fn: VelocityFn,
     x_init: torch.Tensor,
-    method: str = "euler",
-    n_steps: int = 50,
-    atol: float = 1e-5,
-    rtol: float = 1e-5,
+    method: str = SampleConfig.method,
+    n_steps: int = SampleConfig.n_steps,
+    atol: float = SampleConfig.atol,
+    rtol: float = SampleConfig.rtol,
     t0: float = 0.0,
     t1: float = 1.0,
 ) -> torch.Tensor:
@@ -41,8 +43,8 @@ def integrate(
     `velocity_fn` receives t as a (B,) tensor. `n_steps` is used by euler and heun, `atol`/`rtol` by
     dopri5 only.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown ODE method {method!r}; valid methods are {', '.join(METHODS)}")
+    if method not in SAMPLERS:
+        raise ConfigError(f"unknown ODE method {method!r}; valid methods are {', '.join(SAMPLERS)}")
     batch = x_init.shape[0]
 
     def times(t: float | torch.Tensor) -> torch.Tensor:
@@ -56,7 +58,7 @@ def integrate(
         return path[-1]
 
     if n_steps < 1:
-        raise ValueError(f"n_steps must be >= 1 for the fixed-step {method} sampler, got {n_steps}")
+        raise ConfigError(f"n_steps must be >= 1 for the fixed-step {method} sampler, got {n_steps}")
     dt = (t1 - t0) / n_steps
     x = x_init
     for i in range(n_steps):
