@@ -212,7 +212,7 @@ def random_permutation_counts(codes: np.ndarray, batch_size: int, seed: int) -> 
 
 
 def _ours(uri: str, batch_size: int, seed: int, num_workers: int) -> Iterator[tuple[np.ndarray, int]]:
-    from scldm_scale.data.dataset import LabelEncoder
+    from scldm_scale.data.batch import LabelEncoder
     from scldm_scale.data.soma import SomaBatches, SomaCells, SomaSpec
 
     cells = SomaCells(SomaSpec(uri, condition_keys=[LABEL]))

@@ -1,206 +1,29 @@
-"""An in-memory cell dataset, its label encoders and split, and the `CellBatch` every loader yields.
+"""An AnnData's cells in memory, and the endless shuffled batch stream over a set of items.
 
-The batch is the seam between data and model: the streaming SOMA/Census loader of a later issue yields
-the same `CellBatch`. A cell enters the encoder as the set of its expressed genes (padded per batch,
-with a boolean mask that is True on real tokens), and the decoder target is the dense count vector over
-the whole gene vocabulary, zeros included.
+`build_dataset` validates an AnnData of raw counts (the `h5ad` source and the built-in dataset) into a
+`CellDataset`: CSR counts over the vocabulary, condition ids and a train / test split (the obs split column,
+else `split.stratified_split`); its `batch` collates rows into a `CellBatch`. `ShuffledBatches` turns any
+batch function over item indices into the resumable, rank-sharded stream the trainer consumes (cells here,
+encoded latents for the prior). The streaming SOMA loader (`soma.py`) is its counterpart for large data.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import anndata as ad
 import numpy as np
 import scipy.sparse as sp
-import torch
 
 from scldm_scale.config import DataConfig
+from scldm_scale.data.batch import EXPRESSED_ONLY, CellBatch, LabelEncoder, TokenPolicy, collate
 from scldm_scale.data.counts import DataError, load_builtin, read_counts, validate_counts
+from scldm_scale.data.split import stratified_split
+from scldm_scale.world import rank_and_world_size
 
 log = logging.getLogger(__name__)
-
-
-class LabelEncoder:
-    """Condition values <-> integer ids; id len(values) is the NULL (dropped) token."""
-
-    def __init__(self, key: str, values: list[str]):
-        self.key = key
-        self.values = list(values)
-        self._index = {v: i for i, v in enumerate(self.values)}
-
-    @classmethod
-    def fit(cls, key: str, labels: np.ndarray) -> LabelEncoder:
-        return cls(key, sorted({str(v) for v in labels}))
-
-    @property
-    def null_id(self) -> int:
-        return len(self.values)
-
-    def encode(self, labels: np.ndarray | list[str]) -> np.ndarray:
-        out = np.empty(len(labels), dtype=np.int64)
-        for i, v in enumerate(labels):
-            idx = self._index.get(str(v))
-            if idx is None:
-                raise DataError(
-                    f"condition {self.key}={v!r} is not known to this model; known values: {', '.join(self.values)}"
-                )
-            out[i] = idx
-        return out
-
-    def state_dict(self) -> dict:
-        return {"key": self.key, "values": self.values}
-
-    @classmethod
-    def from_state(cls, state: dict) -> LabelEncoder:
-        return cls(state["key"], state["values"])
-
-
-def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
-    """'train'/'test' per cell, the same fraction of every label in test (at least one train cell each)."""
-    rng = np.random.default_rng(seed)
-    split = np.full(len(labels), "train", dtype=object)
-    for value in sorted(set(labels.tolist())):
-        idx = np.flatnonzero(labels == value)
-        idx = idx[rng.permutation(len(idx))]
-        n_test = min(int(round(test_fraction * len(idx))), len(idx) - 1)
-        split[idx[:n_test]] = "test"
-    return split
-
-
-@dataclass
-class CellBatch:
-    gene_ids: torch.Tensor  # (B, S) long, expressed genes of each cell, padded
-    counts: torch.Tensor  # (B, S) float32, their counts (0 on padding)
-    mask: torch.Tensor  # (B, S) bool, True on real tokens
-    target: torch.Tensor  # (B, G) float32, counts over the decoded genes
-    decode_gene_ids: torch.Tensor  # (G,) long, the genes the decoder predicts
-    library_size: torch.Tensor  # (B,) float32, total counts of each cell
-    conditions: dict[str, torch.Tensor]  # key -> (B,) long label ids
-
-    def to(self, device: torch.device | str) -> CellBatch:
-        return CellBatch(
-            gene_ids=self.gene_ids.to(device, non_blocking=True),
-            counts=self.counts.to(device, non_blocking=True),
-            mask=self.mask.to(device, non_blocking=True),
-            target=self.target.to(device, non_blocking=True),
-            decode_gene_ids=self.decode_gene_ids.to(device, non_blocking=True),
-            library_size=self.library_size.to(device, non_blocking=True),
-            conditions={k: v.to(device, non_blocking=True) for k, v in self.conditions.items()},
-        )
-
-    def pin_memory(self) -> CellBatch:
-        """Called by DataLoader(pin_memory=True) so host-to-GPU copies can be asynchronous."""
-        return CellBatch(
-            gene_ids=self.gene_ids.pin_memory(),
-            counts=self.counts.pin_memory(),
-            mask=self.mask.pin_memory(),
-            target=self.target.pin_memory(),
-            decode_gene_ids=self.decode_gene_ids.pin_memory(),
-            library_size=self.library_size.pin_memory(),
-            conditions={k: v.pin_memory() for k, v in self.conditions.items()},
-        )
-
-    @property
-    def size(self) -> int:
-        return self.target.shape[0]
-
-
-@dataclass(frozen=True)
-class TokenPolicy:
-    """Which genes of a cell the encoder sees.
-
-    expressed: only the expressed genes (the default; padded per batch with a mask).
-    dense: every gene of the vocabulary, zeros included.
-    expressed_plus_zeros: the expressed genes plus `n_zero_tokens` genes sampled among the cell's zeros,
-        drawn from a generator seeded by the batch's cells (and the loader's seed/epoch), so reproducible.
-    """
-
-    mode: str = "expressed"
-    n_zero_tokens: int = 0
-
-
-EXPRESSED_ONLY = TokenPolicy()
-
-
-def _tokens_of_row(indices: np.ndarray, n_genes: int, policy: TokenPolicy, rng) -> np.ndarray:
-    if policy.mode == "dense":
-        return np.arange(n_genes)
-    if policy.mode == "expressed_plus_zeros" and policy.n_zero_tokens > 0:
-        zeros = np.setdiff1d(np.arange(n_genes), indices, assume_unique=True)
-        picked = rng.choice(zeros, size=min(policy.n_zero_tokens, len(zeros)), replace=False)
-        return np.concatenate([indices, np.sort(picked)])
-    return indices
-
-
-def collate(
-    counts: sp.csr_matrix,
-    conditions: dict[str, np.ndarray],
-    decode_gene_ids: np.ndarray | None = None,
-    policy: TokenPolicy = EXPRESSED_ONLY,
-    rng: np.random.Generator | None = None,
-) -> CellBatch:
-    """Build a CellBatch from a CSR block of cells (rows) over genes (columns).
-
-    Column j is vocabulary gene decode_gene_ids[j] (default: column j is gene j, the full vocabulary).
-    The encoder tokens of each cell follow `policy`; the target is always the dense row.
-    """
-    counts = sp.csr_matrix(counts, dtype=np.float32)  # no copy when it already is float32 CSR
-    if (counts.data == 0).any() or not counts.has_sorted_indices:
-        counts = counts.copy()
-        counts.eliminate_zeros()  # explicitly stored zeros are not expressed genes
-        counts.sort_indices()
-    n_genes = counts.shape[1]
-    return collate_csr(counts.data, counts.indices, counts.indptr, n_genes, conditions, decode_gene_ids, policy, rng)
-
-
-def collate_csr(
-    data: np.ndarray,
-    indices: np.ndarray,
-    indptr: np.ndarray,
-    n_genes: int,
-    conditions: dict[str, np.ndarray],
-    decode_gene_ids: np.ndarray | None = None,
-    policy: TokenPolicy = EXPRESSED_ONLY,
-    rng: np.random.Generator | None = None,
-) -> CellBatch:
-    """`collate` on the raw arrays of a canonical CSR block (float32 data, sorted columns, no stored zeros);
-    the loaders call it on row slices of a block read once, without building scipy matrices."""
-    n_cells = len(indptr) - 1
-    lengths = np.diff(indptr)
-    indptr = indptr - indptr[0]  # a row slice of a larger block starts anywhere
-    row_of_entry = np.repeat(np.arange(n_cells), lengths)
-    dense = np.zeros((n_cells, n_genes), dtype=np.float32)
-    dense.ravel()[row_of_entry * n_genes + indices] = data  # 1-D scatter: faster than 2-D fancy indexing
-    if policy.mode == "expressed":
-        token_columns, token_values = indices, data
-    else:
-        rng = rng if rng is not None else np.random.default_rng(0)
-        columns = [_tokens_of_row(indices[indptr[i] : indptr[i + 1]], n_genes, policy, rng) for i in range(n_cells)]
-        lengths = np.array([len(c) for c in columns], dtype=np.int64)
-        token_columns = np.concatenate(columns) if n_cells else np.zeros(0, dtype=np.int64)
-        token_values = dense[np.repeat(np.arange(n_cells), lengths), token_columns]
-    seq_len = max(int(lengths.max(initial=0)), 1)
-    # Row-major boolean assignment fills each row's first lengths[i] slots, in CSR order.
-    mask = np.arange(seq_len) < lengths[:, None]
-    column_gene = np.arange(n_genes) if decode_gene_ids is None else np.asarray(decode_gene_ids, dtype=np.int64)
-    gene_ids = np.zeros((n_cells, seq_len), dtype=np.int64)
-    values = np.zeros((n_cells, seq_len), dtype=np.float32)
-    gene_ids[mask] = column_gene[token_columns]
-    values[mask] = token_values
-    library_size = np.bincount(row_of_entry, weights=data, minlength=n_cells).astype(np.float32)
-    return CellBatch(
-        gene_ids=torch.from_numpy(gene_ids),
-        counts=torch.from_numpy(values),
-        mask=torch.from_numpy(mask),
-        target=torch.from_numpy(dense),
-        decode_gene_ids=torch.from_numpy(column_gene.copy()),
-        library_size=torch.from_numpy(library_size),
-        conditions={k: torch.from_numpy(v) for k, v in conditions.items()},
-    )
 
 
 class CellDataset:
@@ -292,7 +115,7 @@ class ShuffledBatches:
     do not depend on the number of ranks (a run resumes exactly on another number). `batch_fn(sorted
     indices)` builds a batch. The last incomplete global batch of each epoch is dropped (fixed shapes,
     equal steps on every rank); a set smaller than one global batch gives smaller batches.
-    rank / world_size default to torch.distributed's, else RANK / WORLD_SIZE, else 0 / 1.
+    rank / world_size default to this process's (`scldm_scale.world`).
     """
 
     def __init__(
@@ -304,11 +127,9 @@ class ShuffledBatches:
         rank: int | None = None,
         world_size: int | None = None,
     ):
-        from scldm_scale.data.soma import _rank_and_world
-
         self.batch_fn = batch_fn
         self.idx = np.asarray(idx)
-        self.rank, self.world_size = _rank_and_world(rank, world_size)
+        self.rank, self.world_size = rank_and_world_size(rank, world_size)
         if len(self.idx) < self.world_size:
             raise DataError(f"{len(self.idx)} items cannot be shared among {self.world_size} ranks")
         self.batch_size = min(batch_size, len(self.idx) // self.world_size)

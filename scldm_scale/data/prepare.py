@@ -28,6 +28,8 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from scldm_scale.data.counts import DataError, validate_counts
+from scldm_scale.data.split import stratified_split
+from scldm_scale.data.vocab import GENE_NAME_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -195,20 +197,6 @@ def _existing_labels(uri: Path) -> list[str]:
         return [c for c in exp.obs.schema.names if c not in ("soma_joinid", "obs_id", "n_counts", SPLIT_COLUMN)]
 
 
-def stratified_three_way(labels: np.ndarray, test_fraction: float, val_fraction: float, seed: int) -> np.ndarray:
-    """'train' / 'val' / 'test' per cell with the same fractions within every label."""
-    rng = np.random.default_rng(seed)
-    split = np.full(len(labels), "train", dtype=object)
-    for value in sorted(set(labels.tolist())):
-        idx = np.flatnonzero(labels == value)
-        idx = idx[rng.permutation(len(idx))]
-        n_test = min(int(round(test_fraction * len(idx))), max(len(idx) - 1, 0))
-        n_val = min(int(round(val_fraction * len(idx))), max(len(idx) - 1 - n_test, 0))
-        split[idx[:n_test]] = "test"
-        split[idx[n_test : n_test + n_val]] = "val"
-    return split
-
-
 def prepare(
     input_path: str | Path,
     out_uri: str | Path,
@@ -268,11 +256,11 @@ def prepare(
         obs[key] = obs[key].astype(str)
     obs["n_counts"] = totals[rows]
     strata = obs[labels[0]].to_numpy() if labels else np.zeros(len(rows), dtype=str)
-    obs[SPLIT_COLUMN] = stratified_three_way(strata, test_fraction, val_fraction, seed).astype(str)
+    obs[SPLIT_COLUMN] = stratified_split(strata, test_fraction, seed, val_fraction).astype(str)
     obs.index = obs.index.astype(str)
     var = pd.DataFrame(index=adata.var_names.astype(str))
     var["feature_id"] = var.index.to_numpy()
-    name_col = next((c for c in ("feature_name", "gene_symbols", "gene_name") if c in adata.var), None)
+    name_col = next((c for c in GENE_NAME_COLUMNS if c in adata.var), None)
     var["feature_name"] = adata.var[name_col].astype(str).to_numpy() if name_col else var.index.to_numpy()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))

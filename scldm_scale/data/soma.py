@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import signal
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,8 +35,10 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from scldm_scale.data.batch import EXPRESSED_ONLY, CellBatch, LabelEncoder, TokenPolicy, collate_csr
 from scldm_scale.data.counts import DataError
-from scldm_scale.data.dataset import EXPRESSED_ONLY, CellBatch, LabelEncoder, TokenPolicy, collate_csr
+from scldm_scale.data.vocab import GeneVocabulary, align_genes
+from scldm_scale.world import rank_and_world_size
 
 MEASUREMENT = "RNA"
 log = logging.getLogger(__name__)
@@ -90,13 +91,14 @@ def open_experiment(spec: SomaSpec):
 class SomaCells:
     """The cells of an experiment that pass `obs_filter`, read as CSR rows over a gene vocabulary.
 
-    The vocabulary is keyed by feature id. With `vocabulary` given (a trained model's genes), the
-    experiment's genes are matched to it by id: genes absent from the vocabulary are ignored, and
-    `decode_gene_ids` lists the vocabulary positions present in the experiment, so a model reads an
-    experiment whose genes are another subset or order.
+    The vocabulary is the experiment's genes (var feature_id, with feature_name where var has it), or the
+    `vocabulary` given (a trained model's genes), to which the experiment's genes are matched (`data.vocab`:
+    by feature_id, else by feature_name): its genes outside the vocabulary are ignored, and `decode_gene_ids`
+    lists the vocabulary positions present in the experiment, so a model reads an experiment whose genes
+    are another subset or order. `alignment` says which genes are missing or extra.
     """
 
-    def __init__(self, spec: SomaSpec, vocabulary: list[str] | None = None):
+    def __init__(self, spec: SomaSpec, vocabulary: GeneVocabulary | list[str] | None = None):
         self.spec = spec
         handle, exp = open_experiment(spec)
         try:
@@ -115,8 +117,10 @@ class SomaCells:
             if total_column:
                 obs_columns.append(total_column)
             obs = exp.obs.read(value_filter=spec.obs_filter, column_names=obs_columns).concat().to_pandas()
-            var = ms.var.read(value_filter=spec.var_filter, column_names=["soma_joinid", "feature_id"])
-            var = var.concat().to_pandas()
+            var_columns = ["soma_joinid", "feature_id"]
+            if "feature_name" in ms.var.schema.names:
+                var_columns.append("feature_name")
+            var = ms.var.read(value_filter=spec.var_filter, column_names=var_columns).concat().to_pandas()
         finally:
             handle.close()
         if len(obs) == 0:
@@ -128,18 +132,14 @@ class SomaCells:
         self.labels = {k: obs[k].astype(str).to_numpy() for k in spec.condition_keys}
         self.n_counts = obs[total_column].to_numpy(dtype=np.float64) if total_column else None
         feature_ids = var["feature_id"].astype(str).to_numpy()
+        feature_names = var["feature_name"].astype(str).to_numpy() if "feature_name" in var else None
         if vocabulary is None:
-            vocabulary = feature_ids.tolist()
-        self.vocabulary = list(vocabulary)
-        position = {g: i for i, g in enumerate(self.vocabulary)}
-        vocab_pos = np.array([position.get(g, -1) for g in feature_ids])
-        present = vocab_pos >= 0
-        if not present.any():
-            raise DataError(f"{spec.uri}: none of its genes are in the model's vocabulary (matched by feature_id)")
+            vocabulary = GeneVocabulary(feature_ids, feature_names)
+        self.vocabulary = GeneVocabulary.of(vocabulary)
+        self.alignment = align_genes(feature_ids, self.vocabulary, feature_names, where=spec.uri)
         # Columns of the CSR blocks = the experiment's genes that are in the vocabulary, in vocabulary order.
-        order = np.argsort(vocab_pos[present])
-        self.decode_gene_ids = vocab_pos[present][order]  # (G_present,) vocabulary positions
-        var_joinids = var["soma_joinid"].to_numpy(dtype=np.int64)[present][order]
+        self.decode_gene_ids = self.alignment.positions  # (G_present,) vocabulary positions
+        var_joinids = var["soma_joinid"].to_numpy(dtype=np.int64)[self.alignment.columns]
         self._column_of_var = np.full(int(var["soma_joinid"].max()) + 1, -1, dtype=np.int64)
         self._column_of_var[var_joinids] = np.arange(len(var_joinids))
         self._identity_columns = bool(np.array_equal(self._column_of_var, np.arange(len(self._column_of_var))))
@@ -392,8 +392,7 @@ class _Stream(IterableDataset):
 class SomaBatches:
     """Endless stream of CellBatch from a SOMA experiment; see the module docstring for the order.
 
-    rank / world_size default to torch.distributed's global rank and world size (never LOCAL_RANK: two
-    nodes would read the same cells), else RANK / WORLD_SIZE from the environment, else 0 / 1.
+    rank / world_size default to this process's global rank and world size (`scldm_scale.world`).
     """
 
     def __init__(
@@ -417,7 +416,7 @@ class SomaBatches:
         self.chunk_size = chunk_size
         self.buffer_chunks = buffer_chunks
         self.num_workers = num_workers
-        self.rank, self.world_size = _rank_and_world(rank, world_size)
+        self.rank, self.world_size = rank_and_world_size(rank, world_size)
         if self.world_size > len(cells):
             raise DataError(f"{len(cells)} cells cannot be shared among {self.world_size} ranks")
         self.batch_size = min(batch_size, max(1, len(cells) // self.world_size))
@@ -605,11 +604,3 @@ class SomaBatches:
 
 def _ignore_sigint(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    if rank is not None and world_size is not None:
-        return rank, world_size
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -19,16 +19,11 @@ import numpy as np
 import pandas as pd
 
 from scldm_scale.config import DataConfig
+from scldm_scale.data.batch import CellBatch, LabelEncoder, TokenPolicy
 from scldm_scale.data.counts import DataError
-from scldm_scale.data.dataset import (
-    CellBatch,
-    LabelEncoder,
-    ShuffledBatches,
-    TokenPolicy,
-    build_dataset,
-    load_anndata,
-)
+from scldm_scale.data.dataset import ShuffledBatches, build_dataset, load_anndata
 from scldm_scale.data.holdout import check_holdout, exclusion_filter, holdout_mask, match_filter
+from scldm_scale.data.vocab import GeneVocabulary, MissingGenesError, align_var
 
 ORDERED_BATCH = 256
 
@@ -36,7 +31,7 @@ ORDERED_BATCH = 256
 @dataclass
 class TrainCells:
     batches: Any  # iterator of CellBatch with state_dict() / load_state_dict()
-    gene_names: list[str]
+    vocabulary: GeneVocabulary
     encoders: dict[str, LabelEncoder]
     labels: dict[str, np.ndarray]  # key -> (N,) str, train cells in order
     condition_ids: dict[str, np.ndarray]  # key -> (N,) int64
@@ -46,6 +41,11 @@ class TrainCells:
     @property
     def n_cells(self) -> int:
         return len(self.library_sizes)
+
+    @property
+    def gene_names(self) -> list[str]:
+        """The vocabulary's gene ids, in model order."""
+        return self.vocabulary.ids
 
 
 def soma_spec(cfg: DataConfig, split: str | None, exclude_holdout: bool = False):
@@ -86,9 +86,11 @@ def open_train_cells(
     cfg: DataConfig,
     batch_size: int,
     seed: int,
-    vocabulary: list[str] | None = None,
+    vocabulary: GeneVocabulary | list[str] | None = None,
     encoders: dict[str, LabelEncoder] | None = None,
 ) -> TrainCells:
+    """The train split's cells of the configured source; with `vocabulary` (a trained model's genes) the
+    data's genes are matched to it (`data.vocab`)."""
     if cfg.source == "h5ad":
         return _h5ad_train_cells(cfg, batch_size, seed, vocabulary, encoders)
     from scldm_scale.data.soma import SomaBatches, SomaCells
@@ -126,7 +128,7 @@ def open_train_cells(
         library_sizes = cells.n_counts
     return TrainCells(
         batches=batches,
-        gene_names=cells.vocabulary,
+        vocabulary=cells.vocabulary,
         encoders=encoders,
         labels=cells.labels,
         condition_ids=batches.condition_ids,
@@ -151,21 +153,25 @@ def _check_soma_holdout(cfg: DataConfig, split: str | None, train_labels: dict[s
 
 def _h5ad_train_cells(cfg, batch_size, seed, vocabulary, encoders) -> TrainCells:
     adata = load_anndata(cfg)
+    where = cfg.path or f"built-in {cfg.builtin}"
     if vocabulary is not None:
-        position = {g: i for i, g in enumerate(adata.var_names)}
-        missing = [g for g in vocabulary if g not in position]
+        vocabulary = GeneVocabulary.of(vocabulary)
+        alignment = align_var(adata.var, vocabulary, where)
+        missing = alignment.missing
         if missing:
-            raise DataError(
-                f"{len(missing)} genes of the model's vocabulary are missing from the data, e.g. {missing[:5]}"
+            raise MissingGenesError(
+                f"{where}: {len(missing)} genes of the model's vocabulary are missing from the data, e.g. "
+                f"{missing[:5]}; train on data with every gene of the model (absent ones as zero columns)",
+                missing,
             )
-        adata = adata[:, [position[g] for g in vocabulary]].copy()
+        adata = adata[:, alignment.columns].copy()
+        adata.var_names = vocabulary.ids
     dataset = build_dataset(adata, cfg, encoders=encoders)
     idx = dataset.indices("train")
     if cfg.holdout_combinations:
         obs = pd.DataFrame(dataset.obs)
         idx = idx[~holdout_mask(obs, cfg.holdout_combinations)[idx]]
         train_labels = {k: v[idx] for k, v in dataset.obs.items()}
-        where = cfg.path or f"built-in {cfg.builtin}"
         check_holdout(cfg.holdout_combinations, obs, dataset.split == "train", train_labels, where)
 
     def ordered() -> Iterator[CellBatch]:
@@ -175,7 +181,7 @@ def _h5ad_train_cells(cfg, batch_size, seed, vocabulary, encoders) -> TrainCells
 
     return TrainCells(
         batches=ShuffledBatches(dataset.batch, idx, batch_size, seed),
-        gene_names=dataset.gene_names,
+        vocabulary=vocabulary if vocabulary is not None else GeneVocabulary.from_var(adata.var),
         encoders=dataset.encoders,
         labels={k: v[idx] for k, v in dataset.obs.items()},
         condition_ids={k: v[idx] for k, v in dataset.condition_ids.items()},

@@ -7,14 +7,10 @@ import scipy.sparse as sp
 import torch
 
 from scldm_scale.config import DataConfig
+from scldm_scale.data.batch import LabelEncoder, TokenPolicy, collate
 from scldm_scale.data.counts import DataError
-from scldm_scale.data.dataset import (
-    LabelEncoder,
-    ShuffledBatches,
-    build_dataset,
-    collate,
-    stratified_split,
-)
+from scldm_scale.data.dataset import ShuffledBatches, build_dataset
+from scldm_scale.data.split import stratified_split
 
 
 def _cfg(**kwargs) -> DataConfig:
@@ -301,8 +297,6 @@ def _token_sets(batch) -> list[set[int]]:
 
 
 def test_dense_tokens_cover_every_gene_with_its_count():
-    from scldm_scale.data.dataset import TokenPolicy, collate
-
     rng = np.random.default_rng(0)
     counts = sp.csr_matrix(rng.poisson(0.3, size=(5, 12)).astype(np.float32))
     batch = collate(counts, {}, policy=TokenPolicy("dense"))
@@ -313,8 +307,6 @@ def test_dense_tokens_cover_every_gene_with_its_count():
 
 
 def test_expressed_plus_zeros_adds_sampled_zero_genes_reproducibly():
-    from scldm_scale.data.dataset import TokenPolicy, collate
-
     rng = np.random.default_rng(1)
     counts = sp.csr_matrix(rng.poisson(0.2, size=(6, 30)).astype(np.float32))
     counts[0] = 0  # a row with no expressed genes (stored explicitly as zeros) still gets its zeros

@@ -22,8 +22,8 @@ import torch
 
 import scldm_scale.data.soma as soma
 from scldm_scale.config import ConfigError, DataConfig, load_config
+from scldm_scale.data.batch import LabelEncoder, collate
 from scldm_scale.data.counts import DataError
-from scldm_scale.data.dataset import LabelEncoder, collate
 from scldm_scale.data.soma import EpochOrder, SomaBatches, SomaCells, SomaSpec, epoch_chunks, rank_units, units_left
 from scldm_scale.data.source import open_train_cells
 
@@ -61,7 +61,7 @@ def test_cells_are_the_filtered_split_in_joinid_order(train_cells, soma_experime
     np.testing.assert_array_equal(train_cells.joinids, train)
     np.testing.assert_array_equal(train_cells.labels["cell_type"], exp.cell_type[train])
     np.testing.assert_array_equal(train_cells.n_counts, exp.counts[train].sum(axis=1))
-    assert train_cells.vocabulary == exp.gene_ids
+    assert train_cells.vocabulary.ids == exp.gene_ids
     np.testing.assert_array_equal(train_cells.decode_gene_ids, np.arange(len(exp.gene_ids)))
     positions = np.array([0, 5, 6, 200, 319])
     np.testing.assert_array_equal(train_cells.read(positions).toarray(), exp.counts[train[positions]])
@@ -390,7 +390,7 @@ def test_a_model_vocabulary_maps_the_experiment_genes_by_id(soma_experiment):
     subset = [exp.gene_ids[j] for j in rng.permutation(len(exp.gene_ids))[:25]]
     vocabulary = [*subset[:10], "gene_not_in_the_experiment", *subset[10:]]
     cells = SomaCells(SomaSpec(exp.uri, obs_filter=TRAIN), vocabulary=vocabulary)
-    assert cells.vocabulary == vocabulary
+    assert cells.vocabulary.ids == vocabulary
     present = [i for i, g in enumerate(vocabulary) if g in exp.gene_ids]
     np.testing.assert_array_equal(cells.decode_gene_ids, present)
 

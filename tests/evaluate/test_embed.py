@@ -11,8 +11,8 @@ from scldm_test_helpers import synthetic_vae_args
 
 from scldm_scale.cli import main
 from scldm_scale.config import load_config
+from scldm_scale.data.batch import collate
 from scldm_scale.data.counts import DataError
-from scldm_scale.data.dataset import collate
 from scldm_scale.data.prepare import prepare
 from scldm_scale.evaluate.embed import EMBED_KEY, POOLED_KEY, UNS_KEY, embed
 from scldm_scale.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint

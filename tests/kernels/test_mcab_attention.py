@@ -176,7 +176,7 @@ def test_vae_training_step_with_triton_attention_matches_torch(fold_pooling):
     import scipy.sparse as sp
 
     from scldm_scale.config import VAEConfig
-    from scldm_scale.data.dataset import collate
+    from scldm_scale.data.batch import collate
     from scldm_scale.models.vae import SetVAE
 
     seed = random.randrange(2**31)

@@ -25,7 +25,7 @@ from scldm_kernels import _triton, nb_loss
 from scldm_kernels.nb_loss import NBNLLFunction, nb_nll, nb_nll_reference
 
 from scldm_scale.config import VAEConfig
-from scldm_scale.data.dataset import collate
+from scldm_scale.data.batch import collate
 from scldm_scale.models.vae import SetVAE
 
 triton = pytest.importorskip("triton")

@@ -6,7 +6,7 @@ import scipy.sparse as sp
 import torch
 
 from scldm_scale.config import VAEConfig
-from scldm_scale.data.dataset import CellBatch, collate
+from scldm_scale.data.batch import CellBatch, collate
 from scldm_scale.models.vae import SetVAE
 
 N_GENES = 30

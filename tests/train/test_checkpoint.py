@@ -7,7 +7,7 @@ import scipy.sparse as sp
 import torch
 
 from scldm_scale.config import Config, VAEConfig, to_dict
-from scldm_scale.data.dataset import collate
+from scldm_scale.data.batch import collate
 from scldm_scale.train.checkpoint import FORMAT, VERSION, CheckpointError, load_checkpoint, save_checkpoint
 from scldm_scale.train.stages import load_vae
 

@@ -1,0 +1,33 @@
+"""Which process this is among the launched ones: its rank and the world size.
+
+torch.distributed's values once its process group is up, else the launcher's RANK / WORLD_SIZE (torchrun,
+the DeepSpeed launcher and launch/slurm.sbatch set them before any group exists), else one process (0, 1).
+Always the global rank, never LOCAL_RANK: two nodes would read the same cells. The one lookup of the package
+(the loaders shard by it, the CLI, checkpoints and the profiler ask it who talks); it imports nothing of the
+package, so every floor may use it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch.distributed as dist
+
+
+def get_rank() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def get_world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank_and_world_size(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world size): the given pair (a loader told its place explicitly), else this process's."""
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    return get_rank(), get_world_size()
