@@ -2,7 +2,8 @@
 
 For the model of the config's stage (stage=vae: the SetVAE; stage=ldm: the DiT prior) it reports the
 parameter count (the model is built on the meta device, so a 1B model costs no memory), the training
-FLOPs per cell (train/flops.py) and an estimate of the memory each rank holds under every strategy.
+FLOPs per cell and an estimate of the memory each rank holds under every strategy. The model reports its
+own transformer blocks, forward FLOPs and saved activations (models/cost.py); plan only sums them.
 
 Memory per parameter follows the ZeRO paper's accounting of mixed-precision AdamW (Rajbhandari et al.
 2020, section 3.1): under train.precision=bf16 (and auto, which is bf16 on the GPUs plan is for) the
@@ -22,21 +23,14 @@ from the forward to the backward. stage=ldm adds the EMA of the prior (fp32, sha
 and the frozen VAE (fp32, replicated) to "other". With train.offload_optimizer, DeepSpeed keeps the
 optimizer states in CPU memory: they leave the GPU column.
 
-Activations (per rank, train.batch_size cells per micro-batch) count the tensors autograd saves for the
-backward pass, in the compute dtype, block by block (E = width, H = MLP hidden width, T = tokens):
-  self-attention block   T (8E + 4H): block input, normed input, q, k, v, attention output, MLP input,
-                         normed MLP input, and 4H for the SwiGLU gate, up, SiLU and product
-  MCAB (Q over K keys)   4KE (keys, normed keys, k, v) + Q (4E + 4H) (q, attention output, residual,
-                         normed) - pooling has K = S gene tokens, unpooling Q = G genes
-  DiT block              M (12D + 2F): the block above with adaLN modulation (3 more D-wide tensors per
-                         half) and a GELU MLP of width F (its input and output)
-plus what lives outside the blocks (token embedding, latent projections, the decoder norm) and, for the
-VAE, the likelihood's fp32 (B, G) temporaries (the eager NB log-likelihood keeps about 12). Attention is
-assumed fused (no T x T score matrix saved). With activation checkpointing (per block) only each
-block's input is kept, plus one block's full activations while it is recomputed in the backward, so
-the largest block sets the floor: for the VAE that is the unpooling over G genes, which checkpointing
-cannot shrink. These are estimates (allocator fragmentation, communication buffers, the CUDA context
-and workspace come on top; budget 10-20% more), meant to choose a strategy, not to predict bytes.
+Activations (per rank, train.batch_size cells per micro-batch) are the tensors autograd saves for the
+backward pass, as the model's `activation_profile` counts them block by block (each block's `activations`
+in mcab.py and dit.py), plus what lives outside the blocks and the loss's fp32 temporaries (the eager NB
+log-likelihood keeps about 12 (B, G) tensors). With activation checkpointing (per block) only each block's
+input is kept, plus one block's full activations while it is recomputed in the backward, so the largest
+block sets the floor: for the VAE that is the unpooling over G genes, which checkpointing cannot shrink.
+These are estimates (allocator fragmentation, communication buffers, the CUDA context and workspace come
+on top; budget 10-20% more), meant to choose a strategy, not to predict bytes.
 """
 
 from __future__ import annotations
@@ -50,10 +44,10 @@ import torch
 from torch import nn
 
 from scldm_scale.config import Config, ConfigError, load_config
-from scldm_scale.models.dit import TIME_FREQUENCIES, DiT
-from scldm_scale.models.mcab import swiglu_hidden_dim
+from scldm_scale.models.dit import DiT
+from scldm_scale.models.prior import FlowMatchingPrior
 from scldm_scale.models.vae import SetVAE
-from scldm_scale.train.flops import TRAIN_FLOPS_FACTOR, dit_forward_flops, vae_forward_flops
+from scldm_scale.train.flops import TRAIN_FLOPS_FACTOR
 
 # The vocabulary comes from the data; without data, plan assumes a typical highly-variable-gene panel.
 DEFAULT_N_GENES = 2000
@@ -61,10 +55,6 @@ DEFAULT_N_GENES = 2000
 DEFAULT_EXPRESSED_FRACTION = 0.1
 # The DiT's class tables (one per data.condition_keys entry) need a class count; their size is negligible.
 CLASSES_PER_CONDITION_KEY = 100
-# fp32 (B, G) tensors the eager likelihood keeps for the backward pass, counted in likelihoods.py.
-LIKELIHOOD_FP32_TEMPORARIES = {"nb": 12, "gaussian": 6}
-# fp32 (B, M, L) tensors of the flow-matching loss (noise, interpolant, target, error).
-FLOW_MATCHING_FP32_TEMPORARIES = 4
 
 STRATEGY_CHOICES = ("single", "ddp", "fsdp", "deepspeed", "all")
 STRATEGIES = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3")
@@ -79,24 +69,6 @@ SHARDED = {
 }
 GIB = 2**30
 BYTE_FIELDS = ("params", "grads", "optimizer", "other", "activations", "activations_ckpt", "optimizer_cpu")
-
-
-@dataclass
-class ActivationProfile:
-    """Elements autograd saves per cell: per block (all of it, and its input), and outside the blocks."""
-
-    block_full: list[int]
-    block_input: list[int]
-    outside: int
-    outside_fp32: int
-
-    def bytes_per_cell(self, compute_bytes: int, checkpointing: bool) -> int:
-        if checkpointing:
-            recomputed = max(full - inp for full, inp in zip(self.block_full, self.block_input, strict=True))
-            blocks = sum(self.block_input) + recomputed
-        else:
-            blocks = sum(self.block_full)
-        return (blocks + self.outside) * compute_bytes + self.outside_fp32 * 4
 
 
 @dataclass
@@ -147,47 +119,19 @@ def build_dit(cfg: Config) -> DiT:
         return DiT(cfg.prior, cfg.model.n_latent_tokens, cfg.model.latent_dim, n_classes)
 
 
+def build_prior(cfg: Config) -> FlowMatchingPrior:
+    """The DiT (on the meta device) with its flow-matching objective, as stage=ldm trains it."""
+    return FlowMatchingPrior(build_dit(cfg), cfg.prior.cond_drop_prob, cfg.prior.cond_dropout)
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The units FSDP shards and activation checkpointing wraps, in forward order."""
-    if isinstance(model, SetVAE):
-        return [model.pool, *model.encoder_blocks, *model.decoder_blocks, model.unpool]
-    return list(model.blocks)
-
-
 def largest_unit_parameters(model: nn.Module) -> int:
     """Parameters of the largest all-gathered unit: a block, or the root (everything outside blocks)."""
-    blocks = [count_parameters(block) for block in transformer_blocks(model)]
+    blocks = [count_parameters(block) for block in model.transformer_blocks()]
     return max([count_parameters(model) - sum(blocks), *blocks])
-
-
-def vae_activations(cfg: Config, n_genes: int, tokens_per_cell: int) -> ActivationProfile:
-    m = cfg.model
-    e, h, n_lat, latent = m.d_model, swiglu_hidden_dim(m.d_model, m.mlp_ratio), m.n_latent_tokens, m.latent_dim
-    s, g = tokens_per_cell, n_genes
-    self_attn = n_lat * (8 * e + 4 * h)
-    full = [4 * s * e + n_lat * (4 * e + 4 * h), *[self_attn] * (2 * m.n_layers), 4 * n_lat * e + g * (4 * e + 4 * h)]
-    inputs = [s * e, *[n_lat * e] * (2 * m.n_layers), n_lat * e]
-    # token embedding (S, E) and counts; encoder norm, latent projections; decoder norm and head input.
-    outside = s * (e + 1) + n_lat * (2 * e + 4 * latent) + 2 * g * e
-    return ActivationProfile(full, inputs, outside, LIKELIHOOD_FP32_TEMPORARIES[m.likelihood] * g)
-
-
-def dit_activations(cfg: Config) -> ActivationProfile:
-    d, n_tok, latent = cfg.prior.d_model, cfg.model.n_latent_tokens, cfg.model.latent_dim
-    mlp_hidden = int(d * cfg.prior.mlp_ratio)  # as DiTBlock
-    n = cfg.prior.n_layers
-    # timestep features and MLP; latents in; final norm, modulation and projection out.
-    outside = TIME_FREQUENCIES + 3 * d + n_tok * (3 * d + 2 * latent)
-    return ActivationProfile(
-        [n_tok * (12 * d + 2 * mlp_hidden)] * n,
-        [n_tok * d] * n,
-        outside,
-        FLOW_MATCHING_FP32_TEMPORARIES * n_tok * latent,
-    )
 
 
 def bytes_per_parameter(precision: str) -> tuple[int, int, int]:
@@ -255,12 +199,13 @@ def make_plan(
     vae = build_vae(cfg, n_genes)
     if cfg.stage == "vae":
         model, frozen_params = vae, 0
-        forward = vae_forward_flops(cfg.model, n_genes, tokens, cfg.train.batch_size)
-        profile = vae_activations(cfg, n_genes, tokens)
+        forward = vae.forward_flops(tokens, n_genes, cfg.train.batch_size)
+        profile = vae.activation_profile(tokens, n_genes)
     else:
-        model, frozen_params = build_dit(cfg), count_parameters(vae)
-        forward = dit_forward_flops(cfg.prior, cfg.model.n_latent_tokens, cfg.model.latent_dim)
-        profile = dit_activations(cfg)
+        prior = build_prior(cfg)
+        model, frozen_params = prior.dit, count_parameters(vae)
+        forward = prior.forward_flops()
+        profile = prior.activation_profile()
     compute_bytes = 4 if cfg.train.precision == "fp32" else 2
     batch = cfg.train.batch_size
     activation_bytes = (

@@ -14,8 +14,8 @@ must do, not what it does), counted by `attention_cost` and `bench_nb_loss`:
                      (elementwise special functions: the loss is bound by memory)
 "% roof" is the roofline floor over the measured time: floor = max(bytes / peak bandwidth, FLOPs / peak
 FLOP/s), the time the minimal work takes at the device's peaks. The FLOP peak is the dense bf16 tensor-core
-rate of `scldm_scale.train.flops.PEAK_BF16_TFLOPS`, used for 16-bit inputs only (fp32 rows are floored by
-memory alone); the bandwidth is `PEAK_MEMORY_TBS` below. Unknown devices and the CPU get no "% roof".
+rate of `scldm_scale.hardware.PEAKS`, used for 16-bit inputs only (fp32 rows are floored by memory alone);
+the bandwidth is the same table's. Unknown devices and the CPU get no "% roof".
 "x ref" is the speed-up over the op's reference in the same run: the fastest SDPA backend for attention,
 eager PyTorch for the NB loss; "mem/ref" is the peak CUDA memory of the call over the reference's.
 
@@ -28,51 +28,19 @@ from __future__ import annotations
 
 import datetime
 import os
-import re
 import sys
 from typing import Any
 
 import torch
 
 from scldm_scale.bench.records import write_records
-from scldm_scale.train.flops import lookup_peak_tflops
+from scldm_scale.hardware import lookup_peak_memory_tbs, lookup_peak_tflops
 
 OPS = ("pooling", "unpooling", "nb_loss")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SDPA_BACKENDS = ("sdpa_flash_attention", "sdpa_efficient_attention", "sdpa_cudnn_attention", "sdpa_math")
 SMOKE_NB_SHAPE = (3, 37)  # cells x genes: off every block size, a few interpreter launches
 FLEX_SMOKE_NOTE = "skipped (smoke): compiling it on the CPU takes minutes, and it has no CPU backward"
-
-# Peak DRAM bandwidth in TB/s (10^12 bytes/s), matched in order against torch.cuda.get_device_name(), so
-# specific names come first. Sources: NVIDIA datasheets (B200, H100 SXM5/PCIe/NVL, H200 SXM/NVL, H800, H20,
-# A100 40GB/80GB SXM4/PCIe, A10, A10G (AWS G5), A30, A40, L40S, L40, L4, V100 SXM2/PCIe, V100S, T4).
-PEAK_MEMORY_TBS: tuple[tuple[str, float], ...] = (
-    (r"\bB200\b", 8.0),
-    (r"\bH100\b.*\bNVL\b", 3.9),
-    (r"\bH100\b.*\bPCIE\b", 2.0),
-    (r"\bH100\b", 3.35),  # SXM5 ("NVIDIA H100 80GB HBM3")
-    (r"\bH200\b", 4.8),  # SXM and NVL alike
-    (r"\bH800\b", 3.35),
-    (r"\bH20\b", 4.0),
-    (r"\bA100\b.*\b80\s*GB\b.*\bPCIE\b", 1.935),
-    (r"\bA100\b.*\b80\s*GB\b", 2.039),  # "NVIDIA A100-SXM4-80GB"
-    (r"\bA100\b", 1.555),  # 40 GB, SXM4 and PCIe
-    (r"\bA10G\b", 0.6),
-    (r"\bA10\b", 0.6),
-    (r"\bA30\b", 0.933),
-    (r"\bA40\b", 0.696),
-    (r"\bL40S?\b", 0.864),
-    (r"\bL4\b", 0.3),
-    (r"\bV100S\b", 1.134),
-    (r"\bV100\b", 0.9),
-    (r"\bT4\b", 0.32),
-)
-
-
-def lookup_peak_memory_tbs(device_name: str) -> float | None:
-    """Peak DRAM bandwidth of a GPU by its CUDA name, None when it is not in the table."""
-    return next((tbs for pattern, tbs in PEAK_MEMORY_TBS if re.search(pattern, device_name, re.IGNORECASE)), None)
-
 
 def use_triton_interpreter() -> None:
     """Make the Triton kernels run on the CPU: TRITON_INTERPRET=1 before Triton (and scldm_kernels) is imported.

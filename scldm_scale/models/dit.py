@@ -9,6 +9,9 @@ Unusual here:
   guidance; `drop_conditions` replaces labels by NULL during training.
 - Fixed 1-D sin-cos positional embedding over the M latent tokens (they are ordered by the VAE's
   inducing points, unlike gene tokens).
+- The model reports its own cost: `transformer_blocks()`, `forward_flops()` and `activation_profile()` per
+  cell (conventions in cost.py). The adaLN modulation is per cell, not per token: one conditioning vector
+  per cell. Class embeddings are lookups (no FLOPs).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from torch import nn
 
 from scldm_scale.config import PriorConfig
+from scldm_scale.models.cost import ActivationProfile, linear_flops
 from scldm_scale.models.mcab import Attention
 
 TIME_FREQUENCIES = 256  # sinusoidal features of t in [0, 1], as in DiT
@@ -41,6 +45,9 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.mlp(sinusoidal_embedding(t * TIME_SCALE, TIME_FREQUENCIES))  # (B, D)
 
+    def flops(self) -> float:
+        return linear_flops(self.mlp[0], 1) + linear_flops(self.mlp[2], 1)  # one timestep per cell
+
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale[:, None]) + shift[:, None]  # (B, M, D)
@@ -62,6 +69,16 @@ class DiTBlock(nn.Module):
         x = x + gate_a[:, None] * self.attn(h, h)
         return x + gate_m[:, None] * self.mlp(modulate(self.norm_mlp(x), shift_m, scale_m))
 
+    def flops(self, n_tokens: int) -> float:
+        mlp = linear_flops(self.mlp[0], n_tokens) + linear_flops(self.mlp[2], n_tokens)
+        return linear_flops(self.ada_ln[-1], 1) + self.attn.flops(n_tokens, n_tokens) + mlp
+
+    def activations(self, n_tokens: int) -> tuple[int, int]:
+        """(saved, input) elements per cell: M (12D + 2F), a self-attention block's 8D with the adaLN
+        modulation (3 more D-wide tensors per half) and a GELU MLP of width F (its input and output)."""
+        d, f = self.mlp[0].in_features, self.mlp[0].out_features
+        return n_tokens * (12 * d + 2 * f), n_tokens * d
+
 
 class DiT(nn.Module):
     def __init__(self, cfg: PriorConfig, n_tokens: int, token_dim: int, n_classes: dict[str, int]):
@@ -69,7 +86,7 @@ class DiT(nn.Module):
         d = cfg.d_model
         self.n_classes = dict(n_classes)
         self.x_embed = nn.Linear(token_dim, d)
-        self.n_tokens = n_tokens
+        self.n_tokens, self.token_dim = n_tokens, token_dim
         self.register_buffer("pos_embed", sinusoidal_embedding(torch.arange(n_tokens), d)[None], persistent=False)
         self.t_embed = TimestepEmbedder(d)
         self.cond_embed = nn.ModuleDict({k: nn.Embedding(n + 1, d) for k, n in n_classes.items()})
@@ -82,6 +99,24 @@ class DiT(nn.Module):
     @property
     def null_ids(self) -> dict[str, int]:
         return dict(self.n_classes)
+
+    def transformer_blocks(self) -> list[nn.Module]:
+        """The DiT blocks: the units of FSDP sharding and activation checkpointing."""
+        return list(self.blocks)
+
+    def forward_flops(self) -> float:
+        """Per cell, on its M latent tokens of width L."""
+        m = self.n_tokens
+        flops = self.t_embed.flops() + linear_flops(self.x_embed, m)
+        flops += sum(block.flops(m) for block in self.blocks)
+        return flops + linear_flops(self.final_ada_ln[-1], 1) + linear_flops(self.final, m)
+
+    def activation_profile(self) -> ActivationProfile:
+        """Saved elements per cell, the loss's left to its caller."""
+        d = self.x_embed.out_features
+        # timestep features and MLP (256 + 3D); latents in, final norm, modulation and projection out (M (3D + 2L))
+        outside = TIME_FREQUENCIES + 3 * d + self.n_tokens * (3 * d + 2 * self.token_dim)
+        return ActivationProfile.from_blocks([block.activations(self.n_tokens) for block in self.blocks], outside, 0)
 
     def init_weights(self) -> None:
         """Re-initialise after FSDP's meta-device construction (train.init_on_meta), buffer included."""

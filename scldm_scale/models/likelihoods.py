@@ -9,12 +9,16 @@ Unusual here:
 - The training loss (`nll`, per cell) has two backends: "torch" (log_prob summed over genes) and "triton"
   (scldm_kernels.nb_loss: softmax, mean and likelihood fused, no [cells x genes] temporaries). Generation
   and evaluation (log_prob, sample, mean) always take the PyTorch path.
+- Each head reports its forward FLOPs per cell (`flops`) and the fp32 (B, G) tensors its eager loss keeps
+  for the backward pass (`SAVED_FP32_PER_GENE`, within 15% of autograd's count in tests/train/test_plan.py).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from scldm_scale.models.cost import linear_flops
 
 # Log-counts for the Gaussian head: log1p(counts / library_size * 1e4), as in scanpy's normalize_total.
 TARGET_SUM = 1e4
@@ -48,6 +52,8 @@ def sample_nb(mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
 class NegativeBinomialHead(nn.Module):
     """Per-gene hidden vectors -> NB log-likelihood of counts with the cell's library size."""
 
+    SAVED_FP32_PER_GENE = 12
+
     def __init__(self, d_model: int, n_genes: int, theta_mode: str, loss_backend: str = "torch"):
         super().__init__()
         self.theta_mode = theta_mode
@@ -71,6 +77,10 @@ class NegativeBinomialHead(nn.Module):
         else:
             nn.init.zeros_(self.to_log_theta.weight)
             nn.init.zeros_(self.to_log_theta.bias)
+
+    def flops(self, n_genes: int) -> float:
+        theta = linear_flops(self.to_log_theta, n_genes) if self.theta_mode == "cell" else 0.0
+        return linear_flops(self.to_logit, n_genes) + theta
 
     def _logits_and_log_theta(self, hidden: torch.Tensor, gene_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-gene logits (B, G) and clamped log theta, (G,) per gene or (B, G) per cell, in fp32."""
@@ -115,6 +125,8 @@ class NegativeBinomialHead(nn.Module):
 class GaussianHead(nn.Module):
     """Gaussian on y = log1p(counts / L * 1e4) with a learned per-gene log standard deviation."""
 
+    SAVED_FP32_PER_GENE = 6
+
     def __init__(self, d_model: int, n_genes: int):
         super().__init__()
         self.to_mean = nn.Linear(d_model, 1)
@@ -124,6 +136,9 @@ class GaussianHead(nn.Module):
         nn.init.normal_(self.to_mean.weight, std=0.02)
         nn.init.zeros_(self.to_mean.bias)
         nn.init.zeros_(self.log_std)
+
+    def flops(self, n_genes: int) -> float:
+        return linear_flops(self.to_mean, n_genes)
 
     def params(self, hidden, gene_ids) -> tuple[torch.Tensor, torch.Tensor]:
         mean = self.to_mean(hidden).squeeze(-1).float()  # (B, G)

@@ -12,6 +12,8 @@ Unusual here:
   triton), through the fused Triton kernels of scldm_kernels.mcab_attention, which take the (B, L, H, Dh)
   projections as views and read a batch-1 query without expanding it.
 - No biases anywhere, SwiGLU hidden width mlp_ratio * d rounded up to a multiple of 8.
+- Each module reports its forward FLOPs and the activations it saves per cell (`flops`, `activations`;
+  conventions in cost.py), read from its own layers.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from scldm_scale.models.cost import attention_flops, linear_flops
 
 
 def swiglu_hidden_dim(d_model: int, mlp_ratio: float) -> int:
@@ -38,6 +42,9 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+    def flops(self, n_tokens: float) -> float:
+        return sum(linear_flops(layer, n_tokens) for layer in (self.w_gate, self.w_up, self.w_down))
 
 
 def fused_cross_attention(kernel: str) -> Callable[..., torch.Tensor]:
@@ -109,6 +116,13 @@ class Attention(nn.Module):
         out = torch.einsum("bmhe,hde->bmhd", pooled, w_v.unflatten(0, (h, -1)))  # (B, M, H, Dh)
         return self.w_out(out.flatten(-2))  # (B, M, D)
 
+    def flops(self, n_queries: float, n_keys: float, query_batch: int = 1) -> float:
+        """Forward FLOPs per cell, as unfolded attention (the folded pooling does fewer). Queries shared by a
+        batch of query_batch cells (batch 1) are projected once for all of them."""
+        q = linear_flops(self.w_q, n_queries) / query_batch
+        attn = attention_flops(n_queries, n_keys, self.w_q.out_features)
+        return q + linear_flops(self.w_kv, n_keys) + attn + linear_flops(self.w_out, n_queries)
+
 
 class SelfAttentionBlock(nn.Module):
     """Pre-norm transformer block over a token set (no positional information: set-equivariant)."""
@@ -124,6 +138,15 @@ class SelfAttentionBlock(nn.Module):
         h = self.norm_attn(x)
         x = x + self.attn(h, h)
         return x + self.mlp(self.norm_mlp(x))
+
+    def flops(self, n_tokens: float) -> float:
+        return self.attn.flops(n_tokens, n_tokens) + self.mlp.flops(n_tokens)
+
+    def activations(self, n_tokens: int) -> tuple[int, int]:
+        """(saved, input) elements per cell: T (8E + 4H) = block input, normed input, q, k, v, attention output,
+        MLP input, normed MLP input, and 4H for the SwiGLU gate, up, SiLU and product."""
+        e, h = self.mlp.w_gate.in_features, self.mlp.w_gate.out_features
+        return n_tokens * (8 * e + 4 * h), n_tokens * e
 
 
 class MCAB(nn.Module):
@@ -143,3 +166,13 @@ class MCAB(nn.Module):
     def forward(self, queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = queries + self.attn(self.norm_q(queries), self.norm_kv(keys), key_mask)
         return x + self.mlp(self.norm_mlp(x))
+
+    def flops(self, n_queries: float, n_keys: float, batch_size: int) -> float:
+        """Per cell; the queries (inducing points, gene embeddings) are shared by the batch of batch_size cells."""
+        return self.attn.flops(n_queries, n_keys, query_batch=batch_size) + self.mlp.flops(n_queries)
+
+    def activations(self, n_queries: int, n_keys: int) -> tuple[int, int]:
+        """(saved, input) elements per cell: 4KE (keys, normed keys, k, v) + Q (4E + 4H) (q, attention output,
+        residual, normed, and the SwiGLU's 4H); the input is the keys, the queries being shared by all cells."""
+        e, h = self.mlp.w_gate.in_features, self.mlp.w_gate.out_features
+        return 4 * n_keys * e + n_queries * (4 * e + 4 * h), n_keys * e

@@ -8,6 +8,8 @@ Unusual here:
   reference trains) and "gaussian" (reparameterised diagonal Gaussian per token, KL to N(0, I)).
 - The decoder's gene queries are gene-id embeddings (optionally the encoder's table); they depend only
   on the gene, so they enter the cross-attention with batch size 1 and are projected once.
+- The model reports its own cost: `transformer_blocks()` (the units of FSDP sharding, activation
+  checkpointing and compile), `forward_flops` and `activation_profile` per cell (conventions in cost.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from scldm_scale.config import VAEConfig
+from scldm_scale.models.cost import ActivationProfile, linear_flops
 from scldm_scale.models.likelihoods import GaussianHead, NegativeBinomialHead
 from scldm_scale.models.mcab import MCAB, SelfAttentionBlock
 
@@ -37,6 +40,9 @@ class GeneTokenEmbedding(nn.Module):
         if self.mode == "scale":
             return e * log_counts
         return self.proj(torch.cat([e, log_counts], dim=-1))  # (B, S, E)
+
+    def flops(self, n_tokens: int) -> float:
+        return linear_flops(self.proj, n_tokens) if self.mode == "concat" else 0.0  # the lookup is free
 
 
 class SetVAE(nn.Module):
@@ -130,9 +136,34 @@ class SetVAE(nn.Module):
     def sample_counts(self, z: torch.Tensor, decode_gene_ids: torch.Tensor, library_size: torch.Tensor):
         return self.head.sample(self.decode(z, decode_gene_ids), decode_gene_ids, library_size)
 
-    def blocks(self) -> list[nn.Module]:
-        """The transformer blocks: the units of FSDP sharding and activation checkpointing."""
+    def transformer_blocks(self) -> list[nn.Module]:
+        """The transformer blocks, in forward order: the units of FSDP sharding and activation checkpointing."""
         return [self.pool, *self.encoder_blocks, *self.decoder_blocks, self.unpool]
+
+    def forward_flops(self, n_tokens: int, n_genes: int, batch_size: int) -> float:
+        """Per cell: encode n_tokens gene tokens (the batch's padded length, S), decode n_genes genes (G).
+
+        The inducing points and gene queries are shared by the batch_size cells: projected once per batch.
+        """
+        m = self.cfg.n_latent_tokens
+        flops = self.tokens.flops(n_tokens) + self.pool.flops(m, n_tokens, batch_size)
+        flops += sum(block.flops(m) for block in [*self.encoder_blocks, *self.decoder_blocks])
+        flops += linear_flops(self.to_latent, m) + linear_flops(self.from_latent[1], m)
+        flops += self.unpool.flops(n_genes, m, batch_size)
+        return flops + self.head.flops(n_genes)
+
+    def activation_profile(self, n_tokens: int, n_genes: int) -> ActivationProfile:
+        """Saved elements per cell encoding n_tokens gene tokens (S) and decoding n_genes genes (G)."""
+        m, e, latent = self.cfg.n_latent_tokens, self.cfg.d_model, self.cfg.latent_dim
+        blocks = [
+            self.pool.activations(m, n_tokens),
+            *(block.activations(m) for block in [*self.encoder_blocks, *self.decoder_blocks]),
+            self.unpool.activations(n_genes, m),
+        ]
+        # token embedding (S, E) and counts (S); encoder norm and latent projections (M, 2E + 4L); decoder norm
+        # and head input (G, 2E)
+        outside = n_tokens * (e + 1) + m * (2 * e + 4 * latent) + 2 * n_genes * e
+        return ActivationProfile.from_blocks(blocks, outside, self.head.SAVED_FP32_PER_GENE * n_genes)
 
     def forward(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Training loss on a CellBatch: NLL summed over genes, mean over cells, plus weighted KL."""

@@ -28,7 +28,7 @@ from scldm_scale.models.vae import SetVAE
 from scldm_scale.train import distributed
 from scldm_scale.train.checkpoint import CheckpointError, RunCheckpoints, load_checkpoint, save_checkpoint
 from scldm_scale.train.distributed import Dist
-from scldm_scale.train.flops import TRAIN_FLOPS_FACTOR, dit_forward_flops, vae_forward_flops
+from scldm_scale.train.flops import TRAIN_FLOPS_FACTOR
 from scldm_scale.train.tracking import start_tracker
 from scldm_scale.train.trainer import Trainer, resolve_device
 
@@ -111,19 +111,19 @@ def _build_device(cfg: Config):
     return torch.device("meta") if cfg.train.init_on_meta else contextlib.nullcontext()
 
 
-def _vae_work(cfg: Config, n_genes: int):
+def _vae_work(vae: SetVAE, n_genes: int):
     """Tokens and training FLOPs of a VAE step on a batch (padded token count: what is computed)."""
 
     def work(batch: CellBatch) -> tuple[int, float]:
         n_cells, padded = batch.mask.shape
-        per_cell = TRAIN_FLOPS_FACTOR * vae_forward_flops(cfg.model, n_genes, padded, n_cells)
+        per_cell = TRAIN_FLOPS_FACTOR * vae.forward_flops(padded, n_genes, n_cells)
         return int(batch.mask.sum()), per_cell * n_cells
 
     return work
 
 
-def _ldm_work(cfg: Config, n_tokens: int, token_dim: int):
-    per_cell = TRAIN_FLOPS_FACTOR * dit_forward_flops(cfg.prior, n_tokens, token_dim)
+def _ldm_work(prior: FlowMatchingPrior, n_tokens: int):
+    per_cell = TRAIN_FLOPS_FACTOR * prior.forward_flops()
 
     def work(batch: LatentBatch) -> tuple[int, float]:
         return batch.size * n_tokens, per_cell * batch.size
@@ -162,7 +162,7 @@ def train_vae(cfg: Config, dist_info: Dist) -> Path:
         dist_info.device,
         desc="VAE",
         dist_info=dist_info,
-        work=_vae_work(cfg, n_genes),
+        work=_vae_work(vae, n_genes),
         tracker=tracker,
         export=("vae", payload),
         **_run_checkpoints(cfg, "vae", ("model",)),
@@ -222,7 +222,7 @@ def train_ldm(cfg: Config, dist_info: Dist) -> Path:
         use_ema=True,
         desc="LDM",
         dist_info=dist_info,
-        work=_ldm_work(cfg, vae.cfg.n_latent_tokens, vae.cfg.latent_dim),
+        work=_ldm_work(prior, vae.cfg.n_latent_tokens),
         tracker=tracker,
         export=("ldm", payload),
         **_run_checkpoints(cfg, "ldm", ("model", "prior")),

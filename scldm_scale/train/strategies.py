@@ -48,8 +48,9 @@ EMA_FILE = "ema.pt"
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a model (sharding and checkpointing units): models list them in `blocks()`."""
-    return list(model.blocks()) if hasattr(model, "blocks") else []
+    """The units of FSDP sharding, activation checkpointing and compile, as the model lists them (none for a
+    model without `transformer_blocks()`)."""
+    return model.transformer_blocks() if hasattr(model, "transformer_blocks") else []
 
 
 def apply_activation_checkpointing(model: nn.Module) -> int:

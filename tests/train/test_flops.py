@@ -1,4 +1,4 @@
-"""The analytic FLOP counts against torch's FlopCounterMode on tiny models, the GPU peak table, and MFU.
+"""The models' FLOP counts against torch's FlopCounterMode on tiny models, the GPU peak table, and MFU.
 
 Tolerances: FlopCounterMode counts exactly the matmuls (mm, addmm, bmm; attention too once SDPA runs on
 its MATH backend, which decomposes into bmm), and the formula counts exactly those, so the forward
@@ -18,18 +18,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from scldm_scale.config import PriorConfig, VAEConfig, load_config
+from scldm_scale.hardware import lookup_peak_tflops
 from scldm_scale.models.dit import DiT
 from scldm_scale.models.prior import FlowMatchingPrior, LatentBatch
 from scldm_scale.models.vae import SetVAE
 from scldm_scale.train import flops
-from scldm_scale.train.flops import (
-    dit_forward_flops,
-    lookup_peak_tflops,
-    mfu,
-    peak_tflops,
-    train_flops_per_cell,
-    vae_forward_flops,
-)
+from scldm_scale.train.flops import dit_forward_flops, mfu, peak_tflops, train_flops_per_cell, vae_forward_flops
 
 # Odd sizes on purpose: every dimension distinct, so a swapped factor cannot cancel out.
 N_GENES, N_TOKENS, BATCH = 37, 11, 3

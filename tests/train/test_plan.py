@@ -14,15 +14,7 @@ from scldm_scale.config import CONFIG_DIR, ConfigError, load_config
 from scldm_scale.models.dit import DiT
 from scldm_scale.models.prior import FlowMatchingPrior, LatentBatch
 from scldm_scale.models.vae import SetVAE
-from scldm_scale.plan import (
-    build_dit,
-    build_vae,
-    count_parameters,
-    dit_activations,
-    load_plan_config,
-    make_plan,
-    vae_activations,
-)
+from scldm_scale.plan import build_dit, build_prior, build_vae, count_parameters, load_plan_config, make_plan
 
 QUICKSTART = CONFIG_DIR / "quickstart.yaml"
 PRESETS = sorted((CONFIG_DIR / "model").glob("*.yaml"))
@@ -189,7 +181,7 @@ def test_vae_activation_estimate_matches_saved_tensors():
         target=torch.randint(0, 5, (batch_size, n_genes)).float(),
     )
     measured = saved_tensor_bytes(vae, lambda: vae(batch)[0])
-    estimate = batch_size * vae_activations(cfg, n_genes, n_tokens).bytes_per_cell(4, checkpointing=False)
+    estimate = batch_size * vae.activation_profile(n_tokens, n_genes).bytes_per_cell(4, checkpointing=False)
     assert estimate == pytest.approx(measured, rel=ACTIVATION_RTOL)
 
 
@@ -201,13 +193,13 @@ def test_dit_activation_estimate_matches_saved_tensors():
     prior = FlowMatchingPrior(dit, 0.2, "independent")
     batch = LatentBatch(torch.randn(16, 16, 8), {"cell_type": torch.randint(0, 5, (16,))})
     measured = saved_tensor_bytes(dit, lambda: prior(batch)[0])
-    estimate = 16 * dit_activations(cfg).bytes_per_cell(4, checkpointing=False)
+    estimate = 16 * prior.activation_profile().bytes_per_cell(4, checkpointing=False)
     assert estimate == pytest.approx(measured, rel=ACTIVATION_RTOL)
 
 
 def test_checkpointing_keeps_block_inputs_and_one_block():
     cfg = load_plan_config([QUICKSTART], ["stage=ldm", "prior.n_layers=6"])
-    profile = dit_activations(cfg)
+    profile = build_prior(cfg).activation_profile()
     full, ckpt = profile.bytes_per_cell(2, False), profile.bytes_per_cell(2, True)
     block, block_input = profile.block_full[0], profile.block_input[0]
     assert full - ckpt == 2 * 5 * (block - block_input)  # five of six blocks keep only their input
