@@ -42,7 +42,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from scldm_scale.data.counts import DataError
-from scldm_scale.data.dataset import stratified_split
+from scldm_scale.data.split import stratified_split
 from scldm_scale.evaluate.embed import Embedder, check_expressed, open_counts
 from scldm_scale.evaluate.metrics import PCAProjector, normalize_log1p
 

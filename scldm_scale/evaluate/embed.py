@@ -2,12 +2,13 @@
 raw counts or a SOMA experiment into obsm of a new .h5ad (`scldm-scale embed`).
 
 - The checkpoint is a VAE or an ldm checkpoint (the latter embeds its VAE); anything else is refused.
-- Genes are matched to the checkpoint's vocabulary by id: an .h5ad's var_names or the var column of ids
-  (feature_id, gene_ids, gene_id, ensembl_id) that matches the most vocabulary genes; a SOMA experiment's
-  var feature_id. Input genes outside the vocabulary are dropped. Vocabulary genes missing from the input
-  are an error unless allowed; then they are absent tokens: the set encoder sees no token for them, which
-  for a model trained on expressed genes only (data.gene_tokens=expressed) is exactly what it sees for a
-  zero count, and for dense / expressed_plus_zeros models means they are left out of the zero tokens.
+- Genes are matched to the checkpoint's vocabulary as `data.vocab` matches them: by id (an .h5ad's
+  var_names or the var column of ids, feature_id, gene_ids, gene_id or ensembl_id, that matches the most
+  vocabulary genes; a SOMA experiment's var feature_id), else by name. Input genes outside the vocabulary
+  are dropped. Vocabulary genes missing from the input are an error unless allowed; then they are absent
+  tokens: the set encoder sees no token for them, which for a model trained on expressed genes only
+  (data.gene_tokens=expressed) is exactly what it sees for a zero count, and for dense /
+  expressed_plus_zeros models means they are left out of the zero tokens.
 - The encoder tokens follow the checkpoint's data.gene_tokens. expressed_plus_zeros draws each cell's zero
   tokens from a generator seeded by the cell's row in the input, so a cell's embedding never depends on the
   batch it is in; tokens enter in vocabulary order whatever the input's gene order (the encoder is
@@ -34,8 +35,9 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
+from scldm_scale.data.batch import EXPRESSED_ONLY, TokenPolicy, canonical_csr, collate_csr, sample_zero_genes
 from scldm_scale.data.counts import DataError, validate_counts
-from scldm_scale.data.dataset import EXPRESSED_ONLY, TokenPolicy, collate_csr
+from scldm_scale.data.vocab import GeneAlignment, GeneVocabulary, align_var
 from scldm_scale.models.vae import SetVAE
 from scldm_scale.train.checkpoint import CheckpointError, load_checkpoint
 from scldm_scale.train.stages import load_vae
@@ -46,7 +48,6 @@ EMBED_KEY = "X_scldm"
 POOLED_KEY = "X_scldm_pooled"
 UNS_KEY = "scldm_embed"
 READ_CHUNK_ROWS = 10_000
-GENE_ID_COLUMNS = ("feature_id", "gene_ids", "gene_id", "ensembl_id")
 ZERO_TOKEN_SEED = 0
 
 
@@ -96,7 +97,7 @@ class Embedder:
         Column j of `counts` is vocabulary gene gene_ids[j] (ascending); `first_row` is the input row of the
         first cell, which seeds its zero tokens under expressed_plus_zeros. Every cell needs a count > 0.
         """
-        counts = _canonical(counts)
+        counts = canonical_csr(counts)
         policy = self.policy
         if policy.mode == "expressed_plus_zeros" and policy.n_zero_tokens > 0:
             counts = _with_zero_tokens(counts, policy.n_zero_tokens, first_row)
@@ -115,16 +116,6 @@ class Embedder:
         return out
 
 
-def _canonical(counts: sp.csr_matrix) -> sp.csr_matrix:
-    """float32 CSR with sorted columns and no stored zeros (what collate_csr expects)."""
-    counts = sp.csr_matrix(counts, dtype=np.float32)
-    if (counts.data == 0).any() or not counts.has_sorted_indices:
-        counts = counts.copy()
-        counts.eliminate_zeros()
-        counts.sort_indices()
-    return counts
-
-
 def _with_zero_tokens(counts: sp.csr_matrix, n_zero_tokens: int, first_row: int) -> sp.csr_matrix:
     """The cells plus n_zero_tokens of each cell's zero genes as stored zeros, drawn per cell from
     (ZERO_TOKEN_SEED, input row), so the draw does not depend on the batch (collate_csr draws per batch)."""
@@ -132,9 +123,8 @@ def _with_zero_tokens(counts: sp.csr_matrix, n_zero_tokens: int, first_row: int)
     rows = []
     for i in range(counts.shape[0]):
         expressed = counts.indices[counts.indptr[i] : counts.indptr[i + 1]]
-        zeros = np.setdiff1d(np.arange(n_genes), expressed, assume_unique=True)
         rng = np.random.default_rng([ZERO_TOKEN_SEED, first_row + i])
-        picked = rng.choice(zeros, size=min(n_zero_tokens, len(zeros)), replace=False)
+        picked = sample_zero_genes(expressed, n_genes, n_zero_tokens, rng)
         columns = np.concatenate([expressed, picked])
         values = np.concatenate([counts.data[counts.indptr[i] : counts.indptr[i + 1]], np.zeros(len(picked))])
         order = np.argsort(columns)
@@ -146,49 +136,46 @@ def _with_zero_tokens(counts: sp.csr_matrix, n_zero_tokens: int, first_row: int)
     return sp.csr_matrix((data, indices, indptr), shape=counts.shape)  # stored zeros are kept
 
 
-def align_genes(
-    feature_ids: np.ndarray, vocabulary: list[str], where: str, allow_missing_genes: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    """(input columns, their vocabulary positions), both ordered by vocabulary position.
+def align_input(
+    var: pd.DataFrame, vocabulary: GeneVocabulary | list[str], where: str, allow_missing_genes: bool
+) -> GeneAlignment:
+    """An input's genes (an AnnData's var) matched to the vocabulary (`data.vocab.align_var`), checked as
+    embed checks them (`check_alignment`)."""
+    alignment = align_var(var, vocabulary, where)
+    check_alignment(alignment, where, allow_missing_genes)
+    return alignment
 
-    Input genes outside the vocabulary are dropped (logged); vocabulary genes absent from the input are an
-    error unless allow_missing_genes.
-    """
-    position = {g: i for i, g in enumerate(vocabulary)}
-    vocab_pos = np.array([position.get(str(g), -1) for g in feature_ids], dtype=np.int64)
-    present = vocab_pos >= 0
-    if not present.any():
-        raise DataError(
-            f"{where}: none of its {len(feature_ids)} genes are in the model's vocabulary (its genes look like "
-            f"{list(feature_ids[:3])}, the model's like {vocabulary[:3]}); match gene ids, not symbols"
+
+def check_alignment(alignment: GeneAlignment, where: str, allow_missing_genes: bool) -> None:
+    """Input genes outside the vocabulary are dropped (logged); vocabulary genes absent from the input are an
+    error unless allow_missing_genes (then a warning: they are absent tokens)."""
+    if alignment.extra:
+        n_input = len(alignment.extra) + len(alignment.columns)
+        log.info("%s: dropping %d of %d genes not in the model's vocabulary", where, len(alignment.extra), n_input)
+    if not allow_missing_genes:
+        alignment.require_complete(
+            where,
+            "add them (as zeros if unmeasured) or pass --allow-missing-genes to encode without them (absent tokens)",
         )
-    if not present.all():
-        log.info(
-            "%s: dropping %d of %d genes not in the model's vocabulary", where, int((~present).sum()), len(vocab_pos)
-        )
-    found = np.zeros(len(vocabulary), dtype=bool)
-    found[vocab_pos[present]] = True
-    if not found.all():
-        missing = [vocabulary[i] for i in np.flatnonzero(~found)]
-        if not allow_missing_genes:
-            raise DataError(
-                f"{where}: {len(missing)} of the model's {len(vocabulary)} genes are missing from the input, "
-                f"e.g. {missing[:5]}; add them (as zeros if unmeasured) or pass --allow-missing-genes to encode "
-                "without them (absent tokens)"
-            )
+    elif alignment.missing:
         log.warning(
-            "%s: %d of the model's %d genes are missing; encoding without them", where, len(missing), len(vocabulary)
+            "%s: %d of the model's %d genes are missing; encoding without them",
+            where,
+            len(alignment.missing),
+            alignment.n_vocabulary,
         )
-    columns = np.flatnonzero(present)
-    order = np.argsort(vocab_pos[columns], kind="stable")
-    return columns[order], vocab_pos[columns][order]
 
 
 class H5adCounts:
     """The cells of an .h5ad, read in row chunks through h5py (X, or a layer), over the vocabulary genes."""
 
     def __init__(
-        self, path: Path, vocabulary: list[str], allow_missing_genes: bool, layer: str | None, allow_non_integer: bool
+        self,
+        path: Path,
+        vocabulary: GeneVocabulary | list[str],
+        allow_missing_genes: bool,
+        layer: str | None,
+        allow_non_integer: bool,
     ):
         import h5py
 
@@ -204,7 +191,7 @@ class H5adCounts:
             self.close()
             raise
 
-    def _open(self, f, layer: str | None, vocabulary: list[str], allow_missing_genes: bool) -> None:
+    def _open(self, f, layer: str | None, vocabulary: GeneVocabulary | list[str], allow_missing_genes: bool) -> None:
         import h5py
 
         if layer is not None and ("layers" not in f or layer not in f["layers"]):
@@ -215,10 +202,8 @@ class H5adCounts:
         matrix = f["layers"][layer] if layer is not None else f["X"]
         self._x = ad.io.sparse_dataset(matrix) if isinstance(matrix, h5py.Group) else matrix
         self.obs = ad.io.read_elem(f["obs"])
-        ids_name, ids = _best_id_column(ad.io.read_elem(f["var"]), vocabulary)
-        if ids_name != "var_names":
-            log.info("%s: matching genes by var[%r]", self.where, ids_name)
-        self._columns, self.gene_ids = align_genes(ids, vocabulary, self.where, allow_missing_genes)
+        alignment = align_input(ad.io.read_elem(f["var"]), vocabulary, self.where, allow_missing_genes)
+        self._columns, self.gene_ids = alignment.columns, alignment.positions
 
     @property
     def n_cells(self) -> int:
@@ -236,19 +221,12 @@ class H5adCounts:
         self._file.close()
 
 
-def _best_id_column(var: pd.DataFrame, vocabulary: list[str]) -> tuple[str, np.ndarray]:
-    """var_names or the var column of gene ids matching the most vocabulary genes (var_names on a tie)."""
-    vocab = set(vocabulary)
-    candidates = [("var_names", var.index.astype(str).to_numpy())]
-    candidates += [(c, var[c].astype(str).to_numpy()) for c in GENE_ID_COLUMNS if c in var]
-    hits = [sum(g in vocab for g in ids) for _, ids in candidates]
-    return candidates[int(np.argmax(hits))]
-
-
 class SomaCounts:
     """The cells of a SOMA experiment (measurement RNA, X layer counts), genes matched by feature_id."""
 
-    def __init__(self, uri: str, vocabulary: list[str], allow_missing_genes: bool, allow_non_integer: bool):
+    def __init__(
+        self, uri: str, vocabulary: GeneVocabulary | list[str], allow_missing_genes: bool, allow_non_integer: bool
+    ):
         from scldm_scale.data.soma import SomaCells, SomaSpec, open_experiment
 
         self.where = uri
@@ -257,12 +235,10 @@ class SomaCounts:
         handle, exp = open_experiment(spec)
         try:
             obs = exp.obs.read().concat().to_pandas().sort_values("soma_joinid")
-            var = exp.ms[spec.measurement].var.read(column_names=["feature_id"]).concat().to_pandas()
         finally:
             handle.close()
-        align_genes(var["feature_id"].astype(str).to_numpy(), vocabulary, uri, allow_missing_genes)
-        # SomaCells matches the same genes the same way and reads them in vocabulary order.
-        self._cells = SomaCells(spec, vocabulary=vocabulary)
+        self._cells = SomaCells(spec, vocabulary=vocabulary)  # reads the matched genes in vocabulary order
+        check_alignment(self._cells.alignment, uri, allow_missing_genes)
         self.gene_ids = self._cells.decode_gene_ids
         index = obs["obs_id"].astype(str) if "obs_id" in obs else obs["soma_joinid"].astype(str)
         self.obs = obs.drop(columns=[c for c in ("obs_id", "soma_joinid") if c in obs]).set_axis(index.to_numpy())
@@ -290,7 +266,7 @@ def _validate(block: sp.csr_matrix, where: str, start: int, allow_non_integer: b
 
 def open_counts(
     data: str | Path,
-    vocabulary: list[str],
+    vocabulary: GeneVocabulary | list[str],
     allow_missing_genes: bool = False,
     layer: str | None = None,
     allow_non_integer: bool = False,

@@ -9,7 +9,7 @@ import scipy.sparse as sp
 import torch
 
 from scldm_scale.data.dataset import CellDataset
-from scldm_scale.evaluate.embed import Embedder, align_genes
+from scldm_scale.evaluate.embed import Embedder, align_input
 from scldm_scale.evaluate.metrics import normalize_log1p, pearson
 from scldm_scale.models.vae import SetVAE
 
@@ -38,11 +38,11 @@ def reconstruction_metrics(vae: SetVAE, dataset: CellDataset, idx: np.ndarray, d
 def reconstruction_of(checkpoint: str, adata: ad.AnnData, device: torch.device) -> dict:
     """reconstruction_metrics of a VAE or LDM checkpoint's VAE on the cells of an AnnData of raw counts.
 
-    The cells' genes are put in the checkpoint's vocabulary order (embed.align_genes); a vocabulary gene
+    The cells' genes are put in the checkpoint's vocabulary order (embed.align_input); a vocabulary gene
     the cells lack is an error (the likelihood is over every vocabulary gene), other genes are dropped.
     """
     embedder = Embedder.from_checkpoint(checkpoint, device=str(device))
-    columns, _ = align_genes(adata.var_names.to_numpy(), embedder.gene_names, "the real cells", False)
+    columns = align_input(adata.var, embedder.gene_names, "the real cells", False).columns
     counts = sp.csr_matrix(adata.X[:, columns], dtype=np.float32)
     split = np.full(adata.n_obs, "test")
     dataset = CellDataset(counts, embedder.gene_names, {}, {}, split, embedder.policy)

@@ -1,7 +1,8 @@
 """Generated cells against real ones, metric by metric, overall and per condition, beside baselines.
 
 Preprocessing (fixed, as in the literature; `PREPROCESSING` holds the numbers):
-1. Genes are aligned by id (var_names). A gene on one side only is an error unless `intersect_genes`.
+1. Genes are aligned to the real cells' as `data.vocab` matches them (by id, else by name). A gene on one
+   side only is an error unless `intersect_genes`.
 2. Each cell is normalised to 1e4 total counts and log1p-transformed.
 3. PCA (30 components) is fitted on the reference cells (the real training cells when given, else the
    real cells) and applied to every set. The 2,000 highly variable genes (scanpy, flavor "seurat") are
@@ -33,6 +34,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scldm_scale.data.counts import DataError
+from scldm_scale.data.vocab import GeneVocabulary, align_var
 from scldm_scale.evaluate import metrics as m
 from scldm_scale.evaluate.conditions import combination_labels, groups, unmatched
 
@@ -69,29 +71,41 @@ class CellSet:
 
 
 def align_genes(sets: dict[str, ad.AnnData], intersect: bool) -> dict[str, ad.AnnData]:
-    """The same genes in the same order on every side: the first set's order, restricted if asked."""
+    """The same genes in the same order on every side: the first set's genes and order, the others matched
+    to them as `data.vocab` matches (by id, else by name) and named like them; restricted if asked."""
     names = list(sets)
-    genes = [pd.Index(a.var_names) for a in sets.values()]
-    for name, g in zip(names, genes, strict=True):
+    for name, a in sets.items():
+        g = pd.Index(a.var_names)
         if not g.is_unique:
             raise DataError(f"{name}: duplicate gene ids in var_names, e.g. {g[g.duplicated()][:5].tolist()}")
-    common = genes[0]
-    for other in genes[1:]:
-        common = common.intersection(other, sort=False)
+    first = names[0]
+    reference = GeneVocabulary.from_var(sets[first].var)
+    alignments = {
+        name: align_var(sets[name].var, reference, name, against=f"the {first} cells' genes") for name in names[1:]
+    }
+    shared = np.ones(len(reference), dtype=bool)
+    for alignment in alignments.values():
+        shared &= np.isin(np.arange(len(reference)), alignment.positions)
+    kept = {name: np.isin(a.positions, np.flatnonzero(shared)) for name, a in alignments.items()}
     if not intersect:
-        problems = []
-        for name, g in zip(names, genes, strict=True):
-            only = g.difference(common, sort=False)
-            if len(only):
-                problems.append(f"{len(only)} genes only in {name} (e.g. {only[:5].tolist()})")
+        only = {first: np.asarray(reference.ids)[~shared].tolist()}
+        for name, alignment in alignments.items():
+            unshared = np.setdiff1d(np.arange(sets[name].n_vars), alignment.columns[kept[name]])
+            only[name] = sets[name].var_names[unshared].tolist()
+        problems = [f"{len(g)} genes only in {name} (e.g. {g[:5]})" for name, g in only.items() if g]
         if problems:
             raise DataError(
                 "the gene sets differ: " + "; ".join(problems) + ". Evaluate on the shared genes with "
                 "--intersect-genes, or align the files first"
             )
-    if len(common) < 2:
-        raise DataError(f"only {len(common)} genes are shared by {names}; check that var_names are gene ids")
-    return {name: a[:, common].copy() for name, a in sets.items()}
+    if shared.sum() < 2:
+        raise DataError(f"only {shared.sum()} genes are shared by {names}; check that var_names are gene ids")
+    common = np.asarray(reference.ids)[shared].tolist()
+    out = {first: sets[first][:, shared].copy()}
+    for name, alignment in alignments.items():
+        out[name] = sets[name][:, alignment.columns[kept[name]]].copy()
+        out[name].var_names = common
+    return out
 
 
 @dataclass
