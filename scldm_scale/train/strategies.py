@@ -1,8 +1,12 @@
 """How a model is spread over processes: `train.strategy` = single | ddp | fsdp | deepspeed.
 
-Every strategy gives the trainer the same five things: the module to call, `backward(loss)`, `step()`
-(clip the global gradient norm, step the optimizer and the schedule; returns the norm), `save(folder)` /
-`load(folder)` for training checkpoints, and `full_state_dict()` for the exported single-file weights.
+Every strategy gives the trainer the same things, so the trainer never asks which strategy it has:
+- the module to call, and per optimizer step `zero_grad()`, then per micro-batch `no_sync(last)` and
+  `backward(loss)`, then `step()` (clip the global gradient norm, step the optimizer, the schedule and the
+  EMA; returns the norm);
+- `check_resumable(folder, saved_strategy, saved_world_size)` (which checkpoints it can read: its own
+  format, on the ranks that format allows), `save(folder)` / `load(folder)` for training checkpoints;
+- `full_state_dict()` for the exported single-file weights.
 
 - single: one process, plain module.
 - ddp: DistributedDataParallel; gradients are averaged over ranks in the backward pass.
@@ -114,6 +118,9 @@ class Strategy:
 
     # --- one optimizer step ----------------------------------------------------------------------------
 
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
     def no_sync(self, last_micro_step: bool):
         """Skip the gradient reduction on all but the last micro-batch of an accumulated step."""
         return contextlib.nullcontext()
@@ -151,16 +158,20 @@ class Strategy:
 
         dcp.save(self._dcp_state(), checkpoint_id=str(folder / WEIGHTS))
 
-    def load(self, folder: Path, saved_strategy: str) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.api import CheckpointException
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
+    def check_resumable(self, folder: Path, saved_strategy: str, saved_world_size: int) -> None:
+        """Raise CheckpointError unless `load` can read the step folder `saved_strategy` wrote on saved_world_size
+        ranks: a DCP checkpoint of single, ddp or fsdp, on any number of ranks (DCP reshards)."""
         if not (folder / WEIGHTS).is_dir():
             raise CheckpointError(
                 f"{folder} was written by train.strategy={saved_strategy}, which train.strategy={self.name} cannot "
                 "read; resume with the strategy that wrote it (DeepSpeed checkpoints need train.strategy=deepspeed)"
             )
+
+    def load(self, folder: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
         state = self._dcp_state()
         try:
             dcp.load(state, checkpoint_id=str(folder / WEIGHTS))
@@ -267,13 +278,20 @@ class DeepSpeedStrategy(Strategy):
         self.module = self.engine
         return optimizer  # the schedule drives its param groups' lr, which DeepSpeed's wrapper reads
 
+    def zero_grad(self) -> None:
+        pass  # engine.step() zeroes the gradients after stepping
+
+    def no_sync(self, last_micro_step: bool):
+        # Told the boundary, the engine reduces gradients on the last micro-batch only, and one engine.step()
+        # per optimizer step clips, steps and zeroes them (else it counts micro-steps, stepped after each).
+        self.engine.set_gradient_accumulation_boundary(last_micro_step)
+        return contextlib.nullcontext()
+
     def backward(self, loss: torch.Tensor) -> None:
-        # DeepSpeed's idiom: backward and step on every micro-batch; engine.step() counts the micro-steps and
-        # clips, steps and zeroes the gradients only at the accumulation boundary (the last micro-batch).
         self.engine.backward(loss)  # divides by gradient_accumulation_steps itself
-        self.engine.step()
 
     def step(self) -> torch.Tensor:
+        self.engine.step()
         norm = self.engine.get_global_grad_norm()
         self.scheduler.step()
         if self.ema is not None:
@@ -301,12 +319,20 @@ class DeepSpeedStrategy(Strategy):
         if self.ema is not None and self.dist.is_main:
             torch.save(self.ema.state_dict(), folder / EMA_FILE)
 
-    def load(self, folder: Path, saved_strategy: str) -> None:
-        if saved_strategy != "deepspeed" or not (folder / DEEPSPEED).is_dir():
+    def check_resumable(self, folder: Path, saved_strategy: str, saved_world_size: int) -> None:
+        """Only DeepSpeed's own checkpoints, on the number of ranks that wrote them (ZeRO partitions are per rank)."""
+        if saved_strategy != self.name or not (folder / DEEPSPEED).is_dir():
             raise CheckpointError(
                 f"{folder} was written by train.strategy={saved_strategy}; train.strategy=deepspeed resumes only "
                 "its own checkpoints: resume with the strategy that wrote it"
             )
+        if saved_world_size != self.dist.world_size:
+            raise CheckpointError(
+                f"{folder} is a DeepSpeed checkpoint of {saved_world_size} ranks; it resumes on "
+                f"{saved_world_size} ranks only (now {self.dist.world_size})"
+            )
+
+    def load(self, folder: Path) -> None:
         path, _ = self.engine.load_checkpoint(
             str(folder / DEEPSPEED), tag="state", load_optimizer_states=True, load_lr_scheduler_states=False
         )

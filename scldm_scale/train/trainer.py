@@ -1,11 +1,12 @@
 """One training loop for every stage and strategy: the model's forward(batch) returns (loss, metrics).
 
 The loop knows nothing about genes or latents, nor about how the model is spread over processes (that is
-the Strategy's: single, ddp, fsdp, deepspeed). Per step it runs grad_accum_steps micro-batches under
-autocast, lets the strategy clip the global gradient norm and step AdamW, the schedule and the EMA, logs
-loss (mean over ranks), lr, grad norm, cells/s, tokens/s, MFU and peak memory on rank 0 (progress bar,
-JSONL, W&B), checkpoints every train.ckpt_every steps, and on SIGTERM/SIGINT (agreed by all ranks)
-finishes the step, checkpoints and stops.
+the Strategy's: single, ddp, fsdp, deepspeed; the loop asks it, never which one it is). Per step it runs
+grad_accum_steps micro-batches under autocast, lets the strategy clip the global gradient norm and step
+AdamW, the schedule and the EMA, logs loss (mean over ranks), lr, grad norm, cells/s, tokens/s, the
+fraction of the time spent waiting for data, MFU and peak memory on rank 0 (progress bar, JSONL, W&B),
+calls `fit`'s `on_step(step, record)` after every optimizer step, checkpoints every train.ckpt_every steps,
+and on SIGTERM/SIGINT (agreed by all ranks) finishes the step, checkpoints and stops.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from scldm_scale.train import distributed
 from scldm_scale.train.checkpoint import CheckpointError, RunCheckpoints, load_rng, load_step_state, set_rng_state
 from scldm_scale.train.distributed import Dist
 from scldm_scale.train.flops import mfu, peak_tflops
-from scldm_scale.train.strategies import DeepSpeedStrategy, build_strategy
+from scldm_scale.train.strategies import build_strategy
 
 log = logging.getLogger(__name__)
 
@@ -143,12 +144,8 @@ class Trainer:
                 f"{folder} does not match this run ({details}); use the same stage and model config, "
                 "or start afresh with train.resume=never and another train.ckpt_dir"
             )
-        if state["strategy"] == "deepspeed" and state["world_size"] != self.dist.world_size:
-            raise CheckpointError(
-                f"{folder} is a DeepSpeed checkpoint of {state['world_size']} ranks; it resumes on "
-                f"{state['world_size']} ranks only (now {self.dist.world_size})"
-            )
-        self.strategy.load(folder, state["strategy"])
+        self.strategy.check_resumable(folder, state["strategy"], state["world_size"])
+        self.strategy.load(folder)
         self.scheduler.load_state_dict(state["scheduler"])
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
             group["lr"] = lr  # whatever the optimizer state restored, the schedule's lr is the one
@@ -192,10 +189,12 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum  # finish the current step, checkpoint, then stop
 
-    def _autocast(self):
-        return self.strategy.autocast()
+    def fit(self, batches: Iterator, on_step: Callable[[int, dict | None], None] | None = None) -> list[dict]:
+        """Train up to optim.max_steps; returns the logged records.
 
-    def fit(self, batches: Iterator) -> list[dict]:
+        on_step(step, record) runs on every rank after each optimizer step, with the record logged at that
+        step (None between logging steps), e.g. to advance a profiler's schedule.
+        """
         cfg = self.train_cfg
         max_steps = self.optim_cfg.max_steps
         metrics_file = Path(cfg.metrics_file) if cfg.metrics_file and self.dist.is_main else None
@@ -210,7 +209,7 @@ class Trainer:
             for sig in previous:
                 signal.signal(sig, self._on_signal)
         try:
-            return self._loop(batches, max_steps, metrics_file)
+            return self._loop(batches, max_steps, metrics_file, on_step)
         finally:
             if in_main_thread:
                 for sig, handler in previous.items():
@@ -227,7 +226,9 @@ class Trainer:
     def _collective_device(self) -> torch.device:
         return self.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
 
-    def _loop(self, batches: Iterator, max_steps: int, metrics_file: Path | None) -> list[dict]:
+    def _loop(
+        self, batches: Iterator, max_steps: int, metrics_file: Path | None, on_step: Callable | None
+    ) -> list[dict]:
         cfg = self.train_cfg
         strategy = self.strategy
         show = cfg.progress and self.dist.is_main
@@ -236,13 +237,15 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         cells = tokens = flops = 0
+        data_wait = 0.0  # seconds of the logging window spent in next(batches)
         window_start = time.perf_counter()
         while self.step < max_steps:
-            if not isinstance(strategy, DeepSpeedStrategy):
-                self.optimizer.zero_grad(set_to_none=True)
+            strategy.zero_grad()
             step_loss, step_metrics = 0.0, {}  # means over the micro-batches of the step
             for micro in range(cfg.grad_accum_steps):
+                wait_start = time.perf_counter()
                 batch = next(batches)
+                data_wait += time.perf_counter() - wait_start
                 if self.work is not None:  # on the host batch: no device sync
                     batch_tokens, batch_flops = self.work(batch)
                     tokens, flops = tokens + batch_tokens, flops + batch_flops
@@ -263,18 +266,26 @@ class Trainer:
             grad_norm = strategy.step()
             self.step += 1
             bar.update(1)
+            record = None
             if self.step % cfg.log_every == 0 or self.step == max_steps:
-                record = self._record(step_loss, step_metrics, grad_norm, cells, tokens, flops, window_start)
+                record = self._record(step_loss, step_metrics, grad_norm, cells, tokens, flops, data_wait, window_start)
                 self.history.append(record)
                 if self.dist.is_main:
-                    bar.set_postfix(loss=f"{record['loss']:.4g}", cells_s=f"{record['cells_per_s']:.0f}")
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.4g}",
+                        cells_s=f"{record['cells_per_s']:.0f}",
+                        data_wait=f"{record['data_wait_frac']:.0%}",
+                    )
                     if metrics_file is not None:
                         with metrics_file.open("a") as f:
                             f.write(json.dumps(record) + "\n")
                     if self.tracker is not None:
                         self.tracker.log(record)
                 cells = tokens = flops = 0
+                data_wait = 0.0
                 window_start = time.perf_counter()
+            if on_step is not None:
+                on_step(self.step, record)
             stop = self._stop_requested()
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < max_steps and stop is None:
                 self._save(batches)
@@ -287,13 +298,14 @@ class Trainer:
             self._save(batches)
         return self.history
 
-    def _record(self, loss, metrics, grad_norm, cells, tokens, flops, window_start) -> dict:
-        """One log record; loss and metrics are means over ranks, throughput is the whole job's."""
+    def _record(self, loss, metrics, grad_norm, cells, tokens, flops, data_wait, window_start) -> dict:
+        """One log record; loss, metrics and the data-wait fraction are means over ranks, throughput is the job's."""
         world = self.dist.world_size
-        extra = [torch.as_tensor(v, device=loss.device).float() for v in metrics.values()]
-        values = torch.stack([loss.detach().float(), *extra])
-        values = distributed.mean_over_ranks(values.to(self._collective_device() if world > 1 else values.device))
         elapsed = max(time.perf_counter() - window_start, 1e-9)
+        extra = [torch.as_tensor(v, device=loss.device).float() for v in metrics.values()]
+        wait_frac = torch.tensor(min(data_wait / elapsed, 1.0), device=loss.device)
+        values = torch.stack([loss.detach().float(), wait_frac, *extra])
+        values = distributed.mean_over_ranks(values.to(self._collective_device() if world > 1 else values.device))
         record = {
             "step": self.step,
             "loss": values[0].item(),
@@ -301,10 +313,12 @@ class Trainer:
             "grad_norm": float(grad_norm),
             "cells_per_s": cells * world / elapsed,
             "tokens_per_s": tokens * world / elapsed if self.work is not None else None,
+            # Of the window's wall time, the part spent in next(batches): near 1, the loader is the bottleneck.
+            "data_wait_frac": values[1].item(),
             # Model FLOPs per second of one rank over its device's peak (None where the peak is unknown).
             "mfu": mfu(flops / elapsed, self.peak_tflops) if self.work is not None and self.peak_tflops else None,
             "max_mem_gb": max_memory_gb(self.device),
-            **{k: v.item() for k, v in zip(metrics, values[1:], strict=True)},
+            **{k: v.item() for k, v in zip(metrics, values[2:], strict=True)},
         }
         return record
 

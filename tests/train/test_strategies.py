@@ -1,6 +1,6 @@
 """Single-process checks of the engine's options: activation checkpointing, gradient accumulation, the
-DeepSpeed config built from ours, and the config rules of the strategies. (Multi-process behaviour is in
-test_distributed.py.)"""
+DeepSpeed config built from ours, which checkpoints each strategy resumes, and the config rules of the
+strategies. (Multi-process behaviour is in test_distributed.py.)"""
 
 from __future__ import annotations
 
@@ -12,9 +12,16 @@ from scldm_test_helpers import synthetic_vae_args
 
 from scldm_scale.config import ConfigError, TrainConfig, load_config
 from scldm_scale.train import distributed
+from scldm_scale.train.checkpoint import CheckpointError
 from scldm_scale.train.distributed import Dist
 from scldm_scale.train.stages import run_training
-from scldm_scale.train.strategies import DeepSpeedStrategy, apply_activation_checkpointing
+from scldm_scale.train.strategies import (
+    DEEPSPEED,
+    WEIGHTS,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    apply_activation_checkpointing,
+)
 
 
 def _run(tiny_overrides, synthetic_h5ad, tmp_path, *extra) -> list[dict]:
@@ -65,6 +72,24 @@ def test_the_deepspeed_config_is_built_from_ours():
     assert ds["train_micro_batch_size_per_gpu"] == 24 and ds["gradient_accumulation_steps"] == 2
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True}
     assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False}}
+
+
+def test_each_strategy_says_which_checkpoints_it_resumes(tmp_path):
+    dcp_folder, zero_folder = tmp_path / "dcp", tmp_path / "zero"
+    (dcp_folder / WEIGHTS).mkdir(parents=True)
+    (zero_folder / DEEPSPEED).mkdir(parents=True)
+    fsdp = FSDPStrategy.__new__(FSDPStrategy)  # the check alone, no model
+    fsdp.dist = Dist(0, 2, 0, torch.device("cpu"))
+    fsdp.check_resumable(dcp_folder, "single", 1)  # DCP reshards: any DCP strategy, any number of ranks
+    with pytest.raises(CheckpointError, match="written by train.strategy=deepspeed, which train.strategy=fsdp cannot"):
+        fsdp.check_resumable(zero_folder, "deepspeed", 2)
+    zero = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
+    zero.dist = Dist(0, 2, 0, torch.device("cpu"))
+    zero.check_resumable(zero_folder, "deepspeed", 2)
+    with pytest.raises(CheckpointError, match="deepspeed resumes only its own checkpoints"):
+        zero.check_resumable(dcp_folder, "fsdp", 2)
+    with pytest.raises(CheckpointError, match=r"DeepSpeed checkpoint of 4 ranks; it resumes on 4 ranks only \(now 2\)"):
+        zero.check_resumable(zero_folder, "deepspeed", 4)
 
 
 def test_strategy_config_rules(monkeypatch):

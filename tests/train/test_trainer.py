@@ -1,6 +1,8 @@
-"""The training loop: step count, logging, schedule, EMA, clipping, and the error on a non-finite loss."""
+"""The training loop: step count, logging, schedule, EMA, clipping, the step callback, the data-wait
+fraction, and the error on a non-finite loss."""
 
 import json
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -84,6 +86,33 @@ def test_gradients_are_clipped(tmp_path):
     # AdamW's step is about lr whatever the gradient's size, so check the clipped gradient itself.
     assert trainer.model.linear.weight.grad.norm().item() <= 1e-3 * (1 + 1e-4) + 1e-12
     assert not torch.equal(before, trainer.model.linear.weight)
+
+
+def test_on_step_is_called_after_every_optimizer_step_with_its_record(tmp_path):
+    trainer = _trainer(tmp_path, grad_accum_steps=2)
+    calls = []
+    history = trainer.fit(_batches(), on_step=lambda step, record: calls.append((step, record)))
+    assert [step for step, _ in calls] == list(range(1, 41))  # once per optimizer step, not per micro-batch
+    assert [record for _, record in calls if record is not None] == history
+    assert all((record is None) == (step % 10 != 0) for step, record in calls)
+
+
+def test_data_wait_fraction_is_logged_and_large_when_the_loader_is_slow(tmp_path):
+    def slow_batches():
+        for batch in _batches():
+            time.sleep(0.02)  # ~10x a step of this model, so the loop mostly waits for data
+            yield batch
+
+    plain = _trainer(tmp_path / "plain").fit(_batches())
+    slow = _trainer(tmp_path / "slow").fit(slow_batches())
+    for history in (plain, slow):
+        assert all(0.0 <= r["data_wait_frac"] <= 1.0 for r in history)
+    logged = [json.loads(line) for line in (tmp_path / "slow" / "m.jsonl").read_text().splitlines()]
+    assert [r["data_wait_frac"] for r in logged] == [r["data_wait_frac"] for r in slow]
+    # Bounds, not timings: sleeping 20 ms per batch dominates a step of a 4-parameter model even on a loaded
+    # machine, and an iterator that sleeps waits longer than the same iterator without the sleep.
+    assert min(r["data_wait_frac"] for r in slow) > 0.5
+    assert sum(r["data_wait_frac"] for r in slow) > sum(r["data_wait_frac"] for r in plain)
 
 
 def test_non_finite_loss_names_the_step_and_the_fix(tmp_path):
