@@ -52,10 +52,15 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from scldm_scale.train.export import export
+    from scldm_scale.train.export import convert_legacy, export
 
-    out = export(args.step_folder, args.out)
-    print(f"checkpoint: {out}  (generate with: scldm-scale generate {out} ...)")
+    if args.from_legacy:
+        if args.out is None:
+            raise ConfigError("--from-legacy needs --out DIR, the artifact folder to write")
+        out = convert_legacy(args.source, args.out)
+    else:
+        out = export(args.source, args.out)
+    print(f"model: {out}  (generate with: scldm-scale generate {out} ...)")
 
 
 def _rank() -> int:
@@ -414,9 +419,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_bench_loader)
 
-    p = sub.add_parser("export", help="a training step folder (any strategy, any rank count) -> one checkpoint file")
-    p.add_argument("step_folder", help="e.g. runs/x/vae/step-1000 (written with train.ckpt_every)")
-    p.add_argument("--out", default=None, help="default: <step_folder>/<stage>.pt")
+    p = sub.add_parser(
+        "export", help="a training step folder (any strategy, any rank count) or a 0.1 .pt -> a model artifact folder"
+    )
+    p.add_argument("source", help="a step folder, e.g. runs/x/vae/step-1000; a .pt with --from-legacy")
+    p.add_argument("--out", default=None, help="the artifact folder (default: <ckpt_dir>/<stage>-model-step-N)")
+    p.add_argument(
+        "--from-legacy",
+        action="store_true",
+        help="convert a single-file vae.pt / ldm.pt of scldm-scale 0.1 (read with torch's restricted unpickler)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = bench.add_parser("step", help="training cells/s and memory per rank: single vs ddp vs fsdp vs deepspeed")

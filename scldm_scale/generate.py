@@ -7,8 +7,10 @@ the condition labels in .obs, gene names in .var and the generation settings in 
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -17,61 +19,62 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from scldm_scale.config import PriorConfig, section_from_dict
-from scldm_scale.data.dataset import LabelEncoder
+from scldm_scale import artifact
+from scldm_scale.artifact import CheckpointError, LDMArtifact
+from scldm_scale.config import Config, ConfigError, SampleConfig, add_option, from_flags, parse_pairs
+from scldm_scale.data.batch import LabelEncoder
+from scldm_scale.data.vocab import GeneVocabulary
 from scldm_scale.models.dit import DiT
 from scldm_scale.models.library_size import LibrarySizeModel
 from scldm_scale.models.sampling import integrate, make_guided_velocity_fn
 from scldm_scale.models.vae import SetVAE
-from scldm_scale.train.checkpoint import CheckpointError, load_checkpoint
-from scldm_scale.train.stages import load_vae
-
-DEFAULT_GUIDANCE = 1.0  # a requested condition with no --cfg weight is plain conditioning
 
 
 @dataclass
 class Generator:
+    """An ldm artifact's VAE and prior, built on a device and ready to sample."""
+
     vae: SetVAE
     dit: DiT
     encoders: dict[str, LabelEncoder]
     library_size: LibrarySizeModel
     latent_mean: torch.Tensor  # (M, L)
     latent_std: torch.Tensor  # (M, L)
-    gene_names: list[str]
+    genes: GeneVocabulary
     guidance_mode: str  # "compositional" or "joint"
     device: torch.device
 
     @classmethod
-    def from_checkpoint(cls, path: str, device: str = "cpu", use_ema: bool = True) -> Generator:
-        ckpt = load_checkpoint(path, kind="ldm")
+    def from_artifact(cls, model: LDMArtifact | str | Path, device: str = "cpu", use_ema: bool = True) -> Generator:
+        """From an ldm artifact or its folder; the EMA weights of the prior unless use_ema=False."""
+        model = artifact.load(model, kind="ldm") if isinstance(model, str | Path) else model
+        if not isinstance(model, LDMArtifact):
+            raise CheckpointError("generation needs an ldm model (`scldm-scale train ... stage=ldm`); got a VAE")
         device_ = torch.device(device)
-        vae = load_vae(ckpt).to(device_)
-        prior_cfg = section_from_dict(PriorConfig, ckpt["prior_config"], f"{path} prior config")
-        dit = DiT(prior_cfg, vae.cfg.n_latent_tokens, vae.cfg.latent_dim, ckpt["n_classes"])
-        try:
-            dit.load_state_dict(ckpt["prior_ema_state"] if use_ema else ckpt["prior_state"])
-        except RuntimeError as err:
-            raise CheckpointError(f"{path}: prior weights do not match prior_config ({err})") from None
-        mode = "joint" if prior_cfg.cond_dropout == "joint" else "compositional"
         return cls(
-            vae=vae,
-            dit=dit.to(device_).eval(),
-            encoders={k: LabelEncoder.from_state(s) for k, s in ckpt["condition_encoders"].items()},
-            library_size=LibrarySizeModel.from_state(ckpt["library_size"]),
-            latent_mean=ckpt["latent_mean"].to(device_),
-            latent_std=ckpt["latent_std"].to(device_),
-            gene_names=list(ckpt["gene_names"]),
-            guidance_mode=mode,
+            vae=model.build_vae(device_),
+            dit=model.build_prior(device_, use_ema=use_ema),
+            encoders=model.vae.encoders,
+            library_size=model.vae.library_size,
+            latent_mean=model.latent_mean.to(device_),
+            latent_std=model.latent_std.to(device_),
+            genes=model.vae.genes,
+            guidance_mode=model.guidance_mode,
             device=device_,
         )
+
+    @property
+    def gene_names(self) -> list[str]:
+        """The vocabulary's gene ids, in the model's order (the generated .h5ad's var_names)."""
+        return self.genes.ids
 
     def _check(self, labels: dict[str, np.ndarray], guidance: dict[str, float]) -> None:
         for key in list(labels) + list(guidance):
             if key not in self.encoders:
-                raise ValueError(f"unknown condition key {key!r}; this model knows {', '.join(self.encoders)}")
+                raise ConfigError(f"unknown condition key {key!r}; this model knows {', '.join(self.encoders)}")
         unguided = [k for k in guidance if k not in labels]
         if unguided:
-            raise ValueError(f"--cfg given for {unguided} without a --condition value for it")
+            raise ConfigError(f"--cfg given for {unguided} without a --condition value for it")
 
     @torch.no_grad()
     def sample(
@@ -79,28 +82,26 @@ class Generator:
         n_cells: int,
         labels: dict[str, np.ndarray],
         guidance: dict[str, float] | None = None,
-        method: str = "heun",
-        n_steps: int = 50,
-        atol: float = 1e-5,
-        rtol: float = 1e-5,
+        sampler: SampleConfig | None = None,
         seed: int = 0,
-        batch_size: int = 1024,
         progress: bool = True,
     ) -> np.ndarray:
         """Integer counts (N, G) for cells whose condition values are given per cell (key -> (N,) str).
 
         Cells with different values share one ODE solve (the condition ids are per cell); every key in
-        `labels` is guided with its weight in `guidance` (default 1, plain conditioning); with no labels
-        the cells come from the unconditional (all-NULL) prior and the global library-size fit.
+        `labels` is guided with its weight in `guidance` (default `sampler.guidance`); with no labels the
+        cells come from the unconditional (all-NULL) prior and the global library-size fit. `sampler`
+        (default: SampleConfig()) chooses the ODE solver and the cells per solve.
         """
+        sampler = sampler or SampleConfig()
         labels = {k: np.asarray(v, dtype=object) for k, v in labels.items()}
         guidance = dict(guidance or {})
         self._check(labels, guidance)
         for key, values in labels.items():
             if len(values) != n_cells:
-                raise ValueError(f"labels[{key!r}] has {len(values)} values for {n_cells} cells")
+                raise ConfigError(f"labels[{key!r}] has {len(values)} values for {n_cells} cells")
         ids = {k: torch.from_numpy(self.encoders[k].encode(v)).to(self.device) for k, v in labels.items()}
-        weights = {k: guidance.get(k, DEFAULT_GUIDANCE) for k in labels}
+        weights = {k: guidance.get(k, sampler.guidance) for k in labels}
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
         library = np.empty(n_cells)
@@ -110,13 +111,14 @@ class Generator:
             library[rows] = self.library_size.sample(int(rows.sum()), dict(zip(labels, combo, strict=True)), rng)
         m, latent_dim = self.vae.latent_shape
         genes = torch.arange(len(self.gene_names), device=self.device)
-        evals_per_batch = {"euler": n_steps, "heun": 2 * n_steps}.get(method)  # dopri5: adaptive, unknown
-        n_batches = -(-n_cells // batch_size)
+        # dopri5 is adaptive: its number of model evaluations is unknown in advance.
+        evals_per_batch = {"euler": sampler.n_steps, "heun": 2 * sampler.n_steps}.get(sampler.method)
+        n_batches = -(-n_cells // sampler.batch_size)
         total = evals_per_batch * n_batches if evals_per_batch else None
         bar = tqdm(total=total, desc="generate", unit="eval", disable=not progress, dynamic_ncols=True)
         out = []
-        for start in range(0, n_cells, batch_size):
-            stop = min(start + batch_size, n_cells)
+        for start in range(0, n_cells, sampler.batch_size):
+            stop = min(start + sampler.batch_size, n_cells)
             chunk_ids = {k: v[start:stop] for k, v in ids.items()}
             if self.guidance_mode == "joint":
                 joint_weight = max(weights.values()) if weights else 0.0
@@ -124,7 +126,7 @@ class Generator:
             else:
                 velocity = make_guided_velocity_fn(self.dit, chunk_ids, weights, self.dit.null_ids)
             noise = torch.randn(stop - start, m, latent_dim, device=self.device)
-            x = integrate(_counted(velocity, bar), noise, method=method, n_steps=n_steps, atol=atol, rtol=rtol)
+            x = integrate(_counted(velocity, bar), noise, sampler.method, sampler.n_steps, sampler.atol, sampler.rtol)
             z = x * self.latent_std + self.latent_mean  # (n, M, L)
             size = torch.from_numpy(library[start:stop]).float().to(self.device)
             out.append(self.vae.sample_counts(z, genes, size).cpu().numpy().astype(np.int64))
@@ -142,41 +144,73 @@ def _counted(velocity, bar):
     return fn
 
 
-def to_anndata(counts: np.ndarray, labels: dict[str, list[str]], gene_names: list[str], settings: dict) -> ad.AnnData:
+def to_anndata(counts: np.ndarray, labels: dict[str, list[str]], genes: GeneVocabulary, settings: dict) -> ad.AnnData:
     obs = pd.DataFrame({k: pd.Categorical(v) for k, v in labels.items()})
     obs.index = [f"gen-{i}" for i in range(counts.shape[0])]
-    adata = ad.AnnData(X=sp.csr_matrix(counts.astype(np.int32)), obs=obs, var=pd.DataFrame(index=gene_names))
+    var = pd.DataFrame(index=genes.ids)
+    if genes.names is not None:
+        var["feature_name"] = genes.names
+    adata = ad.AnnData(X=sp.csr_matrix(counts.astype(np.int32)), obs=obs, var=var)
     adata.uns["generation"] = settings
     return adata
 
 
 def generate(
-    checkpoint: str,
+    model: LDMArtifact | str | Path,
     requests: list[tuple[dict[str, str], int]],
     guidance: dict[str, float] | None = None,
-    method: str = "heun",
-    n_steps: int = 50,
+    sampler: SampleConfig | None = None,
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
 ) -> ad.AnnData:
-    """Cells for each (condition, n_cells) request, concatenated into one AnnData."""
-    gen = Generator.from_checkpoint(checkpoint, device=device)
+    """Cells for each (condition, n_cells) request, concatenated into one AnnData (sampler: as `Generator.sample`)."""
+    sampler = sampler or SampleConfig()
+    gen = Generator.from_artifact(model, device=device)
     keys = list(dict.fromkeys(k for condition, _ in requests for k in condition))
     for condition, _ in requests:
         if set(condition) != set(keys):
-            raise ValueError(f"every request must set the same condition keys {keys}; got {list(condition)}")
+            raise ConfigError(f"every request must set the same condition keys {keys}; got {list(condition)}")
     labels = {k: np.concatenate([np.full(n, c[k], dtype=object) for c, n in requests]) for k in keys}
     n_total = sum(n for _, n in requests)
-    counts = gen.sample(n_total, labels, guidance, method=method, n_steps=n_steps, seed=seed, progress=progress)
+    counts = gen.sample(n_total, labels, guidance, sampler, seed=seed, progress=progress)
     settings = {
-        "checkpoint": str(checkpoint),
+        "checkpoint": str(model.source if isinstance(model, LDMArtifact) else model),
         "guidance": {k: float(v) for k, v in (guidance or {}).items()},
         "guidance_mode": gen.guidance_mode,
-        "sampler": method,
-        "n_steps": n_steps,
+        "sampler": sampler.method,
+        "n_steps": sampler.n_steps,
         "seed": seed,
         # JSON text: h5ad cannot store a list of dicts.
         "requests": json.dumps([{"condition": c, "n_cells": n} for c, n in requests]),
     }
-    return to_anndata(counts, labels, gen.gene_names, settings)
+    return to_anndata(counts, labels, gen.genes, settings)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`scldm-scale generate`; the sampler's flags are views of `SampleConfig`."""
+    parser.add_argument("checkpoint", help="the ldm model to sample from")
+    parser.add_argument("--n-cells", type=int, required=True, help="cells to generate")
+    parser.add_argument("--condition", action="append", default=[], metavar="KEY=VALUE", help="repeatable")
+    parser.add_argument(
+        "--cfg", action="append", default=[], metavar="KEY=WEIGHT", help="guidance weight per condition"
+    )
+    add_option(parser, SampleConfig, "method", "--sampler")
+    add_option(parser, SampleConfig, "n_steps", "--steps")
+    add_option(parser, Config, "seed")
+    parser.add_argument("--device", default="cpu", help="torch device of the models")
+    parser.add_argument("--out", required=True, help="output .h5ad")
+    parser.set_defaults(handle=handle)
+
+
+def handle(args: argparse.Namespace) -> None:
+    condition = parse_pairs(args.condition, "--condition")
+    guidance = parse_pairs(args.cfg, "--cfg", float)
+    if args.n_cells <= 0:
+        raise ConfigError(f"--n-cells must be positive, got {args.n_cells}")
+    # Made before sampling, so a bad --out fails now rather than after the whole run.
+    Path(args.out).resolve().parent.mkdir(parents=True, exist_ok=True)
+    sampler = from_flags(SampleConfig, args)
+    adata = generate(args.checkpoint, [(condition, args.n_cells)], guidance, sampler, args.seed, args.device)
+    adata.write_h5ad(args.out)
+    print(f"wrote {adata.n_obs} cells x {adata.n_vars} genes to {args.out}")

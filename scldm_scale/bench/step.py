@@ -11,6 +11,7 @@ of Python and torch). The ratio column is cells/s over the `single` row of the s
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from scldm_scale.bench.loader import _machine
 from scldm_scale.bench.records import write_records
-from scldm_scale.config import CONFIG_DIR
+from scldm_scale.config import CONFIG_DIR, ConfigError, comma_separated
 
 SIZES = {
     # name: overrides of the stage's model section
@@ -63,7 +64,7 @@ def run_step_bench(
 ) -> list[dict]:
     unknown = [s for s in sizes if s not in SIZES] + [s for s in strategies if s not in STRATEGIES]
     if unknown:
-        raise ValueError(f"unknown sizes/strategies {unknown}; sizes: {list(SIZES)}, strategies: {list(STRATEGIES)}")
+        raise ConfigError(f"unknown sizes/strategies {unknown}; sizes: {list(SIZES)}, strategies: {list(STRATEGIES)}")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.setdefault("DS_ACCELERATOR", "cpu" if device == "cpu" else "cuda")
     root = Path(work_dir or tempfile.mkdtemp(prefix="scldm_bench_step_"))
@@ -81,7 +82,7 @@ def run_step_bench(
     if any(s.startswith("prior") for s in sizes):
         vae_dir = root / "vae-for-prior"
         _run(["train", *common, "stage=vae", "train.max_steps=2", f"train.ckpt_dir={vae_dir}"], 1, env)
-        vae_ckpt = vae_dir / "vae.pt"
+        vae_ckpt = vae_dir / "vae-model"
     records = []
     machine = _machine()
     for size in sizes:
@@ -136,3 +137,33 @@ def _format(records, machine, nproc, global_batch, steps, warmup, device) -> str
             f"{r['peak_mem_gb_per_rank']:>11.2f}"
         )
     return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`scldm-scale bench step`."""
+    models_help = f"comma-separated, of {','.join(SIZES)}"
+    parser.add_argument("--models", type=comma_separated, default="vae-S,vae-M,prior-S,prior-M", help=models_help)
+    strategies_help = f"comma-separated, of {','.join(STRATEGIES)}"
+    parser.add_argument("--strategies", type=comma_separated, default="single,fsdp,deepspeed-zero3", help=strategies_help)
+    parser.add_argument("--nproc", type=int, default=2, help="processes for the sharded strategies")
+    parser.add_argument("--global-batch", type=int, default=128, help="cells per optimizer step, over all processes")
+    parser.add_argument("--steps", type=int, default=12, help="training steps per case")
+    parser.add_argument("--warmup", type=int, default=4, help="first steps left out of the averages")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--json", default=None, help="write the records here")
+    parser.add_argument("--dir", default=None, help="run folders (default: a temp dir)")
+    parser.set_defaults(handle=handle)
+
+
+def handle(args: argparse.Namespace) -> None:
+    run_step_bench(
+        sizes=args.models,
+        strategies=args.strategies,
+        nproc=args.nproc,
+        global_batch=args.global_batch,
+        steps=args.steps,
+        warmup=args.warmup,
+        json_path=args.json,
+        work_dir=args.dir,
+        device=args.device,
+    )

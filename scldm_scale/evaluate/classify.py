@@ -27,6 +27,7 @@ DIR/classify.md has the same numbers as tables.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import warnings
@@ -41,9 +42,10 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from scldm_scale.config import ConfigError, EmbedConfig, comma_separated
 from scldm_scale.data.counts import DataError
 from scldm_scale.data.split import stratified_split
-from scldm_scale.evaluate.embed import Embedder, check_expressed, open_counts
+from scldm_scale.evaluate.embed import Embedder, add_embed_options, check_embed_options, check_expressed, open_counts
 from scldm_scale.evaluate.metrics import PCAProjector, normalize_log1p
 
 log = logging.getLogger(__name__)
@@ -155,17 +157,17 @@ def classify(
     generated: str | Path | None = None,
     rare_classes: list[str] | None = None,
     rare_max_train: int | None = None,
-    batch_size: int = 256,
-    device: str = "cpu",
-    allow_missing_genes: bool = False,
-    layer: str | None = None,
+    batch_size: int = EmbedConfig.batch_size,
+    device: str = EmbedConfig.device,
+    allow_missing_genes: bool = EmbedConfig.allow_missing_genes,
+    layer: str | None = EmbedConfig.layer,
 ) -> dict:
     """Write DIR/classify.json and DIR/classify.md (see the module docstring) and return the json's content."""
     if generated is not None and not rare_classes and rare_max_train is None:
         raise DataError("--generated needs the rare classes: --rare-classes A,B or --rare-max-train N")
     if generated is None and (rare_classes or rare_max_train is not None):
         raise DataError("--rare-classes / --rare-max-train choose the classes to augment: pass --generated too")
-    embedder = Embedder.from_checkpoint(checkpoint, device=device, batch_size=batch_size)
+    embedder = Embedder.from_artifact(checkpoint, device=device, batch_size=batch_size)
     source = open_counts(data, embedder.gene_names, allow_missing_genes, layer, embedder.allow_non_integer)
     try:
         if label_key not in source.obs:
@@ -314,3 +316,43 @@ def markdown(result: dict) -> str:
             ]
             lines.append(f"| {f} | {c} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`scldm-scale classify`."""
+    parser.add_argument("checkpoint", help="a vae or ldm model")
+    parser.add_argument("data", help=".h5ad of raw counts, or a SOMA experiment URI, with the labels in obs")
+    parser.add_argument("--label-key", required=True, help="obs column to predict, e.g. cell_type")
+    split_help = "obs column with train/test (else a stratified 80/20 split)"
+    parser.add_argument("--split-key", default="split", help=split_help)
+    generated_help = "generated cells (.h5ad, labels in obs) to add to rare classes"
+    parser.add_argument("--generated", default=None, help=generated_help)
+    rare = parser.add_mutually_exclusive_group()
+    rare.add_argument("--rare-classes", type=comma_separated, default=None, metavar="A,B", help="the classes to augment")
+    rare_help = "augment classes with <= N train cells"
+    rare.add_argument("--rare-max-train", type=int, default=None, metavar="N", help=rare_help)
+    add_embed_options(parser)
+    parser.add_argument("--out", required=True, help="folder for classify.json and classify.md")
+    parser.set_defaults(handle=handle)
+
+
+def handle(args: argparse.Namespace) -> None:
+    check_embed_options(args)
+    if args.rare_max_train is not None and args.rare_max_train < 1:
+        raise ConfigError(f"--rare-max-train must be at least 1, got {args.rare_max_train}")
+    result = classify(
+        args.checkpoint,
+        args.data,
+        args.label_key,
+        args.out,
+        split_key=args.split_key,
+        generated=args.generated,
+        rare_classes=args.rare_classes or None,
+        rare_max_train=args.rare_max_train,
+        batch_size=args.batch_size,
+        device=args.device,
+        allow_missing_genes=args.allow_missing_genes,
+        layer=args.layer,
+    )
+    print((Path(args.out) / "classify.md").read_text())
+    print(f"wrote {len(result['records'])} records to {args.out}/classify.json and classify.md")

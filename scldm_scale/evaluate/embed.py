@@ -23,6 +23,7 @@ raw counts or a SOMA experiment into obsm of a new .h5ad (`scldm-scale embed`).
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,12 +36,13 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
+from scldm_scale import artifact
+from scldm_scale.artifact import Artifact
+from scldm_scale.config import ConfigError, EmbedConfig, add_options
 from scldm_scale.data.batch import EXPRESSED_ONLY, TokenPolicy, canonical_csr, collate_csr, sample_zero_genes
 from scldm_scale.data.counts import DataError, validate_counts
 from scldm_scale.data.vocab import GeneAlignment, GeneVocabulary, align_var
 from scldm_scale.models.vae import SetVAE
-from scldm_scale.train.checkpoint import CheckpointError, load_checkpoint
-from scldm_scale.train.stages import load_vae
 
 log = logging.getLogger(__name__)
 
@@ -53,38 +55,40 @@ ZERO_TOKEN_SEED = 0
 
 @dataclass
 class Embedder:
-    """A checkpoint's VAE and what encoding a cell the way it was trained needs."""
+    """A model's VAE and what encoding a cell the way it was trained needs."""
 
     vae: SetVAE
-    gene_names: list[str]
+    genes: GeneVocabulary
     policy: TokenPolicy
     allow_non_integer: bool
     checkpoint: str
     kind: str
     device: torch.device
-    batch_size: int = 256
+    batch_size: int = EmbedConfig.batch_size
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu", batch_size: int = 256) -> Embedder:
-        ckpt = load_checkpoint(path)
-        kind = ckpt.get("kind")
-        if kind not in ("vae", "ldm"):
-            raise CheckpointError(f"{path} is a {kind!r} checkpoint; embed reads a 'vae' or an 'ldm' checkpoint")
-        missing = [k for k in ("vae_config", "vae_state", "gene_names") if k not in ckpt]
-        if missing:
-            raise CheckpointError(f"{path}: the {kind} checkpoint lacks {missing}; export it again with this version")
-        data = ckpt.get("config", {}).get("data", {})
+    def from_artifact(
+        cls, model: Artifact | str | Path, device: str = EmbedConfig.device, batch_size: int = EmbedConfig.batch_size
+    ) -> Embedder:
+        """From a vae or ldm artifact (the latter's VAE), or the folder of one."""
+        model = artifact.load(model) if isinstance(model, str | Path) else model
         device_ = torch.device(device)
+        vae = model.vae
         return cls(
-            vae=load_vae(ckpt).to(device_).eval(),
-            gene_names=list(ckpt["gene_names"]),
-            policy=TokenPolicy(data.get("gene_tokens", "expressed"), data.get("n_zero_tokens", 0)),
-            allow_non_integer=bool(data.get("allow_non_integer", False)),
-            checkpoint=str(path),
-            kind=kind,
+            vae=vae.build_vae(device_),
+            genes=vae.genes,
+            policy=vae.token_policy,
+            allow_non_integer=vae.allow_non_integer,
+            checkpoint=str(model.source),
+            kind=model.kind,
             device=device_,
             batch_size=batch_size,
         )
+
+    @property
+    def gene_names(self) -> list[str]:
+        """The vocabulary's gene ids, in the model's order."""
+        return self.genes.ids
 
     @property
     def latent_shape(self) -> tuple[int, int]:
@@ -221,6 +225,42 @@ class H5adCounts:
         self._file.close()
 
 
+class AnnDataCounts:
+    """The cells of an in-memory AnnData (X, or a layer), over the vocabulary genes (the notebook API)."""
+
+    def __init__(
+        self,
+        adata: ad.AnnData,
+        vocabulary: GeneVocabulary | list[str],
+        allow_missing_genes: bool,
+        layer: str | None,
+        allow_non_integer: bool,
+    ):
+        self.where = "the AnnData"
+        self.allow_non_integer = allow_non_integer
+        if layer is not None and layer not in adata.layers:
+            raise DataError(f"the AnnData has no layer {layer!r}; layers are {list(adata.layers)} (layer=None uses X)")
+        self._x = adata.layers[layer] if layer is not None else adata.X
+        if self._x is None:
+            raise DataError("the AnnData's X is empty; pass layer= with the layer of raw counts")
+        self.obs = adata.obs
+        alignment = align_input(adata.var, vocabulary, self.where, allow_missing_genes)
+        self._columns, self.gene_ids = alignment.columns, alignment.positions
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.obs)
+
+    def blocks(self, rows: int = READ_CHUNK_ROWS) -> Iterator[tuple[int, sp.csr_matrix]]:
+        for start in range(0, self.n_cells, rows):
+            block = sp.csr_matrix(self._x[start : start + rows], dtype=np.float32)[:, self._columns]
+            _validate(block, self.where, start, self.allow_non_integer)
+            yield start, block
+
+    def close(self) -> None:
+        """Nothing to close: the AnnData is the caller's."""
+
+
 class SomaCounts:
     """The cells of a SOMA experiment (measurement RNA, X layer counts), genes matched by feature_id."""
 
@@ -265,13 +305,16 @@ def _validate(block: sp.csr_matrix, where: str, start: int, allow_non_integer: b
 
 
 def open_counts(
-    data: str | Path,
+    data: str | Path | ad.AnnData,
     vocabulary: GeneVocabulary | list[str],
     allow_missing_genes: bool = False,
     layer: str | None = None,
     allow_non_integer: bool = False,
-) -> H5adCounts | SomaCounts:
-    """An .h5ad file or a SOMA experiment (any other path or URI), read over the vocabulary's genes."""
+) -> H5adCounts | SomaCounts | AnnDataCounts:
+    """An in-memory AnnData, an .h5ad file or a SOMA experiment (any other path or URI), read over the
+    vocabulary's genes."""
+    if isinstance(data, ad.AnnData):
+        return AnnDataCounts(data, vocabulary, allow_missing_genes, layer, allow_non_integer)
     path = Path(data)
     if path.suffix == ".h5ad":
         if not path.is_file():
@@ -292,7 +335,9 @@ def check_expressed(block: sp.csr_matrix, obs_names: pd.Index, start: int, where
         )
 
 
-def encode_source(embedder: Embedder, source: H5adCounts | SomaCounts, progress: bool = True) -> np.ndarray:
+def encode_source(
+    embedder: Embedder, source: H5adCounts | SomaCounts | AnnDataCounts, progress: bool = True
+) -> np.ndarray:
     """Posterior-mean latents (N, M, L) float32 of every cell of a source, in order, one chunk at a time."""
     m, latent_dim = embedder.latent_shape
     out = np.empty((source.n_cells, m, latent_dim), dtype=np.float32)
@@ -306,29 +351,34 @@ def encode_source(embedder: Embedder, source: H5adCounts | SomaCounts, progress:
 
 
 def embed(
-    checkpoint: str | Path,
-    data: str | Path,
-    batch_size: int = 256,
-    device: str = "cpu",
-    allow_missing_genes: bool = False,
-    layer: str | None = None,
+    checkpoint: Artifact | str | Path,
+    data: str | Path | ad.AnnData,
+    batch_size: int = EmbedConfig.batch_size,
+    device: str = EmbedConfig.device,
+    allow_missing_genes: bool = EmbedConfig.allow_missing_genes,
+    layer: str | None = EmbedConfig.layer,
     progress: bool = True,
 ) -> ad.AnnData:
-    """The cells of `data` (.h5ad or SOMA URI) with their embeddings in obsm (see the module docstring)."""
-    embedder = Embedder.from_checkpoint(checkpoint, device=device, batch_size=batch_size)
+    """The cells of `data` with their embeddings in obsm (see the module docstring).
+
+    `checkpoint` is a model artifact or its folder. `data` is an .h5ad path or a SOMA URI (the result is a
+    new AnnData with the input's obs and no genes), or an in-memory AnnData, which gets the embeddings in
+    its own obsm and is returned.
+    """
+    embedder = Embedder.from_artifact(checkpoint, device=device, batch_size=batch_size)
     source = open_counts(data, embedder.gene_names, allow_missing_genes, layer, embedder.allow_non_integer)
     try:
         latents = encode_source(embedder, source, progress)  # (N, M, L)
     finally:
         source.close()
     m, latent_dim = embedder.latent_shape
-    out = ad.AnnData(obs=source.obs)
+    out = data if isinstance(data, ad.AnnData) else ad.AnnData(obs=source.obs)
     out.obsm[EMBED_KEY] = latents.reshape(len(latents), m * latent_dim)  # (N, M*L), token-major
     out.obsm[POOLED_KEY] = latents.mean(axis=1)  # (N, L)
     out.uns[UNS_KEY] = {
-        "checkpoint": str(checkpoint),
+        "checkpoint": embedder.checkpoint,
         "checkpoint_kind": embedder.kind,
-        "input": str(data),
+        "input": "in-memory AnnData" if isinstance(data, ad.AnnData) else str(data),
         "n_latent_tokens": m,
         "latent_dim": latent_dim,
         "layout": f"{EMBED_KEY}[:, m * latent_dim + l] is dimension l of latent token m; {POOLED_KEY} is their mean",
@@ -337,3 +387,31 @@ def embed(
         "n_genes_used": int(len(source.gene_ids)),
     }
     return out
+
+
+def add_embed_options(parser: argparse.ArgumentParser) -> None:
+    """The flags of `EmbedConfig` (how cells are read and encoded), shared by `embed` and `classify`."""
+    add_options(parser, EmbedConfig)
+
+
+def check_embed_options(args: argparse.Namespace) -> None:
+    if args.batch_size <= 0:
+        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`scldm-scale embed`."""
+    parser.add_argument("checkpoint", help="a vae or ldm model")
+    parser.add_argument("input", help=".h5ad of raw counts, or a SOMA experiment URI")
+    add_embed_options(parser)
+    parser.add_argument("--out", required=True, help="output .h5ad: the input's obs, obsm X_scldm and X_scldm_pooled")
+    parser.set_defaults(handle=handle)
+
+
+def handle(args: argparse.Namespace) -> None:
+    check_embed_options(args)
+    Path(args.out).resolve().parent.mkdir(parents=True, exist_ok=True)
+    adata = embed(args.checkpoint, args.input, args.batch_size, args.device, args.allow_missing_genes, args.layer)
+    adata.write_h5ad(args.out)
+    shapes = f"obsm {EMBED_KEY} {adata.obsm[EMBED_KEY].shape}, {POOLED_KEY} {adata.obsm[POOLED_KEY].shape}"
+    print(f"wrote {adata.n_obs} cells to {args.out}: {shapes}")

@@ -41,7 +41,7 @@ def reconstruction_of(checkpoint: str, adata: ad.AnnData, device: torch.device) 
     The cells' genes are put in the checkpoint's vocabulary order (embed.align_input); a vocabulary gene
     the cells lack is an error (the likelihood is over every vocabulary gene), other genes are dropped.
     """
-    embedder = Embedder.from_checkpoint(checkpoint, device=str(device))
+    embedder = Embedder.from_artifact(checkpoint, device=str(device))
     columns = align_input(adata.var, embedder.gene_names, "the real cells", False).columns
     counts = sp.csr_matrix(adata.X[:, columns], dtype=np.float32)
     split = np.full(adata.n_obs, "test")

@@ -1,8 +1,9 @@
-"""`scldm-scale export STEP_FOLDER`: a training checkpoint of any strategy -> the single file `generate` reads.
+"""`scldm-scale export`: a training step folder of any strategy, or a scldm-scale 0.1 `.pt`, -> a model artifact.
 
 Step folders hold sharded weights (a DCP checkpoint for single/ddp/fsdp, DeepSpeed's ZeRO files for
-deepspeed) plus what the stage's final file needs besides the weights. Export consolidates the shards
-in one process, without torch.distributed, on the CPU.
+deepspeed) plus the artifact's other parts (`to_parts` of the stage's artifact without its trained
+weights). Export consolidates the shards in one process, without torch.distributed, on the CPU, and
+writes the artifact folder `generate`, `embed`, `evaluate` and `classify` read.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from scldm_scale.train.checkpoint import CheckpointError, dcp_failure, load_step_state, save_checkpoint
-from scldm_scale.train.stages import exported_checkpoint
+from scldm_scale import artifact
+from scldm_scale.artifact import CheckpointError, Provenance
+from scldm_scale.train.checkpoint import dcp_failure, load_step_state
 from scldm_scale.train.strategies import DEEPSPEED, EMA_FILE, WEIGHTS
 
 log = logging.getLogger(__name__)
@@ -46,33 +48,57 @@ def consolidated_weights(folder: Path, strategy: str) -> tuple[dict, dict | None
 
 
 def export(folder: str | Path, out: str | Path | None = None) -> Path:
-    """Write the stage's single-file checkpoint from a step folder; returns its path."""
+    """Write the stage's model artifact from a step folder; returns its path (default: beside the step
+    folders, `<ckpt_dir>/<kind>-model-step-N`)."""
     folder = Path(folder)
     state = load_step_state(folder)
-    if state.get("export") is None:
+    parts = state.get("export")
+    if parts is None:
         raise CheckpointError(f"{folder} has no export information (written by a trainer without a stage)")
-    kind, payload = state["export"]
     model_state, ema_state = consolidated_weights(folder, state["strategy"])
-    model_state = {k: v.float() if v.is_floating_point() else v for k, v in model_state.items()}
-    if kind == "vae":
-        model_state = _with_tied_weights(payload, model_state, folder)
-    out = Path(out) if out is not None else folder / f"{kind}.pt"
-    data = exported_checkpoint(
-        kind, {**payload, "step": state["step"], "history": state["history"]}, model_state, ema_state
+    if isinstance(parts[0], str):  # a scldm-scale 0.1 step folder: (kind, payload)
+        skeleton = _legacy_skeleton(parts, model_state, ema_state, state, str(folder))
+    else:
+        skeleton = artifact.from_parts(*parts, where=str(folder))
+    if skeleton.kind == "vae":
+        model_state = _with_tied_weights(skeleton, model_state, folder)
+    config = skeleton.training.get("config") or state.get("config")
+    trained = skeleton.trained(
+        model_state,
+        ema_state,
+        provenance=Provenance.of_run(config, state["step"], state["world_size"]),
+        training={"config": config, "history": state["history"]},
     )
-    save_checkpoint(out, kind, data)
+    out = Path(out) if out is not None else folder.parent.parent / f"{skeleton.kind}-model-{folder.name}"
+    trained.save(out)
     log.info("exported %s (step %d, written by train.strategy=%s) to %s", folder, state["step"], state["strategy"], out)
     return out
 
 
-def _with_tied_weights(payload: dict, model_state: dict, folder: Path) -> dict:
+def convert_legacy(path: str | Path, out: str | Path) -> Path:
+    """A scldm-scale 0.1 single-file checkpoint (vae.pt / ldm.pt) -> an artifact folder; no pickle code runs."""
+    return artifact.from_legacy(path).save(out)
+
+
+def _legacy_skeleton(parts, model_state: dict, ema_state: dict | None, state: dict, where: str):
+    kind, payload = parts
+    weights = {"vae_state": model_state}
+    if kind == "ldm":
+        strip = len("dit.")
+        weights = {
+            "prior_state": {k[strip:]: v for k, v in model_state.items() if k.startswith("dit.")},
+            "prior_ema_state": {k[strip:]: v for k, v in (ema_state or {}).items() if k.startswith("dit.")},
+        }
+    legacy = {**payload, **weights, "kind": kind, "step": state["step"], "history": state["history"]}
+    return artifact.from_legacy_payload(legacy, where)
+
+
+def _with_tied_weights(skeleton: artifact.VAEArtifact, model_state: dict, folder: Path) -> dict:
     """DeepSpeed's consolidation keeps one name per shared tensor (the decoder's gene embedding is the
     encoder's when model.share_gene_embedding): rebuild the VAE to get every name the loader expects."""
-    from scldm_scale.config import VAEConfig, section_from_dict
     from scldm_scale.models.vae import SetVAE
 
-    vae_cfg = section_from_dict(VAEConfig, payload["vae_config"], "checkpoint VAE config")
-    vae = SetVAE(vae_cfg, len(payload["gene_names"]))
+    vae = SetVAE(skeleton.config, len(skeleton.genes))
     missing, unexpected = vae.load_state_dict(model_state, strict=False)
     tied = {"decoder_gene_embedding.weight"} if vae.decoder_gene_embedding is vae.gene_embedding else set()
     if unexpected or set(missing) - tied:

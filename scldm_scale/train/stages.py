@@ -1,10 +1,12 @@
-"""The two training stages as functions of a validated Config.
+"""The two training stages as functions of a validated Config; each ends by writing a model artifact.
 
-stage=vae: cells -> SetVAE, trained on the train split; the checkpoint holds the VAE, the resolved
-config, the gene vocabulary, the condition encoders and the library-size model.
-stage=ldm: the frozen VAE encodes the train cells (posterior mean in the Gaussian mode), latents are
-standardised per element, and a DiT prior is trained on them by flow matching; its checkpoint embeds
-the VAE too, so `generate` needs nothing else.
+stage=vae: cells -> SetVAE, trained on the train split; the artifact `<ckpt_dir>/vae-model/` holds the
+VAE, the gene vocabulary, the condition encoders, the library-size model and the run's provenance.
+stage=ldm: the frozen VAE (read from the VAE artifact) encodes the train cells (posterior mean in the
+Gaussian mode), latents are standardised per element, and a DiT prior is trained on them by flow
+matching; its artifact `<ckpt_dir>/ldm-model/` embeds the VAE too, so `generate` needs nothing else.
+Every training step folder keeps the artifact's other parts, so `scldm-scale export` can write it from
+any step.
 """
 
 from __future__ import annotations
@@ -18,15 +20,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scldm_scale.config import Config, VAEConfig, section_from_dict, stage_optim, to_dict
-from scldm_scale.data.dataset import CellBatch, LabelEncoder, ShuffledBatches
+from scldm_scale import artifact
+from scldm_scale.artifact import CheckpointError, LDMArtifact, Provenance, VAEArtifact
+from scldm_scale.config import Config, stage_optim, to_dict
+from scldm_scale.data.batch import CellBatch, TokenPolicy
+from scldm_scale.data.dataset import ShuffledBatches
 from scldm_scale.data.source import open_train_cells
 from scldm_scale.models.dit import DiT
 from scldm_scale.models.library_size import LibrarySizeModel
 from scldm_scale.models.prior import FlowMatchingPrior, LatentBatch
 from scldm_scale.models.vae import SetVAE
 from scldm_scale.train import distributed
-from scldm_scale.train.checkpoint import CheckpointError, RunCheckpoints, load_checkpoint, save_checkpoint
+from scldm_scale.train.checkpoint import RunCheckpoints
 from scldm_scale.train.distributed import Dist
 from scldm_scale.train.flops import TRAIN_FLOPS_FACTOR
 from scldm_scale.train.tracking import start_tracker
@@ -44,16 +49,6 @@ def seed_everything(seed: int) -> None:
 def _set_threads(cfg: Config) -> None:
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-
-
-def load_vae(ckpt: dict) -> SetVAE:
-    vae_cfg = section_from_dict(VAEConfig, ckpt["vae_config"], "checkpoint VAE config")
-    vae = SetVAE(vae_cfg, len(ckpt["gene_names"]))
-    try:
-        vae.load_state_dict(ckpt["vae_state"])
-    except RuntimeError as err:
-        raise CheckpointError(f"VAE weights do not match the stored VAE config: {err}") from None
-    return vae.eval()
 
 
 @torch.no_grad()
@@ -78,30 +73,26 @@ def _run_checkpoints(cfg: Config, stage: str, architecture: tuple[str, ...]) -> 
     return {"checkpoints": RunCheckpoints(Path(cfg.train.ckpt_dir) / stage, cfg.train.keep_last), "run_meta": meta}
 
 
-def exported_checkpoint(kind: str, payload: dict, model_state: dict, ema_state: dict | None) -> dict:
-    """The single-file checkpoint `generate` reads: the stage's payload plus its weights.
-
-    Used at the end of training and by `scldm-scale export` (from a step folder of any strategy).
-    """
-    if kind == "vae":
-        return {**payload, "vae_state": model_state}
-    strip = len("dit.")
-    return {
-        **payload,
-        "prior_state": {k[strip:]: v for k, v in model_state.items() if k.startswith("dit.")},
-        "prior_ema_state": {k[strip:]: v for k, v in (ema_state or {}).items() if k.startswith("dit.")},
-    }
+def model_path(cfg: Config, kind: str) -> Path:
+    """Where a stage writes its model artifact."""
+    return Path(cfg.train.ckpt_dir) / f"{kind}-model"
 
 
-def _finish(cfg: Config, kind: str, trainer: Trainer, payload: dict, history: list[dict]) -> Path:
-    """Consolidate the weights (a collective under FSDP / ZeRO-3) and write <ckpt_dir>/<kind>.pt on rank 0."""
+def _finish(cfg: Config, trainer: Trainer, skeleton: VAEArtifact | LDMArtifact, history: list[dict]) -> Path:
+    """Consolidate the weights (a collective under FSDP / ZeRO-3) and write the artifact on rank 0."""
     model_state = trainer.strategy.full_state_dict()
     ema_state = trainer.strategy.full_ema_state_dict()
-    path = Path(cfg.train.ckpt_dir) / f"{kind}.pt"
+    path = model_path(cfg, skeleton.kind)
     if trainer.dist.is_main:
-        data = exported_checkpoint(kind, {**payload, "step": trainer.step, "history": history}, model_state, ema_state)
-        save_checkpoint(path, kind, data)
-        log.info("%s checkpoint written to %s", kind.upper(), path)
+        config = to_dict(cfg)
+        trained = skeleton.trained(
+            model_state,
+            ema_state,
+            provenance=Provenance.of_run(config, trainer.step, trainer.dist.world_size),
+            training={"config": config, "history": history},
+        )
+        trained.save(path)
+        log.info("%s model written to %s", skeleton.kind.upper(), path)
     distributed.barrier()
     return path
 
@@ -146,14 +137,15 @@ def train_vae(cfg: Config, dist_info: Dist) -> Path:
     log.info("VAE: %d train cells x %d genes, conditions %s", cells.n_cells, n_genes, cfg.data.condition_keys)
     with _build_device(cfg):
         vae = SetVAE(cfg.model, n_genes)
-    library = LibrarySizeModel.fit(cells.library_sizes, cells.labels)
-    payload = {
-        "config": to_dict(cfg),
-        "vae_config": to_dict(cfg)["model"],
-        "gene_names": cells.gene_names,
-        "condition_encoders": {k: e.state_dict() for k, e in cells.encoders.items()},
-        "library_size": library.state_dict(),
-    }
+    skeleton = VAEArtifact(
+        config=cfg.model,
+        genes=cells.vocabulary,
+        encoders=cells.encoders,
+        library_size=LibrarySizeModel.fit(cells.library_sizes, cells.labels),
+        token_policy=TokenPolicy(cfg.data.gene_tokens, cfg.data.n_zero_tokens),
+        weights={},
+        allow_non_integer=cfg.data.allow_non_integer,
+    )
     tracker = start_tracker(cfg, "vae", dist_info.is_main)
     trainer = Trainer(
         vae,
@@ -164,25 +156,25 @@ def train_vae(cfg: Config, dist_info: Dist) -> Path:
         dist_info=dist_info,
         work=_vae_work(vae, n_genes),
         tracker=tracker,
-        export=("vae", payload),
+        export=artifact.to_parts(skeleton),
         **_run_checkpoints(cfg, "vae", ("model",)),
     )
     history = _fit(trainer, cells.batches, tracker)
-    return _finish(cfg, "vae", trainer, payload, history)
+    return _finish(cfg, trainer, skeleton, history)
 
 
 def train_ldm(cfg: Config, dist_info: Dist) -> Path:
     device = dist_info.device
-    vae_ckpt = load_checkpoint(cfg.train.vae_checkpoint, kind="vae")
-    vae = load_vae(vae_ckpt).to(device)
-    encoders = {k: LabelEncoder.from_state(s) for k, s in vae_ckpt["condition_encoders"].items()}
+    vae_model = artifact.load(cfg.train.vae_checkpoint, kind="vae")
+    vae = vae_model.build_vae(device)
+    encoders = vae_model.encoders
     if list(encoders) != list(cfg.data.condition_keys):
         raise CheckpointError(
             f"data.condition_keys={list(cfg.data.condition_keys)} but the VAE was trained with {list(encoders)}; "
-            "the prior is conditioned on the VAE checkpoint's keys — use the same data.condition_keys"
+            "the prior is conditioned on the VAE model's keys — use the same data.condition_keys"
         )
     cells = open_train_cells(
-        cfg.data, cfg.train.batch_size, cfg.seed, vocabulary=vae_ckpt["gene_names"], encoders=encoders
+        cfg.data, cfg.train.batch_size, cfg.seed, vocabulary=vae_model.genes.ids, encoders=encoders
     )
     # Every rank encodes the train cells (the latent table is small: N x M x L floats) in the same order.
     latents = encode_latents(vae, cells.ordered(), device)  # (N, M, L)
@@ -201,18 +193,15 @@ def train_ldm(cfg: Config, dist_info: Dist) -> Path:
     log.info("LDM: DiT with %.2fM parameters on %d latents", n_params, len(latents))
     # Latents fit in memory (N x M x L floats), so the prior shuffles them in memory; ranks take slices.
     batches = ShuffledBatches(latent_batch, np.arange(len(latents)), cfg.train.batch_size, cfg.seed)
-    payload = {
-        "config": to_dict(cfg),
-        "vae_config": vae_ckpt["vae_config"],
-        "vae_state": vae_ckpt["vae_state"],
-        "prior_config": to_dict(cfg)["prior"],
-        "n_classes": n_classes,
-        "latent_mean": latent_mean,
-        "latent_std": latent_std,
-        "gene_names": vae_ckpt["gene_names"],
-        "condition_encoders": vae_ckpt["condition_encoders"],
-        "library_size": vae_ckpt["library_size"],
-    }
+    skeleton = LDMArtifact(
+        vae=vae_model,
+        prior_config=cfg.prior,
+        n_classes=n_classes,
+        latent_mean=latent_mean,
+        latent_std=latent_std,
+        prior_weights={},
+        prior_ema_weights={},
+    )
     tracker = start_tracker(cfg, "ldm", dist_info.is_main)
     trainer = Trainer(
         prior,
@@ -224,11 +213,11 @@ def train_ldm(cfg: Config, dist_info: Dist) -> Path:
         dist_info=dist_info,
         work=_ldm_work(prior, vae.cfg.n_latent_tokens),
         tracker=tracker,
-        export=("ldm", payload),
+        export=artifact.to_parts(skeleton),
         **_run_checkpoints(cfg, "ldm", ("model", "prior")),
     )
     history = _fit(trainer, batches, tracker)
-    return _finish(cfg, "ldm", trainer, payload, history)
+    return _finish(cfg, trainer, skeleton, history)
 
 
 def run_training(cfg: Config) -> Path:
