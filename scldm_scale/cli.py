@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 from scldm_scale.config import ConfigError
 from scldm_scale.data.counts import DataError
 from scldm_scale.train.checkpoint import CheckpointError
+from scldm_scale.world import get_rank, get_world_size
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
@@ -47,7 +47,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = load_config(*split_config_args(args.configs))
     path = run_training(cfg)
-    if _rank() == 0:
+    if get_rank() == 0:
         print(f"checkpoint: {path}")
 
 
@@ -61,10 +61,6 @@ def cmd_export(args: argparse.Namespace) -> None:
     else:
         out = export(args.source, args.out)
     print(f"model: {out}  (generate with: scldm-scale generate {out} ...)")
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -481,9 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     # Under torchrun, rank 0 logs progress; every rank logs warnings and errors, tagged with its rank.
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    tag = f"[rank {_rank()}] " if world > 1 else ""
-    level = logging.INFO if _rank() == 0 else logging.WARNING
+    tag = f"[rank {get_rank()}] " if get_world_size() > 1 else ""
+    level = logging.INFO if get_rank() == 0 else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -500,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scldm-scale {args.command}: {tag}error: {err}", file=sys.stderr)
         return 2
     except TrainingInterrupted as stop:
-        if _rank() == 0:
+        if get_rank() == 0:
             print(f"scldm-scale {args.command}: {stop}", file=sys.stderr)
         return stop.exit_code
     return 0

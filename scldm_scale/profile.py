@@ -17,7 +17,6 @@ to it, the `key_averages()` table sorted by self time: device time on CUDA, CPU 
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -30,9 +29,9 @@ from scldm_scale.bench.kernels import DTYPES, smoke_reason, use_triton_interpret
 from scldm_scale.config import load_config
 from scldm_scale.models.prior import FlowMatchingPrior
 from scldm_scale.models.vae import SetVAE
-from scldm_scale.train.distributed import launched_world_size
 from scldm_scale.train.stages import run_training
 from scldm_scale.train.trainer import resolve_device
+from scldm_scale.world import get_rank, get_world_size
 
 # cells, heads, latent tokens, genes, head dim: a few interpreter launches per op
 SMOKE_SHAPE = {"cells": 2, "heads": 2, "n_latents": 4, "genes": 40, "head_dim": 16}
@@ -169,8 +168,8 @@ def profile_step(
     if steps < 1 or warmup < 1:
         raise ValueError(f"profile-step: --steps and --warmup must be >= 1 (got {steps}, {warmup})")
     out = Path(out_dir)
-    this_rank = int(os.environ.get("RANK", "0"))
-    suffix = f"_rank{this_rank}" if launched_world_size() > 1 else ""
+    this_rank = get_rank()
+    suffix = f"_rank{this_rank}" if get_world_size() > 1 else ""
     trace, table_file = out / f"step_trace{suffix}.json", out / f"step_table{suffix}.txt"
     tables: list[str] = []
     with tempfile.TemporaryDirectory(prefix="scldm_profile_step_") as ckpt_dir:

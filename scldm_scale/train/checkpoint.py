@@ -61,9 +61,10 @@ class RunCheckpoints:
 
     def save(self, step: int, state: dict, write_shards: Callable[[Path], None] | None = None) -> Path:
         """Write step-N (every rank calls this; `write_shards(folder)` writes this rank's files)."""
+        from scldm_scale import world
         from scldm_scale.train import distributed
 
-        rank = distributed.rank()
+        rank = world.get_rank()
         final = self.root / f"step-{step}"
         tmp = self.root / f".step-{step}.tmp"
         if rank == 0:

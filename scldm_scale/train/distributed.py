@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from scldm_scale.config import ConfigError, TrainConfig
+from scldm_scale.world import get_world_size
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +33,9 @@ class Dist:
         return self.rank == 0
 
 
-def launched_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def setup(cfg: TrainConfig, device: torch.device) -> Dist:
     """Start the process group the strategy needs (a 1-process group when run without torchrun)."""
-    world_size = launched_world_size()
+    world_size = get_world_size()
     if cfg.strategy == "single":
         if world_size > 1:
             raise ConfigError(
@@ -79,10 +76,6 @@ def teardown(ok: bool) -> None:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
