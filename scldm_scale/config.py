@@ -8,7 +8,7 @@ also checks cross-field constraints.
 
 `Config` is a training run (`scldm-scale train`, `plan`, `profile-step`, the quickstart) and its `sample`
 section is how cells are generated. The other commands' options have sections of their own
-(`EvalConfig`, `EmbedConfig`, `KernelShapeConfig`), outside a run's YAML. A command declares a flag
+(`EvalConfig`, `EmbedConfig`, `PrepareConfig`, `KernelShapeConfig`), outside a run's YAML. A command declares a flag
 with `add_option(parser, Section, "field")`: the flag's default, type, choices and help are the field's,
 so the flags and the config keys share one definition (the sampler's defaults live in `SampleConfig`
 and nowhere else). `parse_pairs` and `split_config_args` turn command-line text into config values.
@@ -247,6 +247,21 @@ class EmbedConfig:
     allow_missing_genes: bool = option(
         False, "encode when the input lacks some of the model's genes (they become absent tokens)"
     )
+
+
+@dataclass
+class PrepareConfig:
+    """`scldm-scale prepare`: how an input file becomes a SOMA experiment."""
+
+    layer: str | None = option(None, "layer with raw counts (default: X)")
+    labels: list[str] = option([], "comma-separated obs columns to keep, e.g. cell_type,tissue")
+    test_fraction: float = option(0.1, "fraction of the cells in the test split (stratified by the first label)")
+    val_fraction: float = option(0.05, "fraction of the cells in the validation split")
+    seed: int = option(0, "seed of the split")
+    zero_cells: str = option("drop", "cells with zero counts", choices=("drop", "refuse"))
+    allow_non_integer: bool = option(False, "accept non-integer values (not raw counts)")
+    overwrite: bool = option(False, "replace an existing experiment at --out")
+    append: bool = option(False, "add these cells to the experiment at --out")
 
 
 @dataclass
@@ -509,6 +524,12 @@ def add_option(parser: argparse.ArgumentParser, section: type, name: str, *flags
     parser.add_argument(*(flags or (f"--{name.replace('_', '-')}",)), **(view | kwargs))
 
 
+def add_options(parser: argparse.ArgumentParser, section: type, **flags: str) -> None:
+    """Every field of `section` as a flag (`add_option`); `flags` renames some, e.g. n_latents="--latents"."""
+    for spec in fields(section):
+        add_option(parser, section, spec.name, *[flags[spec.name]] if spec.name in flags else [])
+
+
 def from_flags(section: type, args: argparse.Namespace, **values: Any) -> Any:
     """The `section` that the flags declared by `add_option` (and `values`, which win) describe."""
     given = {spec.name: getattr(args, spec.name) for spec in fields(section) if hasattr(args, spec.name)}
@@ -527,6 +548,14 @@ def parse_pairs(items: Sequence[str], flag: str, cast: Callable[[str], Any] = st
         except ValueError:
             raise ConfigError(f"{flag} {item!r}: {value!r} is not a number") from None
     return out
+
+
+def parse_ints(text: str, flag: str) -> list[int]:
+    """'2048,8192' from `flag` -> [2048, 8192]; anything else is a ConfigError naming `flag`."""
+    try:
+        return [int(item) for item in comma_separated(text)]
+    except ValueError:
+        raise ConfigError(f"{flag} expects comma-separated integers, e.g. 2048,8192; got {text!r}") from None
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
