@@ -26,6 +26,7 @@ from scldm_scale.data.batch import LabelEncoder, collate
 from scldm_scale.data.counts import DataError
 from scldm_scale.data.soma import EpochOrder, SomaBatches, SomaCells, SomaSpec, epoch_chunks, rank_units, units_left
 from scldm_scale.data.source import open_train_cells
+from scldm_scale.data.vocab import GeneVocabulary
 
 TRAIN = "split == 'train'"
 # 320 train cells: 40 chunks of 8, buffers of 3 chunks (24 cells, 4 batches of 6): 13 buffers of 24 cells
@@ -405,6 +406,19 @@ def test_a_model_vocabulary_maps_the_experiment_genes_by_id(soma_experiment):
         genes = batch.gene_ids[row][batch.mask[row]].numpy()
         target = dict(zip(batch.decode_gene_ids.tolist(), batch.target[row].tolist(), strict=True))
         assert [target[g] for g in genes] == batch.counts[row][batch.mask[row]].tolist()
+
+
+def test_a_model_vocabulary_with_other_ids_maps_the_experiment_genes_by_feature_name(soma_experiment):
+    exp = soma_experiment
+    names = exp.gene_ids[::-1][:20]  # the fixture's feature_name is its feature_id
+    vocabulary = GeneVocabulary([f"ENSG{i:03d}" for i in range(len(names))], names)
+    cells = SomaCells(SomaSpec(exp.uri, obs_filter=TRAIN), vocabulary=vocabulary)
+    assert cells.alignment.matched_by == "name" and cells.vocabulary == vocabulary
+    np.testing.assert_array_equal(cells.decode_gene_ids, np.arange(20))
+    positions = np.arange(0, 320, 11)
+    source_columns = [exp.gene_ids.index(g) for g in names]
+    expected = exp.counts[cells.joinids[positions]][:, source_columns]  # (P, 20)
+    np.testing.assert_array_equal(cells.read(positions).toarray(), expected)
 
 
 def test_a_vocabulary_without_overlap_is_refused(soma_experiment):
