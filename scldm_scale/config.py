@@ -226,7 +226,7 @@ class EvalConfig:
     """`scldm-scale evaluate`: what generated cells are compared on, and against which baselines."""
 
     condition_keys: list[str] = option([], "obs column of conditions (repeatable)")
-    baselines: list[str] = option(list(BASELINES), f"comma-separated, of {','.join(BASELINES)}; or ''")
+    baselines: list[str] = option(list(BASELINES), "comma-separated baselines to compute, or '' for none")
     holdout: HoldoutConfig = field(default_factory=HoldoutConfig)
     intersect_genes: bool = option(False, "evaluate on the shared genes only")
     n_pcs: int = option(30, "principal components of the log-normalised counts")
@@ -508,20 +508,27 @@ def add_option(parser: argparse.ArgumentParser, section: type, name: str, *flags
     """Declare a flag (default --name-with-dashes) as a view of the field `name` of the schema `section`.
 
     Its default, type, choices and help come from the field, its value lands in args.<name>; a bool field
-    is a switch that flips its default, a list field takes comma-separated values. `kwargs` go to argparse
-    as they are (e.g. required=True, or action="append", type=str for a repeatable flag).
+    is a switch that flips its default, a list field takes comma-separated values, or one value per use
+    with action="append". `kwargs` go to argparse as they are (e.g. required=True, metavar=...).
     """
     spec = next(spec for spec in fields(section) if spec.name == name)
     default = spec.default_factory() if spec.default is MISSING else spec.default
     kind = _flag_type(get_type_hints(section)[name])
+    flags = flags or (f"--{name.replace('_', '-')}",)
     view: dict[str, Any] = {"dest": name, "default": default, "help": spec.metadata.get("help", "")}
     if kind is bool:
         view["action"] = "store_false" if default else "store_true"
+        view["help"] = f"do not {view['help']}" if default else view["help"]
+    elif kwargs.get("action") == "append":
+        view |= {"type": str, "metavar": "VALUE"}
+    elif kind is list:
+        # Shown and parsed as the command line spells it (argparse passes a text default through `type`).
+        view |= {"type": comma_separated, "default": ",".join(default), "metavar": "A,B"}
+    elif spec.metadata.get("choices"):
+        view |= {"type": kind, "choices": spec.metadata["choices"]}
     else:
-        view["type"] = comma_separated if kind is list else kind
-        if spec.metadata.get("choices"):
-            view["choices"] = spec.metadata["choices"]
-    parser.add_argument(*(flags or (f"--{name.replace('_', '-')}",)), **(view | kwargs))
+        view |= {"type": kind, "metavar": flags[0].lstrip("-").upper().replace("-", "_")}
+    parser.add_argument(*flags, **(view | kwargs))
 
 
 def add_options(parser: argparse.ArgumentParser, section: type, **flags: str) -> None:

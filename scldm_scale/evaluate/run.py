@@ -8,10 +8,10 @@ reconstruction figures; `condition` is "all", "key=value", "k1=v1, k2=v2", "seen
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import anndata as ad
@@ -20,6 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from scldm_scale.config import BASELINES, EvalConfig, HoldoutConfig, add_option, from_flags, parse_pairs
 from scldm_scale.data.counts import DataError, validate_counts
 from scldm_scale.data.holdout import combination_mask, describe, holdout_mask
 from scldm_scale.evaluate import baselines, plots, report
@@ -35,34 +36,9 @@ from scldm_scale.evaluate.suite import (
 )
 
 log = logging.getLogger(__name__)
-BASELINES = ("real_train_cells", "independent_nb", "scvi", "additive_shift")
 
 
-@dataclass
-class Holdout:
-    """Condition combinations held out of training, and the columns the additive-shift baseline reads."""
-
-    combinations: list[dict[str, str]] = field(default_factory=list)
-    perturbation_key: str = "perturbation"
-    context_key: str = "cell_line"
-    control_value: str = "control"
-
-
-@dataclass
-class EvalOptions:
-    condition_keys: list[str]
-    baselines: Sequence[str] = BASELINES
-    holdout: Holdout = field(default_factory=Holdout)
-    intersect_genes: bool = False
-    n_pcs: int = PREPROCESSING["n_pcs"]
-    n_hvg: int = PREPROCESSING["n_hvg"]
-    seed: int = 0
-    scvi_epochs: int = 200
-    vae_checkpoint: str | None = None
-    plots: bool = True
-
-
-def _check_options(opts: EvalOptions, have_train: bool) -> None:
+def _check_options(opts: EvalConfig, have_train: bool) -> None:
     unknown = sorted(set(opts.baselines) - set(BASELINES))
     if unknown:
         raise DataError(f"unknown baselines {unknown}; choose from {list(BASELINES)}")
@@ -76,7 +52,7 @@ def _check_options(opts: EvalOptions, have_train: bool) -> None:
         raise DataError("held-out combinations need the training cells (--train) for the additive-shift baseline")
 
 
-def _baseline_sets(train: CellSet, real: CellSet, opts: EvalOptions, skipped: list[str]) -> dict[str, CellSet]:
+def _baseline_sets(train: CellSet, real: CellSet, opts: EvalConfig, skipped: list[str]) -> dict[str, CellSet]:
     out = {}
     if "independent_nb" in opts.baselines:
         counts, labels = baselines.independent_nb_cells(train.counts, train.labels, real.labels, opts.seed)
@@ -94,7 +70,7 @@ def _baseline_sets(train: CellSet, real: CellSet, opts: EvalOptions, skipped: li
     return out
 
 
-def _noise_floor(train: CellSet, real: CellSet, opts: EvalOptions) -> tuple[CellSet | None, CellSet]:
+def _noise_floor(train: CellSet, real: CellSet, opts: EvalConfig) -> tuple[CellSet | None, CellSet]:
     """The real_train_cells baseline and the cells the preprocessing is fitted on.
 
     A PCA fitted on a set spreads that set along its noise directions more than any other set, so the
@@ -112,7 +88,7 @@ def _noise_floor(train: CellSet, real: CellSet, opts: EvalOptions) -> tuple[Cell
     return floor, train.subset(rest)
 
 
-def _additive_shift(train: CellSet, real: CellSet, opts: EvalOptions, skipped: list[str]) -> CellSet | None:
+def _additive_shift(train: CellSet, real: CellSet, opts: EvalConfig, skipped: list[str]) -> CellSet | None:
     """The held-out combinations predicted by control cells plus the perturbation's shift elsewhere.
 
     Only combinations of exactly the context and perturbation keys can be predicted this way; others are
@@ -156,7 +132,7 @@ def evaluate(
     real: ad.AnnData,
     generated: ad.AnnData,
     out_dir: str | Path,
-    opts: EvalOptions,
+    opts: EvalConfig,
     train: ad.AnnData | None = None,
 ) -> list[dict]:
     """Every metric of the generated cells and the baselines against the real cells; writes the report."""
@@ -228,14 +204,14 @@ def _figures(
     return figures
 
 
-def _describe(aligned: dict[str, ad.AnnData], opts: EvalOptions) -> str:
+def _describe(aligned: dict[str, ad.AnnData], opts: EvalConfig) -> str:
     sizes = ", ".join(f"{name} {a.n_obs} cells" for name, a in aligned.items())
     genes = next(iter(aligned.values())).n_vars
     held = f"; held-out combinations: {opts.holdout.combinations}" if opts.holdout.combinations else ""
     return f"Inputs: {sizes}; {genes} genes; condition keys {opts.condition_keys}{held}."
 
 
-def _preprocessing_text(opts: EvalOptions, have_train: bool) -> str:
+def _preprocessing_text(opts: EvalConfig, have_train: bool) -> str:
     fitted_on = (
         "the real training cells (less those drawn for the `real_train_cells` noise floor, which a fit would favour)"
         if have_train
@@ -282,3 +258,35 @@ def split_real(
         )
     log.info("cells split by obs[%r]: %d train, %d real", split_key, int(train.sum()), int(real.sum()))
     return adata[train].copy(), adata[real].copy()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`scldm-scale evaluate`; the options are views of `EvalConfig` and `HoldoutConfig`."""
+    parser.add_argument("--real", required=True, help="real cells: .h5ad of counts or a SOMA experiment folder")
+    parser.add_argument("--generated", required=True, help="generated cells: .h5ad of counts")
+    parser.add_argument("--train", help="real training cells: the baselines and the PCA are fitted on them")
+    parser.add_argument("--layer", help="the layer of --real / --train that holds raw counts (default X)")
+    split_help = "without --train, a --real column with train/test values splits it into training and real cells"
+    parser.add_argument("--split-key", default="split", help=split_help)
+    add_option(parser, EvalConfig, "condition_keys", "--condition-key", action="append", metavar="KEY")
+    add_option(parser, EvalConfig, "intersect_genes")
+    add_option(parser, EvalConfig, "baselines")
+    add_option(parser, HoldoutConfig, "combinations", "--holdout", action="append", metavar="KEY=VALUE,...")
+    for name in ("perturbation_key", "context_key", "control_value"):
+        add_option(parser, HoldoutConfig, name)
+    for name in ("vae_checkpoint", "n_pcs", "n_hvg", "scvi_epochs", "seed"):
+        add_option(parser, EvalConfig, name)
+    add_option(parser, EvalConfig, "plots", "--no-plots")
+    parser.add_argument("--out", required=True, help="folder for metrics.json, report.md and the figures")
+    parser.set_defaults(handle=handle)
+
+
+def handle(args: argparse.Namespace) -> None:
+    combinations = [parse_pairs(c.split(","), "--holdout") for c in args.combinations]
+    opts = from_flags(EvalConfig, args, holdout=from_flags(HoldoutConfig, args, combinations=combinations))
+    real = read_cells(args.real, "real", args.layer)
+    train = read_cells(args.train, "train", args.layer) if args.train else None
+    if train is None and (parts := split_real(real, args.split_key, combinations)) is not None:
+        train, real = parts
+    evaluate(real, read_cells(args.generated, "generated"), args.out, opts, train=train)
+    print(f"wrote {args.out}/metrics.json, report.md and the figures")

@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from scldm_scale.config import EvalConfig, HoldoutConfig
 from scldm_scale.data.counts import DataError
 from scldm_scale.evaluate.conditions import groups
-from scldm_scale.evaluate.run import EvalOptions, Holdout, evaluate
+from scldm_scale.evaluate.run import evaluate
 
 N_GENES = 60
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -41,7 +42,7 @@ def _value(records, metric, method="generated", condition="all") -> float:
 
 def test_report_records_and_figures(cells, tmp_path):
     train, real, generated = cells
-    evaluate(real, generated, tmp_path, EvalOptions(["cell_type"], n_hvg=40), train=train)
+    evaluate(real, generated, tmp_path, EvalConfig(["cell_type"], n_hvg=40), train=train)
     records = _records(tmp_path)
     assert all(set(r) == {"metric", "condition", "method", "value"} for r in records)
     assert {r["method"] for r in records} >= {"generated", "real_train_cells", "independent_nb"}
@@ -64,7 +65,7 @@ def test_report_records_and_figures(cells, tmp_path):
 
 def test_the_real_cells_themselves_score_perfectly(cells, tmp_path):
     train, real, _ = cells
-    evaluate(real, real.copy(), tmp_path, EvalOptions(["cell_type"], baselines=(), n_hvg=40, plots=False), train=train)
+    evaluate(real, real.copy(), tmp_path, EvalConfig(["cell_type"], baselines=(), n_hvg=40, plots=False), train=train)
     records = _records(tmp_path)
     assert {r["method"] for r in records} == {"generated"}
     assert _value(records, "mmd") == pytest.approx(0.0, abs=1e-12)
@@ -81,7 +82,7 @@ def test_a_distorted_generator_is_worse_than_the_noise_floor(cells, tmp_path):
     # Swap the labels of two cell types: every per-type distribution is now wrong, the pooled one is not.
     labels = distorted.obs["cell_type"].astype(str)
     distorted.obs["cell_type"] = labels.replace({"type_0": "type_1", "type_1": "type_0"}).to_numpy()
-    opts = EvalOptions(["cell_type"], baselines=("real_train_cells",), n_hvg=40, plots=False)
+    opts = EvalConfig(["cell_type"], baselines=("real_train_cells",), n_hvg=40, plots=False)
     evaluate(real, distorted, tmp_path, opts, train=train)
     records = _records(tmp_path)
     for condition in ("cell_type=type_0", "cell_type=type_1"):
@@ -97,8 +98,8 @@ def test_differing_genes_are_listed_unless_intersected(cells, tmp_path):
     train, real, generated = cells
     fewer = generated[:, 3:].copy()
     with pytest.raises(DataError, match=r"3 genes only in real.*gene_0"):
-        evaluate(real, fewer, tmp_path, EvalOptions(["cell_type"], baselines=(), plots=False))
-    opts = EvalOptions(["cell_type"], baselines=(), n_hvg=40, plots=False, intersect_genes=True)
+        evaluate(real, fewer, tmp_path, EvalConfig(["cell_type"], baselines=(), plots=False))
+    opts = EvalConfig(["cell_type"], baselines=(), n_hvg=40, plots=False, intersect_genes=True)
     evaluate(real, fewer, tmp_path, opts, train=train)
     assert f"{N_GENES - 3} genes" in (tmp_path / "report.md").read_text()
 
@@ -117,7 +118,7 @@ def test_bad_generated_input_is_refused(cells, tmp_path, mutate, message):
     generated.X = sp.csr_matrix(generated.X, dtype=np.float64)
     mutate(generated)
     with pytest.raises(DataError, match=message):
-        evaluate(real, generated, tmp_path, EvalOptions(["cell_type"], plots=False), train=train)
+        evaluate(real, generated, tmp_path, EvalConfig(["cell_type"], plots=False), train=train)
 
 
 def test_non_integer_real_counts_are_refused(cells, tmp_path):
@@ -125,7 +126,7 @@ def test_non_integer_real_counts_are_refused(cells, tmp_path):
     real = real.copy()
     real.X = sp.csr_matrix(real.X, dtype=np.float64) * 0.5
     with pytest.raises(DataError, match="real cells: .* non-integer"):
-        evaluate(real, generated, tmp_path, EvalOptions(["cell_type"], plots=False), train=train)
+        evaluate(real, generated, tmp_path, EvalConfig(["cell_type"], plots=False), train=train)
 
 
 def test_groups_cover_values_combinations_and_the_held_out_split():
@@ -142,17 +143,17 @@ def test_groups_cover_values_combinations_and_the_held_out_split():
 
 def test_holdout_needs_training_cells_and_full_combinations(cells, tmp_path):
     train, real, generated = cells
-    opts = EvalOptions(["cell_type"], holdout=Holdout([{"cell_type": "type_0"}]), plots=False)
+    opts = EvalConfig(["cell_type"], holdout=HoldoutConfig([{"cell_type": "type_0"}]), plots=False)
     with pytest.raises(DataError, match="need the training cells"):
         evaluate(real, generated, tmp_path, opts)
-    opts = EvalOptions(["cell_type"], holdout=Holdout([{"cell_line": "x"}]), plots=False)
+    opts = EvalConfig(["cell_type"], holdout=HoldoutConfig([{"cell_line": "x"}]), plots=False)
     with pytest.raises(DataError, match="must set some of the condition keys"):
         evaluate(real, generated, tmp_path, opts, train=train)
 
 
 def test_no_condition_key_compares_all_cells(cells, tmp_path):
     train, real, generated = cells
-    evaluate(real, generated, tmp_path, EvalOptions([], baselines=("independent_nb",), n_hvg=40), train=train)
+    evaluate(real, generated, tmp_path, EvalConfig([], baselines=("independent_nb",), n_hvg=40), train=train)
     records = _records(tmp_path)
     assert {r["condition"] for r in records} == {"all"}
     assert _value(records, "n_real_cells") == real.n_obs and _value(records, "n_cells") == generated.n_obs
@@ -164,7 +165,7 @@ def test_no_condition_key_compares_all_cells(cells, tmp_path):
 def test_conditions_on_one_side_only_are_left_out_and_listed(cells, tmp_path):
     train, real, generated = cells
     only_two = generated[generated.obs["cell_type"] != "type_2"].copy()
-    opts = EvalOptions(["cell_type"], baselines=("real_train_cells",), n_hvg=40, plots=False)
+    opts = EvalConfig(["cell_type"], baselines=("real_train_cells",), n_hvg=40, plots=False)
     evaluate(real, only_two, tmp_path, opts, train=train)
     records = _records(tmp_path)
     assert _value(records, "n_real_cells") == int((real.obs["cell_type"] != "type_2").sum())
@@ -211,8 +212,10 @@ def test_cli_splits_by_the_split_column_and_holds_out_combinations(tmp_path, cap
 def test_additive_shift_needs_a_context_and_perturbation_pair(tmp_path):
     cells = _perturbation_cells()
     train, real = cells[cells.obs["split"] == "train"].copy(), cells[cells.obs["split"] == "test"].copy()
-    opts = EvalOptions(
-        ["cell_line", "perturbation"], baselines=("additive_shift",), holdout=Holdout([{"perturbation": "pert_1"}])
+    opts = EvalConfig(
+        ["cell_line", "perturbation"],
+        baselines=("additive_shift",),
+        holdout=HoldoutConfig([{"perturbation": "pert_1"}]),
     )
     opts.plots, opts.n_hvg = False, 40
     evaluate(real, real.copy(), tmp_path, opts, train=train)
@@ -220,9 +223,9 @@ def test_additive_shift_needs_a_context_and_perturbation_pair(tmp_path):
         "additive_shift: perturbation=pert_1 is not a (cell_line, perturbation) pair"
         in (tmp_path / "report.md").read_text()
     )
-    bad_control = EvalOptions(
+    bad_control = EvalConfig(
         ["cell_line", "perturbation"],
-        holdout=Holdout([{"cell_line": "line_A", "perturbation": "pert_1"}], control_value="ctrl"),
+        holdout=HoldoutConfig([{"cell_line": "line_A", "perturbation": "pert_1"}], control_value="ctrl"),
         plots=False,
         n_hvg=40,
     )

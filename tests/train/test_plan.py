@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from scldm_scale.cli import build_parser, main, split_config_args
-from scldm_scale.config import CONFIG_DIR, ConfigError, load_config
+from scldm_scale.cli import build_parser, main
+from scldm_scale.config import CONFIG_DIR, ConfigError, load_config, split_config_args
 from scldm_scale.models.dit import DiT
 from scldm_scale.models.prior import FlowMatchingPrior, LatentBatch
 from scldm_scale.models.vae import SetVAE
