@@ -8,14 +8,15 @@ import pytest
 import torch
 from scldm_test_helpers import synthetic_vae_args
 
+from scldm_scale import artifact
+from scldm_scale.artifact import CheckpointError
 from scldm_scale.cli import main
 from scldm_scale.config import CONFIG_DIR, load_config
 from scldm_scale.data.counts import DataError, load_builtin
 from scldm_scale.data.dataset import build_dataset
 from scldm_scale.data.prepare import prepare
 from scldm_scale.models.vae import SetVAE
-from scldm_scale.train.checkpoint import CheckpointError, load_checkpoint
-from scldm_scale.train.stages import load_vae, run_training
+from scldm_scale.train.stages import run_training
 
 STEPS = 6
 
@@ -51,29 +52,31 @@ def run(request) -> dict:
 
 
 def test_vae_checkpoint_holds_everything_generation_needs(synthetic_run, synthetic_h5ad):
-    ckpt = load_checkpoint(synthetic_run["vae"], kind="vae")
+    model = artifact.load(synthetic_run["vae"], kind="vae")
     source = ad.read_h5ad(synthetic_h5ad)
-    assert ckpt["gene_names"] == list(source.var_names)
-    assert ckpt["condition_encoders"] == {"cell_type": {"key": "cell_type", "values": ["type_0", "type_1", "type_2"]}}
-    assert ckpt["vae_config"]["d_model"] == 16 and ckpt["config"]["stage"] == "vae"
-    assert ckpt["step"] == STEPS
-    assert [h["step"] for h in ckpt["history"]] == list(range(1, STEPS + 1))
-    assert set(ckpt["library_size"]["fits"]["cell_type"]) == {"type_0", "type_1", "type_2"}
+    assert model.genes.ids == list(source.var_names)
+    assert {k: e.state_dict() for k, e in model.encoders.items()} == {
+        "cell_type": {"key": "cell_type", "values": ["type_0", "type_1", "type_2"]}
+    }
+    assert model.config.d_model == 16 and model.training["config"]["stage"] == "vae"
+    assert model.provenance.steps == STEPS
+    assert [h["step"] for h in model.training["history"]] == list(range(1, STEPS + 1))
+    assert set(model.library_size.fits["cell_type"]) == {"type_0", "type_1", "type_2"}
 
 
 def test_ldm_checkpoint_embeds_the_vae_and_the_ema_prior(synthetic_run):
-    vae = load_checkpoint(synthetic_run["vae"], kind="vae")
-    ldm = load_checkpoint(synthetic_run["ldm"], kind="ldm")
-    assert ldm["step"] == STEPS
-    assert ldm["n_classes"] == {"cell_type": 3}
-    assert ldm["gene_names"] == vae["gene_names"]
-    for key, value in vae["vae_state"].items():
-        assert torch.equal(ldm["vae_state"][key], value)
-    assert set(ldm["prior_ema_state"]) == set(ldm["prior_state"])
-    assert ldm["latent_mean"].shape == ldm["latent_std"].shape == (4, 8)
-    assert (ldm["latent_std"] > 0).all()
+    vae = artifact.load(synthetic_run["vae"], kind="vae")
+    ldm = artifact.load(synthetic_run["ldm"], kind="ldm")
+    assert ldm.provenance.steps == STEPS
+    assert ldm.n_classes == {"cell_type": 3}
+    assert ldm.vae.genes == vae.genes
+    for key, value in vae.weights.items():
+        assert torch.equal(ldm.vae.weights[key], value)
+    assert set(ldm.prior_ema_weights) == set(ldm.prior_weights)
+    assert ldm.latent_mean.shape == ldm.latent_std.shape == (4, 8)
+    assert (ldm.latent_std > 0).all()
     # The EMA differs from the raw weights once the prior has trained.
-    assert any(not torch.equal(ldm["prior_ema_state"][k], v) for k, v in ldm["prior_state"].items())
+    assert any(not torch.equal(ldm.prior_ema_weights[k], v) for k, v in ldm.prior_weights.items())
 
 
 def test_cli_generate_writes_counts_labels_genes_and_settings(run, tmp_path, capsys):
@@ -90,7 +93,7 @@ def test_cli_generate_writes_counts_labels_genes_and_settings(run, tmp_path, cap
     np.testing.assert_array_equal(x, np.round(x))
     assert x.sum(axis=1).min() > 0
     assert list(generated.obs[key].astype(str)) == [value] * 12
-    assert list(generated.var_names) == load_checkpoint(run["ldm"])["gene_names"]
+    assert list(generated.var_names) == artifact.load(run["ldm"]).vae.genes.ids
     settings = generated.uns["generation"]
     assert settings["checkpoint"] == str(run["ldm"])
     assert dict(settings["guidance"]) == {key: 2.0}
@@ -182,14 +185,14 @@ def test_ldm_aligns_a_dataset_with_reordered_genes_to_the_vae(synthetic_run, syn
     source = ad.read_h5ad(synthetic_h5ad)
     reordered = source[:, source.var_names[::-1]].copy()
     reordered.write_h5ad(tmp_path / "reordered.h5ad")
-    ldm = load_checkpoint(
+    ldm = artifact.load(
         run_training(_ldm_cfg(tmp_path / "reordered.h5ad", synthetic_run["vae"], tmp_path, tiny_overrides))
     )
-    reference = load_checkpoint(synthetic_run["ldm"])
-    assert ldm["gene_names"] == list(source.var_names)
+    reference = artifact.load(synthetic_run["ldm"])
+    assert ldm.vae.genes.ids == list(source.var_names)
     # The same cells in the VAE's gene order encode to the same latents.
-    torch.testing.assert_close(ldm["latent_mean"], reference["latent_mean"], rtol=0, atol=1e-5)
-    torch.testing.assert_close(ldm["latent_std"], reference["latent_std"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(ldm.latent_mean, reference.latent_mean, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ldm.latent_std, reference.latent_std, rtol=0, atol=1e-5)
 
 
 def test_ldm_refuses_a_dataset_missing_vae_genes(synthetic_run, synthetic_h5ad, tiny_overrides, tmp_path):
@@ -211,16 +214,16 @@ def test_cli_train_writes_a_checkpoint(synthetic_h5ad, tiny_overrides, tmp_path,
     ]
     argv += ["data.condition_keys=[cell_type]", "train.max_steps=2", f"train.ckpt_dir={tmp_path}"]
     assert main(argv) == 0
-    assert f"checkpoint: {tmp_path / 'vae.pt'}" in capsys.readouterr().out
-    assert load_checkpoint(tmp_path / "vae.pt", kind="vae")["step"] == 2
+    assert f"checkpoint: {tmp_path / 'vae-model'}" in capsys.readouterr().out
+    assert artifact.load(tmp_path / "vae-model", kind="vae").provenance.steps == 2
 
 
 def test_vae_training_loss_decreases(synthetic_h5ad, tiny_overrides, tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     overrides = [*tiny_overrides, *synthetic_vae_args(synthetic_h5ad, tmp_path, metrics)]
     cfg = load_config(None, [*overrides, "train.max_steps=30", "optim.vae.lr=1e-2"])
-    ckpt = load_checkpoint(run_training(cfg), kind="vae")
-    losses = np.array([h["loss"] for h in ckpt["history"]])
+    model = artifact.load(run_training(cfg), kind="vae")
+    losses = np.array([h["loss"] for h in model.training["history"]])
     assert len(losses) == 30 and np.isfinite(losses).all()
     # Batch losses are noisy (they scale with the batch's library sizes); measured ratio 0.89.
     assert losses[-5:].mean() < 0.95 * losses[:5].mean(), losses
@@ -230,7 +233,7 @@ def test_vae_training_loss_decreases(synthetic_h5ad, tiny_overrides, tmp_path):
     torch.manual_seed(1)
     untrained = SetVAE(cfg.model, dataset.n_genes).eval()
     with torch.no_grad():
-        trained_nll, _ = load_vae(ckpt)(everything)
+        trained_nll, _ = model.build_vae()(everything)
         untrained_nll, _ = untrained(everything)
     assert trained_nll.item() < 0.92 * untrained_nll.item()
     logged = [json.loads(line) for line in metrics.read_text().splitlines()]

@@ -55,7 +55,8 @@ def test_profile_step_traces_exactly_the_requested_vae_steps(tmp_path, synthetic
     args = [QUICKSTART, "stage=vae", *_h5ad_data(synthetic_h5ad), *tiny_overrides, f"train.ckpt_dir={tmp_path / 'x'}"]
     assert main(["profile-step", *args, "--steps", "2", "--warmup", "1", "--out", str(out)]) == 0
     events = _events(out / "step_trace.json")
-    # profiler step k is training step k: step 1 is the warm-up, 2 and 3 are traced, 4 only closes 3
+    # profiler steps count from 0 (ProfilerStep#k is training step k + 1): training step 1 is the --warmup,
+    # 2 the profiler's warm-up, 3 and 4 are traced
     assert sorted(set(_names(events, "ProfilerStep#"))) == ["ProfilerStep#2", "ProfilerStep#3"]
     assert len(_names(events, "Optimizer.step")) == 2  # the optimizer of each traced step
     assert any(name.startswith("autograd::engine") for name in _names(events, "autograd"))  # the backward
@@ -70,7 +71,7 @@ def test_profile_step_runs_the_ldm_stage_on_a_trained_vae(tmp_path, synthetic_h5
     data = _h5ad_data(synthetic_h5ad)
     train_vae = [QUICKSTART, "stage=vae", *data, *tiny_overrides, "train.max_steps=2", f"train.ckpt_dir={vae_dir}"]
     assert main(["train", *train_vae]) == 0
-    args = [QUICKSTART, "stage=ldm", *data, *tiny_overrides, f"train.vae_checkpoint={vae_dir / 'vae.pt'}"]
+    args = [QUICKSTART, "stage=ldm", *data, *tiny_overrides, f"train.vae_checkpoint={vae_dir / 'vae-model'}"]
     out = tmp_path / "profile"
     assert main(["profile-step", *args, "--steps", "1", "--warmup", "1", "--out", str(out)]) == 0
     events = _events(out / "step_trace.json")

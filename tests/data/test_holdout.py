@@ -9,13 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
+from scldm_scale import artifact
 from scldm_scale.config import CONFIG_DIR, ConfigError, load_config
 from scldm_scale.data.counts import DataError
 from scldm_scale.data.holdout import exclusion_filter, holdout_mask, match_filter
 from scldm_scale.data.prepare import prepare
 from scldm_scale.data.source import open_train_cells
 from scldm_scale.data.synthetic import synthetic_perturbation
-from scldm_scale.train.checkpoint import load_checkpoint
 from scldm_scale.train.stages import run_training
 
 KEYS = "data.condition_keys=[cell_line,perturbation]"
@@ -169,7 +169,7 @@ def test_vae_and_prior_train_without_the_held_out_cells(h5ad, tmp_path, tiny_ove
     everything = open_train_cells(load_config(None, _h5ad_args(h5ad)).data, batch_size=16, seed=0)
     n_train = int(_keep(everything, (HELD_OUT["cell_line"], HELD_OUT["perturbation"])).sum())
     assert f"on {n_train} latents" in caplog.text
-    ckpt = load_checkpoint(ldm_path, kind="ldm")
-    assert ckpt["condition_encoders"]["perturbation"]["values"] == ["control", "pert_1", "pert_2", "pert_3"]
-    assert ckpt["n_classes"] == {"cell_line": 3, "perturbation": 4}
-    assert torch.isfinite(ckpt["latent_std"]).all()
+    model = artifact.load(ldm_path, kind="ldm")
+    assert model.vae.encoders["perturbation"].values == ["control", "pert_1", "pert_2", "pert_3"]
+    assert model.n_classes == {"cell_line": 3, "perturbation": 4}
+    assert torch.isfinite(model.latent_std).all()

@@ -1,6 +1,9 @@
 """`scldm-scale embed`: posterior-mean latents of a tiny trained VAE, checked against the VAE on the collated cells,
 for independence from batch and gene order, gene matching, missing genes and bad checkpoints."""
 
+import json
+from dataclasses import replace
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -9,14 +12,17 @@ import scipy.sparse as sp
 import torch
 from scldm_test_helpers import synthetic_vae_args
 
+import scldm_scale
+from scldm_scale import artifact
+from scldm_scale.artifact import CheckpointError, LDMArtifact
 from scldm_scale.cli import main
-from scldm_scale.config import load_config
-from scldm_scale.data.batch import collate
+from scldm_scale.config import PriorConfig, load_config
+from scldm_scale.data.batch import TokenPolicy, collate
 from scldm_scale.data.counts import DataError
 from scldm_scale.data.prepare import prepare
 from scldm_scale.evaluate.embed import EMBED_KEY, POOLED_KEY, UNS_KEY, embed
-from scldm_scale.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from scldm_scale.train.stages import load_vae, run_training
+from scldm_scale.models.dit import DiT
+from scldm_scale.train.stages import run_training
 
 M, L = 4, 8  # model.n_latent_tokens, model.latent_dim of the tiny overrides
 # Padding to another batch's longest cell changes the attention sums' rounding, not their value.
@@ -33,7 +39,7 @@ def vae_ckpt(tmp_path_factory, synthetic_h5ad, tiny_overrides):
 @pytest.fixture(scope="module")
 def reference(vae_ckpt, synthetic_h5ad) -> np.ndarray:
     """Latents (N, M, L) of the whole file in one batch, straight from the VAE."""
-    vae = load_vae(load_checkpoint(vae_ckpt))
+    vae = artifact.load(vae_ckpt).build_vae()
     batch = collate(ad.read_h5ad(synthetic_h5ad).X, {})
     with torch.no_grad():
         z, _ = vae.encode(batch.gene_ids, batch.counts, batch.mask, sample=False)
@@ -106,19 +112,35 @@ def test_missing_genes_are_an_error_unless_allowed_then_absent_like_zeros(vae_ck
 
 
 def test_ldm_checkpoint_embeds_like_its_vae_and_other_files_are_refused(vae_ckpt, synthetic_h5ad, tmp_path, capsys):
-    payload = {k: v for k, v in load_checkpoint(vae_ckpt).items() if k not in ("format", "version", "kind")}
-    ldm = save_checkpoint(tmp_path / "ldm.pt", "ldm", payload)
+    vae_model = artifact.load(vae_ckpt)
+    cfg = vae_model.config
+    dit = DiT(PriorConfig(d_model=16, n_heads=2, n_layers=1), cfg.n_latent_tokens, cfg.latent_dim, {"cell_type": 3})
+    ldm = LDMArtifact(
+        vae=vae_model,
+        prior_config=PriorConfig(d_model=16, n_heads=2, n_layers=1),
+        n_classes={"cell_type": 3},
+        latent_mean=torch.zeros(M, L),
+        latent_std=torch.ones(M, L),
+        prior_weights=dit.state_dict(),
+        prior_ema_weights={},
+    ).save(tmp_path / "ldm-model")
     np.testing.assert_array_equal(
         embed(ldm, synthetic_h5ad, progress=False).obsm[EMBED_KEY],
         embed(vae_ckpt, synthetic_h5ad, progress=False).obsm[EMBED_KEY],
     )
     assert embed(ldm, synthetic_h5ad, progress=False).uns[UNS_KEY]["checkpoint_kind"] == "ldm"
-    other = save_checkpoint(tmp_path / "other.pt", "prior", {"weights": {}})
-    with pytest.raises(CheckpointError, match="'prior' checkpoint; embed reads a 'vae' or an 'ldm'"):
+    other = tmp_path / "other-model"
+    other.mkdir()
+    config = json.loads((ldm / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "kind": "prior"}))
+    (other / "model.safetensors").write_bytes((ldm / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match=r"kind 'prior' is not one of \('vae', 'ldm'\)"):
         embed(other, synthetic_h5ad, progress=False)
-    corrupt = tmp_path / "corrupt.pt"
-    corrupt.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="corrupt or not a torch file"):
+    corrupt = tmp_path / "corrupt-model"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text(json.dumps(config))
+    (corrupt / "model.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="missing or corrupt"):
         embed(corrupt, synthetic_h5ad, progress=False)
     assert main(["embed", str(corrupt), str(synthetic_h5ad), "--out", str(tmp_path / "x.h5ad")]) == 2
     err = capsys.readouterr().err.strip()
@@ -126,10 +148,8 @@ def test_ldm_checkpoint_embeds_like_its_vae_and_other_files_are_refused(vae_ckpt
 
 
 def test_zero_tokens_are_drawn_per_cell_not_per_batch(vae_ckpt, synthetic_h5ad, tmp_path):
-    ckpt = load_checkpoint(vae_ckpt)
-    ckpt["config"]["data"].update(gene_tokens="expressed_plus_zeros", n_zero_tokens=5)
-    payload = {k: v for k, v in ckpt.items() if k not in ("format", "version", "kind")}
-    with_zeros = save_checkpoint(tmp_path / "zeros.pt", "vae", payload)
+    model = artifact.load(vae_ckpt)
+    with_zeros = replace(model, token_policy=TokenPolicy("expressed_plus_zeros", 5)).save(tmp_path / "zeros")
     small = embed(with_zeros, synthetic_h5ad, batch_size=7, progress=False).obsm[EMBED_KEY]
     whole = embed(with_zeros, synthetic_h5ad, batch_size=256, progress=False).obsm[EMBED_KEY]
     np.testing.assert_allclose(small, whole, atol=BATCH_ATOL)
@@ -158,3 +178,16 @@ def test_counts_are_read_from_a_layer_and_validated(vae_ckpt, synthetic_h5ad, tm
     np.testing.assert_array_equal(embed(vae_ckpt, path, layer="counts", progress=False).obsm[EMBED_KEY], expected)
     with pytest.raises(DataError, match=r"no layer 'raw'; layers are \['counts'\]"):
         embed(vae_ckpt, path, layer="raw", progress=False)
+
+
+def test_notebook_api_embeds_an_in_memory_anndata_like_the_cli(vae_ckpt, synthetic_h5ad, reference):
+    adata = ad.read_h5ad(synthetic_h5ad)
+    model = scldm_scale.load_model(vae_ckpt)
+    returned = scldm_scale.embed_cells(model, adata, batch_size=16)
+    assert returned is adata  # the embeddings go into the caller's AnnData
+    np.testing.assert_allclose(adata.obsm[EMBED_KEY].reshape(-1, M, L), reference, atol=BATCH_ATOL)
+    np.testing.assert_array_equal(
+        adata.obsm[EMBED_KEY], embed(vae_ckpt, synthetic_h5ad, batch_size=16, progress=False).obsm[EMBED_KEY]
+    )
+    with pytest.raises(DataError, match="no layer 'counts'"):
+        scldm_scale.embed_cells(model, adata, layer="counts")

@@ -24,6 +24,7 @@ import pytest
 import torch
 from scldm_test_helpers import synthetic_vae_args
 
+from scldm_scale import artifact
 from scldm_scale.cli import main
 from scldm_scale.config import CONFIG_DIR, REPO_ROOT
 from scldm_scale.train.checkpoint import COMPLETE, RunCheckpoints
@@ -207,7 +208,7 @@ def test_sigkill_during_and_between_saves_then_resume_is_exact(fsdp_ref, train_a
     _run([*argv, "train.resume=auto"], tmp_path / "log3.txt")
     # Bit-identical: same data order, RNG, optimizer, schedule; the log was rewritten from the checkpoint.
     _assert_exact(_records(run), _records(fsdp_ref))
-    final, want = (torch.load(r / "vae.pt", weights_only=False)["vae_state"] for r in (run, fsdp_ref))
+    final, want = (artifact.load(r / "vae-model").weights for r in (run, fsdp_ref))
     assert all(torch.equal(final[k], want[k]) for k in want)
 
 
@@ -259,7 +260,7 @@ LDM_STEPS = 4
 
 
 def _ldm(vae_run: Path) -> list[str]:
-    return ["stage=ldm", f"train.vae_checkpoint={vae_run / 'vae.pt'}", f"train.max_steps={LDM_STEPS}"]
+    return ["stage=ldm", f"train.vae_checkpoint={vae_run / 'vae-model'}", f"train.max_steps={LDM_STEPS}"]
 
 
 @pytest.fixture(scope="module")
@@ -271,8 +272,8 @@ def zero3_ldm(fsdp_ref, train_args, tmp_path_factory) -> Path:
     return run
 
 
-def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+def _load(path: Path):
+    return artifact.load(path)
 
 
 def _same_tensors(a: dict, b: dict) -> bool:
@@ -281,27 +282,30 @@ def _same_tensors(a: dict, b: dict) -> bool:
 
 def test_export_consolidates_step_folders_and_generate_reads_the_file(fsdp_ref, zero3_ldm, tmp_path):
     # The last step folder of each stage holds the final weights: DCP shards of 2 FSDP ranks, ZeRO-3 partitions.
-    assert main(["export", str(fsdp_ref / "vae" / f"step-{STEPS}"), "--out", str(tmp_path / "vae.pt")]) == 0
-    vae, final_vae = _load(tmp_path / "vae.pt"), _load(fsdp_ref / "vae.pt")
-    assert vae["step"] == STEPS and _same_tensors(vae["vae_state"], final_vae["vae_state"])
+    assert main(["export", str(fsdp_ref / "vae" / f"step-{STEPS}"), "--out", str(tmp_path / "vae-model")]) == 0
+    vae, final_vae = _load(tmp_path / "vae-model"), _load(fsdp_ref / "vae-model")
+    assert vae.provenance.steps == STEPS and _same_tensors(vae.weights, final_vae.weights)
+    assert vae.provenance.strategy == "fsdp" and vae.training["history"] == final_vae.training["history"]
 
-    assert main(["export", str(zero3_ldm / "ldm" / f"step-{LDM_STEPS}"), "--out", str(tmp_path / "ldm.pt")]) == 0
-    ldm, final_ldm = _load(tmp_path / "ldm.pt"), _load(zero3_ldm / "ldm.pt")
-    assert ldm["step"] == LDM_STEPS and ldm["prior_state"]
-    for key in ("prior_state", "prior_ema_state", "vae_state"):
-        assert _same_tensors(ldm[key], final_ldm[key]), key
-    assert torch.equal(ldm["latent_mean"], final_ldm["latent_mean"])
-    # An earlier step exports that step's weights, not the final ones.
-    assert main(["export", str(zero3_ldm / "ldm" / "step-2"), "--out", str(tmp_path / "ldm2.pt")]) == 0
-    assert not _same_tensors(_load(tmp_path / "ldm2.pt")["prior_state"], final_ldm["prior_state"])
+    ldm_dir = tmp_path / "ldm-model"
+    assert main(["export", str(zero3_ldm / "ldm" / f"step-{LDM_STEPS}"), "--out", str(ldm_dir)]) == 0
+    ldm, final_ldm = _load(ldm_dir), _load(zero3_ldm / "ldm-model")
+    assert ldm.provenance.steps == LDM_STEPS and ldm.prior_weights
+    assert _same_tensors(ldm.prior_weights, final_ldm.prior_weights)
+    assert _same_tensors(ldm.prior_ema_weights, final_ldm.prior_ema_weights)
+    assert _same_tensors(ldm.vae.weights, final_ldm.vae.weights)
+    assert torch.equal(ldm.latent_mean, final_ldm.latent_mean)
+    # An earlier step exports that step's weights, not the final ones (by default beside the step folders).
+    assert main(["export", str(zero3_ldm / "ldm" / "step-2")]) == 0
+    assert not _same_tensors(_load(zero3_ldm / "ldm-model-step-2").prior_weights, final_ldm.prior_weights)
     assert not torch.distributed.is_initialized()  # export consolidated in one plain process
 
     out = tmp_path / "cells.h5ad"
-    generate = ["generate", str(tmp_path / "ldm.pt"), "--n-cells", "7", "--sampler", "euler", "--steps", "4"]
+    generate = ["generate", str(ldm_dir), "--n-cells", "7", "--sampler", "euler", "--steps", "4"]
     assert main([*generate, "--out", str(out)]) == 0
     cells = ad.read_h5ad(out)
-    assert cells.shape == (7, len(final_ldm["gene_names"]))
-    assert list(cells.var_names) == list(final_ldm["gene_names"])
+    assert cells.shape == (7, len(final_ldm.vae.genes))
+    assert list(cells.var_names) == final_ldm.vae.genes.ids
 
 
 def test_a_bf16_zero_vae_exports_its_fp32_masters_with_the_tied_embedding(train_args, tmp_path):
@@ -312,8 +316,8 @@ def test_a_bf16_zero_vae_exports_its_fp32_masters_with_the_tied_embedding(train_
     run.mkdir()
     zero = ("train.strategy=deepspeed", "train.zero_stage=3", "train.precision=bf16", f"train.ckpt_every={STEPS}")
     _run([*_torchrun(), *train_args(run, *zero)], run / "log.txt")
-    assert main(["export", str(run / "vae" / f"step-{STEPS}"), "--out", str(tmp_path / "vae.pt")]) == 0
-    exported, final = _load(tmp_path / "vae.pt")["vae_state"], _load(run / "vae.pt")["vae_state"]
+    assert main(["export", str(run / "vae" / f"step-{STEPS}"), "--out", str(tmp_path / "vae-model")]) == 0
+    exported, final = _load(tmp_path / "vae-model").weights, _load(run / "vae-model").weights
     assert "decoder_gene_embedding.weight" in exported
     assert _same_tensors(exported, final)
     assert any((v.float() != v.bfloat16().float()).any() for v in final.values() if v.is_floating_point())
@@ -388,7 +392,7 @@ def test_two_nodes_on_localhost_train_the_single_process_curve(single_ref, train
             proc.wait(120)
     for node, proc in enumerate(nodes):
         assert proc.returncode == 0, (tmp_path / f"node{node}.txt").read_text()[-4000:]
-    assert (run / "vae" / f"step-{STEPS}" / COMPLETE).exists() and (run / "vae.pt").exists()
+    assert (run / "vae" / f"step-{STEPS}" / COMPLETE).exists() and (run / "vae-model").exists()
     _assert_close(_records(run), single_ref)
 
 

@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
+from scldm_scale import artifact
+from scldm_scale.artifact import CheckpointError
 from scldm_scale.config import CONFIG_DIR, load_config
-from scldm_scale.train.checkpoint import COMPLETE, CheckpointError, RunCheckpoints
+from scldm_scale.train.checkpoint import COMPLETE, RunCheckpoints
 from scldm_scale.train.stages import run_training
 from scldm_scale.train.trainer import TrainingInterrupted
 
@@ -38,9 +39,8 @@ def _cfg(tiny_overrides, data_path, ckpt_dir, *extra):
 
 
 def _losses(path: Path) -> dict[int, float]:
-    """Loss per step from a checkpoint's history (the last record of a step wins)."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    return {h["step"]: h["loss"] for h in state["history"]}
+    """Loss per step from a model artifact's training history (the last record of a step wins)."""
+    return {h["step"]: h["loss"] for h in artifact.load(path).training["history"]}
 
 
 def _signal_during_forward(monkeypatch, module_class, call: int, signum: int) -> None:
@@ -130,7 +130,7 @@ def test_sigkill_during_training_then_resume_matches_an_uninterrupted_run(tiny_o
         "train.num_threads=1",
     ]
     subprocess.run([*argv, f"train.ckpt_dir={tmp_path / 'ref'}"], check=True, capture_output=True)
-    reference = _losses(tmp_path / "ref" / "vae.pt")
+    reference = _losses(tmp_path / "ref" / "vae-model")
 
     run = [*argv, f"train.ckpt_dir={tmp_path / 'run'}", f"train.metrics_file={tmp_path / 'run' / 'm.jsonl'}"]
     proc = subprocess.Popen(run, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -146,4 +146,4 @@ def test_sigkill_during_training_then_resume_matches_an_uninterrupted_run(tiny_o
     # The resumed run rewrote the log up to its checkpoint, so steps replayed after the kill appear once.
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     assert {r["step"]: r["loss"] for r in records} == reference
-    assert _losses(tmp_path / "run" / "vae.pt") == reference
+    assert _losses(tmp_path / "run" / "vae-model") == reference
