@@ -170,43 +170,27 @@ def check_alignment(alignment: GeneAlignment, where: str, allow_missing_genes: b
         )
 
 
-class H5adCounts:
-    """The cells of an .h5ad, read in row chunks through h5py (X, or a layer), over the vocabulary genes."""
+class MatrixCounts:
+    """Cells of a row-sliceable counts matrix (in memory, or an h5py / anndata backed dataset) with its obs
+    and var, read in row chunks over the vocabulary genes."""
 
     def __init__(
         self,
-        path: Path,
+        x,
+        obs: pd.DataFrame,
+        var: pd.DataFrame,
+        where: str,
         vocabulary: GeneVocabulary | list[str],
         allow_missing_genes: bool,
-        layer: str | None,
         allow_non_integer: bool,
+        on_close=None,
     ):
-        import h5py
-
-        self.where = str(path)
+        self.where = where
         self.allow_non_integer = allow_non_integer
-        try:
-            self._file = h5py.File(path, "r")
-        except OSError as err:
-            raise DataError(f"{path}: cannot open as an .h5ad (HDF5) file ({err})") from None
-        try:
-            self._open(self._file, layer, vocabulary, allow_missing_genes)
-        except BaseException:
-            self.close()
-            raise
-
-    def _open(self, f, layer: str | None, vocabulary: GeneVocabulary | list[str], allow_missing_genes: bool) -> None:
-        import h5py
-
-        if layer is not None and ("layers" not in f or layer not in f["layers"]):
-            layers = list(f["layers"]) if "layers" in f else []
-            raise DataError(f"{self.where}: no layer {layer!r}; layers are {layers} (omit --layer to use X)")
-        if layer is None and "X" not in f:
-            raise DataError(f"{self.where}: X is empty; pass --layer with the layer of raw counts")
-        matrix = f["layers"][layer] if layer is not None else f["X"]
-        self._x = ad.io.sparse_dataset(matrix) if isinstance(matrix, h5py.Group) else matrix
-        self.obs = ad.io.read_elem(f["obs"])
-        alignment = align_input(ad.io.read_elem(f["var"]), vocabulary, self.where, allow_missing_genes)
+        self.obs = obs
+        self._x = x
+        self._on_close = on_close
+        alignment = align_input(var, vocabulary, where, allow_missing_genes)
         self._columns, self.gene_ids = alignment.columns, alignment.positions
 
     @property
@@ -222,43 +206,53 @@ class H5adCounts:
             yield start, block
 
     def close(self) -> None:
-        self._file.close()
+        if self._on_close is not None:
+            self._on_close()
 
 
-class AnnDataCounts:
-    """The cells of an in-memory AnnData (X, or a layer), over the vocabulary genes (the notebook API)."""
+def open_h5ad(
+    path: Path,
+    vocabulary: GeneVocabulary | list[str],
+    allow_missing_genes: bool,
+    layer: str | None,
+    allow_non_integer: bool,
+) -> MatrixCounts:
+    """The cells of an .h5ad, read in row chunks through h5py (X, or a layer); nothing is loaded whole."""
+    import h5py
 
-    def __init__(
-        self,
-        adata: ad.AnnData,
-        vocabulary: GeneVocabulary | list[str],
-        allow_missing_genes: bool,
-        layer: str | None,
-        allow_non_integer: bool,
-    ):
-        self.where = "the AnnData"
-        self.allow_non_integer = allow_non_integer
-        if layer is not None and layer not in adata.layers:
-            raise DataError(f"the AnnData has no layer {layer!r}; layers are {list(adata.layers)} (layer=None uses X)")
-        self._x = adata.layers[layer] if layer is not None else adata.X
-        if self._x is None:
-            raise DataError("the AnnData's X is empty; pass layer= with the layer of raw counts")
-        self.obs = adata.obs
-        alignment = align_input(adata.var, vocabulary, self.where, allow_missing_genes)
-        self._columns, self.gene_ids = alignment.columns, alignment.positions
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise DataError(f"{path}: cannot open as an .h5ad (HDF5) file ({err})") from None
+    try:
+        if layer is not None and ("layers" not in f or layer not in f["layers"]):
+            layers = list(f["layers"]) if "layers" in f else []
+            raise DataError(f"{path}: no layer {layer!r}; layers are {layers} (omit --layer to use X)")
+        if layer is None and "X" not in f:
+            raise DataError(f"{path}: X is empty; pass --layer with the layer of raw counts")
+        matrix = f["layers"][layer] if layer is not None else f["X"]
+        x = ad.io.sparse_dataset(matrix) if isinstance(matrix, h5py.Group) else matrix
+        obs, var = ad.io.read_elem(f["obs"]), ad.io.read_elem(f["var"])
+        return MatrixCounts(x, obs, var, str(path), vocabulary, allow_missing_genes, allow_non_integer, f.close)
+    except BaseException:
+        f.close()
+        raise
 
-    @property
-    def n_cells(self) -> int:
-        return len(self.obs)
 
-    def blocks(self, rows: int = READ_CHUNK_ROWS) -> Iterator[tuple[int, sp.csr_matrix]]:
-        for start in range(0, self.n_cells, rows):
-            block = sp.csr_matrix(self._x[start : start + rows], dtype=np.float32)[:, self._columns]
-            _validate(block, self.where, start, self.allow_non_integer)
-            yield start, block
-
-    def close(self) -> None:
-        """Nothing to close: the AnnData is the caller's."""
+def in_memory(
+    adata: ad.AnnData,
+    vocabulary: GeneVocabulary | list[str],
+    allow_missing_genes: bool,
+    layer: str | None,
+    allow_non_integer: bool,
+) -> MatrixCounts:
+    """The cells of an in-memory AnnData (X, or a layer): the notebook API's input."""
+    if layer is not None and layer not in adata.layers:
+        raise DataError(f"the AnnData has no layer {layer!r}; layers are {list(adata.layers)} (layer=None uses X)")
+    x = adata.layers[layer] if layer is not None else adata.X
+    if x is None:
+        raise DataError("the AnnData's X is empty; pass layer= with the layer of raw counts")
+    return MatrixCounts(x, adata.obs, adata.var, "the AnnData", vocabulary, allow_missing_genes, allow_non_integer)
 
 
 class SomaCounts:
@@ -310,16 +304,16 @@ def open_counts(
     allow_missing_genes: bool = False,
     layer: str | None = None,
     allow_non_integer: bool = False,
-) -> H5adCounts | SomaCounts | AnnDataCounts:
+) -> MatrixCounts | SomaCounts:
     """An in-memory AnnData, an .h5ad file or a SOMA experiment (any other path or URI), read over the
     vocabulary's genes."""
     if isinstance(data, ad.AnnData):
-        return AnnDataCounts(data, vocabulary, allow_missing_genes, layer, allow_non_integer)
+        return in_memory(data, vocabulary, allow_missing_genes, layer, allow_non_integer)
     path = Path(data)
     if path.suffix == ".h5ad":
         if not path.is_file():
             raise DataError(f"{path} does not exist")
-        return H5adCounts(path, vocabulary, allow_missing_genes, layer, allow_non_integer)
+        return open_h5ad(path, vocabulary, allow_missing_genes, layer, allow_non_integer)
     if layer is not None:
         raise DataError(f"{data}: --layer is for .h5ad inputs; a SOMA experiment is read from its X layer 'counts'")
     return SomaCounts(str(data), vocabulary, allow_missing_genes, allow_non_integer)
@@ -335,9 +329,7 @@ def check_expressed(block: sp.csr_matrix, obs_names: pd.Index, start: int, where
         )
 
 
-def encode_source(
-    embedder: Embedder, source: H5adCounts | SomaCounts | AnnDataCounts, progress: bool = True
-) -> np.ndarray:
+def encode_source(embedder: Embedder, source: MatrixCounts | SomaCounts, progress: bool = True) -> np.ndarray:
     """Posterior-mean latents (N, M, L) float32 of every cell of a source, in order, one chunk at a time."""
     m, latent_dim = embedder.latent_shape
     out = np.empty((source.n_cells, m, latent_dim), dtype=np.float32)
