@@ -73,7 +73,7 @@ class Trainer:
         dist_info: Dist | None = None,
         work: Callable | None = None,
         tracker=None,
-        export: tuple[str, dict] | None = None,
+        export: tuple[dict, dict] | None = None,
     ):
         self.dist = dist_info or Dist(0, 1, 0, device)
         self.device = self.dist.device
@@ -92,7 +92,8 @@ class Trainer:
         self.run_meta = dict(run_meta or {})
         self.work = work
         self.tracker = tracker
-        # (kind, payload): what `scldm-scale export` needs besides the weights to write a single file.
+        # (config, tensors) of the stage's model artifact without its trained weights (artifact.to_parts):
+        # what `scldm-scale export` needs besides the weights to write the artifact from a step folder.
         self.export = export
         self.peak_tflops = peak_tflops(self.device, train_cfg.peak_tflops)
         if self.dist.world_size > 1:
