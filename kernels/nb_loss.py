@@ -25,12 +25,11 @@ alone is ~0.1; log p and log(1 - p) are softplus of log theta - log mu; psi(x + 
 
 The model passes log theta, not theta: the head parameterises theta by its log, and its gradient comes
 out directly. Library size and counts are data: no gradient.
+
+The benchmark against the eager reference is `scldm_scale/bench/nb_loss.py` (`scldm-scale bench kernels`).
 """
 
 from __future__ import annotations
-
-import functools
-import time
 
 import torch
 import torch.nn.functional as F
@@ -387,87 +386,3 @@ if HAS_TRITON:
                 dlt_sum += tl.where(col_ok, dlt, 0.0)
         if not THETA_PER_CELL:
             tl.store(dlog_theta_ptr + group * stride_dlog_theta + cols, dlt_sum, mask=col_ok)
-
-
-def bench_nb_loss(
-    shapes: tuple[tuple[int, int], ...] = ((256, 20_000),),
-    dtype: torch.dtype = torch.bfloat16,
-    theta_per_cell: bool = False,
-    device: str | torch.device | None = None,
-    warmup: int = 5,
-    reps: int = 20,
-) -> list[dict]:
-    """Time the fused kernel against the eager reference, forward and forward+backward, per (cells, genes).
-
-    Returns one record per (shape, impl, pass): median milliseconds, GB/s over the minimal bytes, and on
-    CUDA the peak memory above what was allocated before the call (inputs excluded). Minimal bytes: every
-    input read once, every output written once, which any implementation must move:
-        forward          = B*G*(s_logits + s_counts) + T*s_theta + B*(s_library + 4)
-        forward+backward = forward + B*G*s_logits + T*s_theta + 4*B   (d logits, d log theta; grad in)
-    with s_* the element sizes and T = G (per-gene theta) or B*G (per cell). The fused kernels move more
-    (logits 3 times, counts and theta twice), so even they stay below this bound.
-    The fused impl is skipped (with a note) where the kernel cannot run; on the CPU it needs
-    TRITON_INTERPRET=1 and tiny shapes (a smoke run, not a measurement).
-    """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    records = []
-    for n_cells, n_genes in shapes:
-        gen = torch.Generator(device=device).manual_seed(0)
-        logits = torch.randn(n_cells, n_genes, generator=gen, device=device).to(dtype).requires_grad_()
-        theta_shape = (n_cells, n_genes) if theta_per_cell else (n_genes,)
-        log_theta = torch.randn(theta_shape, generator=gen, device=device).to(dtype).requires_grad_()
-        library_size = torch.full((n_cells,), 1e4, device=device)
-        counts = torch.poisson(torch.rand(n_cells, n_genes, generator=gen, device=device) * 2.0, generator=gen)
-        inputs = (logits, library_size, log_theta, counts)
-        theta_bytes = log_theta.numel() * log_theta.element_size()
-        forward_bytes = n_cells * n_genes * (logits.element_size() + 4) + theta_bytes + n_cells * 8
-        backward_bytes = n_cells * n_genes * logits.element_size() + theta_bytes + n_cells * 4
-        reason = kernel_unavailable_reason(*inputs)
-        if reason is None:
-            nb_nll(*inputs)  # validates once; the timed calls go straight to the kernels
-        passes = (("forward", forward_bytes, False), ("forward+backward", forward_bytes + backward_bytes, True))
-        for impl, fn in (("fused", NBNLLFunction.apply), ("eager", nb_nll_reference)):
-            for pass_name, n_bytes, backward in passes:
-                record = dict(
-                    op="nb_loss", impl=impl, passes=pass_name, cells=n_cells, genes=n_genes, dtype=str(dtype),
-                    theta="cell" if theta_per_cell else "gene", device=str(device), min_bytes=n_bytes,
-                )  # fmt: skip
-                if impl == "fused" and reason is not None:
-                    records.append({**record, "note": f"skipped: {reason}"})
-                    continue
-                ms, peak = _time(functools.partial(_nll_step, fn, inputs, backward), device, warmup, reps)
-                records.append({**record, "ms": ms, "gb_per_s": n_bytes / ms / 1e6, "peak_mib": peak})
-    return records
-
-
-def _nll_step(fn, inputs: tuple[torch.Tensor, ...], backward: bool) -> None:
-    nll = fn(*inputs)
-    if backward:
-        logits, _, log_theta, _ = inputs
-        torch.autograd.grad(nll.sum(), (logits, log_theta))
-
-
-def _time(step, device: torch.device, warmup: int, reps: int) -> tuple[float, float | None]:
-    """Median milliseconds of step() and, on CUDA, its peak memory above the memory allocated before it."""
-    for _ in range(warmup):
-        step()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    else:
-        for _ in range(reps):
-            start_s = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - start_s) * 1e3)
-        peak = None
-    return sorted(times)[len(times) // 2], peak

@@ -8,33 +8,40 @@ to it, the `key_averages()` table sorted by self time: device time on CUDA, CPU 
   compilation). On the CPU (or with --smoke) tiny shapes under Triton's interpreter, one round: the labels'
   times are the interpreter's, which checks that the path works and says nothing about speed.
 - profile-step: a few training steps of the config's stage, built and run by `run_training` itself (the
-  same data, model, strategy, autocast and optimizer as `scldm-scale train`, either stage). Steps are cut
-  where the model's forward starts, so a traced step is forward, backward, clipping, optimizer, scheduler,
-  EMA, logging and the next batch's read and copy. The first `warmup` steps are not traced, nor is the
-  setup before them (data, model, for stage=ldm the VAE encoding the cells); one step more runs after the
-  traced ones, to close the last. Checkpoints go to a temporary folder and are discarded.
+  same data, model, strategy, autocast and optimizer as `scldm-scale train`, either stage). The trainer's
+  `on_step` callback advances the profiler after every optimizer step, so a traced step is the next batch's
+  read and copy, forward, backward, clipping, optimizer, scheduler, EMA and logging. Profiler steps count
+  from 0 (torch's convention), so `ProfilerStep#k` is training step k + 1. Not traced: the setup (data,
+  model, for stage=ldm the VAE encoding the cells), the first `warmup` steps, and one step more, the
+  profiler's own warm-up. Checkpoints go to a temporary folder and are discarded.
 """
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile, schedule
 
-from scldm_scale.bench.kernels import DTYPES, smoke_reason, use_triton_interpreter
-from scldm_scale.config import load_config
-from scldm_scale.models.prior import FlowMatchingPrior
-from scldm_scale.models.vae import SetVAE
+from scldm_scale.bench.kernels import DTYPES, add_kernel_shape_options, smoke_reason, use_triton_interpreter
+from scldm_scale.bench.mcab_attention import SMOKE, attention_inputs
+from scldm_scale.bench.nb_loss import nb_loss_inputs
+from scldm_scale.config import (
+    ConfigError,
+    KernelShapeConfig,
+    add_config_arguments,
+    from_flags,
+    load_config,
+    split_config_args,
+)
 from scldm_scale.train.stages import run_training
 from scldm_scale.train.trainer import resolve_device
 from scldm_scale.world import get_rank, get_world_size
-
-# cells, heads, latent tokens, genes, head dim: a few interpreter launches per op
-SMOKE_SHAPE = {"cells": 2, "heads": 2, "n_latents": 4, "genes": 40, "head_dim": 16}
 
 
 def _activities(device: torch.device) -> list[ProfilerActivity]:
@@ -47,41 +54,20 @@ def _time_table(prof: profile, device: torch.device, top: int) -> str:
 
 
 def _kernel_cases(cells: int, heads: int, n_latents: int, genes: int, head_dim: int, dtype, device) -> list:
-    """(label, forward, differentiable inputs, output gradient) of each kernel, on random inputs."""
+    """(label, forward, differentiable inputs, output gradient) of each kernel, on the benchmarks' inputs."""
     from scldm_kernels.mcab_attention import pooling_attention, unpooling_attention
     from scldm_kernels.nb_loss import nb_nll
 
     gen = torch.Generator(device=device).manual_seed(0)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen, device=device, dtype=dtype)
-
-    def heads_of(t: torch.Tensor) -> torch.Tensor:
-        return t.unflatten(-1, (heads, head_dim))  # (..., L, H, D)
-
-    def key_value(n_cells: int, length: int) -> list[torch.Tensor]:
-        kv = randn(n_cells, length, 2 * heads * head_dim)  # the fused K/V projection's output
-        return [heads_of(t).requires_grad_() for t in kv.chunk(2, dim=-1)]  # (B, L, H, D) views
-
-    lengths = torch.randint(genes // 2, genes + 1, (cells, 1), generator=gen, device=device)
-    key_mask = torch.arange(genes, device=device)[None] < lengths  # (B, G): cells express different genes
-    latent_queries = heads_of(randn(1, n_latents, heads * head_dim)).requires_grad_()  # (1, M, H, D), shared
-    gene_queries = heads_of(randn(1, genes, heads * head_dim)).requires_grad_()  # (1, G, H, D), shared
-    logits = randn(cells, genes).requires_grad_()  # (B, G)
-    log_theta = randn(genes).requires_grad_()  # (G,)
-    library_size = torch.full((cells,), 1e4, device=device)  # (B,)
-    counts = torch.poisson(torch.rand(cells, genes, generator=gen, device=device) * 2.0, generator=gen)  # (B, G)
-    pooled_grad = randn(cells, n_latents, heads, head_dim)  # (B, M, H, D)
-    unpooled_grad = randn(cells, genes, heads, head_dim)  # (B, G, H, D)
-    pooling_kv, unpooling_kv = key_value(cells, genes), key_value(cells, n_latents)
+    shape = (cells, heads)
+    q, k, v, key_mask, pooled_grad = attention_inputs("pooling", *shape, n_latents, genes, head_dim, dtype, device, gen)
+    pooling = [t.detach().requires_grad_() for t in (q, k, v)]
+    q, k, v, _, unpooled_grad = attention_inputs("unpooling", *shape, genes, n_latents, head_dim, dtype, device, gen)
+    unpooling = [t.detach().requires_grad_() for t in (q, k, v)]
+    logits, library_size, log_theta, counts = nb_loss_inputs(cells, genes, dtype, device, gen, theta_per_cell=False)
     return [
-        (
-            "pooling_attention",
-            lambda q, k, v: pooling_attention(q, k, v, key_mask),
-            [latent_queries, *pooling_kv],
-            pooled_grad,
-        ),
-        ("unpooling_attention", unpooling_attention, [gene_queries, *unpooling_kv], unpooled_grad),
+        ("pooling_attention", lambda q, k, v: pooling_attention(q, k, v, key_mask), pooling, pooled_grad),
+        ("unpooling_attention", unpooling_attention, unpooling, unpooled_grad),
         (
             "nb_nll",
             lambda z, t: nb_nll(z, library_size, t, counts),
@@ -101,23 +87,23 @@ def _run_case(label: str, forward: Callable, inputs: list[torch.Tensor], grad_ou
 def profile_kernels(
     out_dir: str | Path,
     *,
-    smoke: bool = False,
-    cells: int = 256,
-    heads: int = 8,
-    n_latents: int = 32,
+    smoke: bool = KernelShapeConfig.smoke,
+    cells: int = KernelShapeConfig.cells,
+    heads: int = KernelShapeConfig.heads,
+    n_latents: int = KernelShapeConfig.n_latents,
     genes: int = 20_000,
-    head_dim: int = 64,
-    dtype: str = "bf16",
+    head_dim: int = KernelShapeConfig.head_dim,
+    dtype: str = KernelShapeConfig.dtype,
     reps: int = 3,
     top: int = 25,
 ) -> Path:
     """Trace `reps` rounds of every kernel's forward and backward; print the table; return the trace's path."""
     if dtype not in DTYPES or reps < 1:
-        raise ValueError(f"profile-kernels: dtype must be one of {list(DTYPES)} (got {dtype!r}) and reps >= 1")
+        raise ConfigError(f"profile-kernels: dtype must be one of {list(DTYPES)} (got {dtype!r}) and reps >= 1")
     why_smoke = smoke_reason(smoke)
     if why_smoke is not None:
         use_triton_interpreter()
-        shape, torch_dtype, device, reps = SMOKE_SHAPE, torch.float32, torch.device("cpu"), 1
+        shape, torch_dtype, device, reps = SMOKE, torch.float32, torch.device("cpu"), 1
     else:
         shape = {"cells": cells, "heads": heads, "n_latents": n_latents, "genes": genes, "head_dim": head_dim}
         torch_dtype, device = DTYPES[dtype], torch.device("cuda")
@@ -125,7 +111,7 @@ def profile_kernels(
 
     reason = kernel_unavailable_reason(torch.empty(0, device=device))
     if reason is not None:  # the ops would profile their PyTorch references instead
-        raise ValueError(f"profile-kernels: the Triton kernels cannot run here: {reason}")
+        raise ConfigError(f"profile-kernels: the Triton kernels cannot run here: {reason}")
     cases = _kernel_cases(**shape, dtype=torch_dtype, device=device)
     if why_smoke is None:  # autotuning and compilation stay out of the trace
         for case in cases:
@@ -166,7 +152,7 @@ def profile_step(
     Under torchrun with several processes every rank writes its own trace (step_trace_rank<R>.json); rank 0 prints.
     """
     if steps < 1 or warmup < 1:
-        raise ValueError(f"profile-step: --steps and --warmup must be >= 1 (got {steps}, {warmup})")
+        raise ConfigError(f"profile-step: --steps and --warmup must be >= 1 (got {steps}, {warmup})")
     out = Path(out_dir)
     this_rank = get_rank()
     suffix = f"_rank{this_rank}" if get_world_size() > 1 else ""
@@ -182,14 +168,12 @@ def profile_step(
             prof.export_chrome_trace(str(trace))
             tables.append(_time_table(prof, device, top))
 
-        # Profiler step 0 is the setup, step k the training step that starts with the k-th forward.
+        # Profiler step 0 is the setup and training step 1, step k training step k + 1.
         plan = schedule(wait=warmup, warmup=1, active=steps, repeat=1)
-        model_type = SetVAE if cfg.stage == "vae" else FlowMatchingPrior
         with profile(activities=_activities(device), schedule=plan, on_trace_ready=save) as prof:
-            with _StepAtEachForward(prof, model_type, cfg.train.grad_accum_steps):
-                run_training(cfg)
+            run_training(cfg, on_step=lambda step, record: prof.step())
     if not tables:
-        raise RuntimeError(f"profile-step: no {model_type.__name__} forward ran, so nothing was traced")
+        raise RuntimeError(f"profile-step: the run ended before step {warmup + steps + 1}, so nothing was traced")
     table_file.write_text(tables[0] + "\n")
     if this_rank == 0:
         print(f"\ntraining-step profile: stage={cfg.stage} on {device}, {steps} steps traced after {warmup} untraced")
@@ -198,33 +182,32 @@ def profile_step(
     return trace
 
 
-class _StepAtEachForward:
-    """Calls prof.step() where the stage's model starts its forward, once per optimizer step (every
-    grad_accum_steps forwards). A global forward pre-hook finds the model's first call and hands over to a
-    hook on that module alone, so no other module (compiled blocks included) runs ours."""
+def add_kernels_arguments(parser: argparse.ArgumentParser) -> None:
+    """`scldm-scale profile-kernels`."""
+    add_kernel_shape_options(parser)
+    parser.add_argument("--genes", type=int, default=20_000, help="genes G")
+    out_help = "folder for kernels_trace.json and kernels_table.txt"
+    parser.add_argument("--out", default="profile_kernels", help=out_help)
+    parser.add_argument("--reps", type=int, default=3, help="traced rounds of every kernel")
+    parser.add_argument("--top", type=int, default=25, help="rows of the time table")
+    parser.set_defaults(handle=handle_kernels)
 
-    def __init__(self, prof: profile, model_type: type, grad_accum_steps: int):
-        self.prof, self.model_type, self.every = prof, model_type, grad_accum_steps
-        self.forwards = 0
-        self.handles: list = []
 
-    def _on_forward(self, module, args) -> None:
-        if self.forwards % self.every == 0:
-            self.prof.step()
-        self.forwards += 1
+def handle_kernels(args: argparse.Namespace) -> None:
+    shape = asdict(from_flags(KernelShapeConfig, args))
+    profile_kernels(args.out, genes=args.genes, reps=args.reps, top=args.top, **shape)
 
-    def _find_model(self, module, args) -> None:
-        # Module.__call__ iterates over a copy of the hooks: removing this one here is safe, and the module's
-        # own hook starts with its next call, so this call is counted by hand.
-        if isinstance(module, self.model_type) and self.forwards == 0:
-            self.handles.pop().remove()
-            self.handles.append(module.register_forward_pre_hook(self._on_forward))
-            self._on_forward(module, args)
 
-    def __enter__(self) -> _StepAtEachForward:
-        self.handles.append(torch.nn.modules.module.register_module_forward_pre_hook(self._find_model))
-        return self
+def add_step_arguments(parser: argparse.ArgumentParser) -> None:
+    """`scldm-scale profile-step`."""
+    add_config_arguments(parser)
+    parser.add_argument("--out", default="profile_step", help="folder for step_trace.json and step_table.txt")
+    parser.add_argument("--steps", type=int, default=5, help="traced training steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untraced training steps before them")
+    parser.add_argument("--top", type=int, default=25, help="rows of the time table")
+    parser.set_defaults(handle=handle_step)
 
-    def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
+
+def handle_step(args: argparse.Namespace) -> None:
+    paths, overrides = split_config_args(args.configs)
+    profile_step(paths, overrides, args.out, steps=args.steps, warmup=args.warmup, top=args.top)

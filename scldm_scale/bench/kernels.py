@@ -1,12 +1,13 @@
 """`scldm-scale bench kernels`: the fused Triton kernels against their PyTorch alternatives, one table.
 
 Per op and pass (forward, forward+backward): the MCAB pooling and unpooling kernels against every SDPA
-backend (flash, memory-efficient, cuDNN, math) and compiled FlexAttention (`bench_mcab_attention`), the
-fused NB loss against the eager PyTorch one (`bench_nb_loss`). A backend that cannot run (flash takes no
-mask, cuDNN and FlexAttention's backward want a GPU, ...) is a row with its reason, never left out.
+backend (flash, memory-efficient, cuDNN, math) and compiled FlexAttention (`bench.mcab_attention`), the
+fused NB loss against the eager PyTorch one (`bench.nb_loss`), both timed by `bench.timing`. A backend that
+cannot run (flash takes no mask, cuDNN and FlexAttention's backward want a GPU, ...) is a row with its
+reason, never left out.
 
 Columns: ms per call; TFLOP/s and GB/s over the *minimal* FLOPs and bytes of the op (what any implementation
-must do, not what it does), counted by `attention_cost` and `bench_nb_loss`:
+must do, not what it does), counted by `attention_cost` and `bench_nb_loss`; ms is the median call:
     attention FLOPs  forward 4·B·H·Lq·Lk·D, backward 8·B·H·Lq·Lk·D (a multiply-add counts 2)
     attention bytes  forward e·(n_q + 2·n_kv + n_o), backward e·(2·n_q + 4·n_kv + 2·n_o), + B·Lk for a mask
                      (n_q = Lq·H·D: the queries are shared by every cell; n_kv = B·Lk·H·D; n_o = B·Lq·H·D)
@@ -26,14 +27,18 @@ first imported (Triton reads it when its functions are defined); FlexAttention i
 
 from __future__ import annotations
 
-import datetime
+import argparse
 import os
 import sys
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
-from scldm_scale.bench.records import write_records
+from scldm_scale.bench.mcab_attention import bench_mcab_attention
+from scldm_scale.bench.nb_loss import bench_nb_loss
+from scldm_scale.bench.records import machine, write_records
+from scldm_scale.config import ConfigError, KernelShapeConfig, add_options, comma_separated, from_flags, parse_ints
 from scldm_scale.hardware import lookup_peak_memory_tbs, lookup_peak_tflops
 
 OPS = ("pooling", "unpooling", "nb_loss")
@@ -41,6 +46,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SDPA_BACKENDS = ("sdpa_flash_attention", "sdpa_efficient_attention", "sdpa_cudnn_attention", "sdpa_math")
 SMOKE_NB_SHAPE = (3, 37)  # cells x genes: off every block size, a few interpreter launches
 FLEX_SMOKE_NOTE = "skipped (smoke): compiling it on the CPU takes minutes, and it has no CPU backward"
+
 
 def use_triton_interpreter() -> None:
     """Make the Triton kernels run on the CPU: TRITON_INTERPRET=1 before Triton (and scldm_kernels) is imported.
@@ -101,8 +107,6 @@ def attention_records(
     reps: int,
 ) -> list[dict[str, Any]]:
     """bench_mcab_attention's rows for one op and shape, as this benchmark's records."""
-    from scldm_kernels.mcab_attention import bench_mcab_attention
-
     n_queries, n_keys = (n_latents, genes) if kind == "pooling" else (genes, n_latents)
     backends = ("triton", *SDPA_BACKENDS) if smoke else None
     rows = bench_mcab_attention(
@@ -119,21 +123,20 @@ def attention_records(
         backends=backends,
     )
     if smoke:  # as bench_mcab_attention would have listed it, with the reason it did not run
-        untimed = [{k: v for k, v in row.items() if k not in ("ms", "peak_mb")} for row in rows[:2]]
+        untimed = [{k: v for k, v in row.items() if k not in ("ms", "peak_mib")} for row in rows[:2]]
         rows += [{**row, "backend": "flex_compiled", "error": FLEX_SMOKE_NOTE} for row in untimed]
-    same = ("pass", "backend", "cells", "heads", "n_queries", "n_keys", "head_dim", "dtype", "flops", "bytes", "ms")
+    same = ("pass", "backend", "cells", "heads", "n_queries", "n_keys", "head_dim", "dtype", "flops", "bytes")
+    same += ("ms", "peak_mib")
     records = []
     for row in rows:
         shape = f"B{row['cells']} H{row['heads']} Lq{row['n_queries']} Lk{row['n_keys']} D{row['head_dim']}"
         kept = {key: row.get(key) for key in same}
-        records.append({"op": kind, "shape": shape, **kept, "peak_mib": row.get("peak_mb"), "error": row.get("error")})
+        records.append({"op": kind, "shape": shape, **kept, "error": row.get("error")})
     return records
 
 
 def nb_loss_records(smoke: bool, cells: int, genes: int, dtype: torch.dtype, warmup: int, reps: int) -> list[dict]:
     """bench_nb_loss's rows for one shape (per-gene θ, as the benchmark shape), as this benchmark's records."""
-    from scldm_kernels.nb_loss import bench_nb_loss
-
     shape = SMOKE_NB_SHAPE if smoke else (cells, genes)
     device = "cpu" if smoke else "cuda"
     rows = bench_nb_loss((shape,), dtype=dtype, device=device, warmup=warmup, reps=reps)
@@ -178,13 +181,13 @@ def add_derived(records: list[dict], peaks: dict, dtype: torch.dtype) -> None:
 def run_kernel_bench(
     *,
     genes: list[int],
-    cells: int = 256,
-    heads: int = 8,
-    n_latents: int = 32,
-    head_dim: int = 64,
-    dtype: str = "bf16",
+    cells: int = KernelShapeConfig.cells,
+    heads: int = KernelShapeConfig.heads,
+    n_latents: int = KernelShapeConfig.n_latents,
+    head_dim: int = KernelShapeConfig.head_dim,
+    dtype: str = KernelShapeConfig.dtype,
     ops: tuple[str, ...] = OPS,
-    smoke: bool = False,
+    smoke: bool = KernelShapeConfig.smoke,
     warmup: int = 5,
     reps: int = 20,
     json_path: str | None = None,
@@ -192,7 +195,7 @@ def run_kernel_bench(
     """Run the benchmark (a smoke run on the CPU), print the table, write the records to json_path."""
     unknown = sorted(set(ops) - set(OPS))
     if unknown or dtype not in DTYPES or not genes:
-        raise ValueError(
+        raise ConfigError(
             f"bench kernels: ops must be among {list(OPS)} (got {unknown}), dtype among {list(DTYPES)} "
             f"(got {dtype!r}), and at least one gene count given"
         )
@@ -215,11 +218,11 @@ def run_kernel_bench(
             records += nb_loss_records(why_smoke is not None, cells, n_genes, torch_dtype, warmup, reps)
     add_derived(records, peaks, torch_dtype)
     context = {
+        **machine(),
         **peaks,
         "smoke": why_smoke is not None,
         "torch": torch.__version__,
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     for r in records:
         r.update(context)
@@ -266,3 +269,26 @@ def format_table(records: list[dict]) -> str:
             f"{fmt(r['speedup_vs_reference'], '.2f'):>6} {fmt(r['peak_vs_reference'], '.2f'):>7}  {note}"
         )
     return "\n".join(lines)
+
+
+def add_kernel_shape_options(parser: argparse.ArgumentParser) -> None:
+    """The flags of `KernelShapeConfig`, shared by `bench kernels` and `profile-kernels`."""
+    add_options(parser, KernelShapeConfig, n_latents="--latents")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`scldm-scale bench kernels`."""
+    add_kernel_shape_options(parser)
+    genes_help = "comma-separated gene counts G: keys of pooling, queries of unpooling, the NB loss's width"
+    parser.add_argument("--genes", default="2048,8192,20000", help=genes_help)
+    parser.add_argument("--ops", type=comma_separated, default=",".join(OPS), help="comma-separated subset")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed calls before the timed ones")
+    parser.add_argument("--reps", type=int, default=20, help="timed calls")
+    parser.add_argument("--json", default=None, metavar="OUT", help="write the records here")
+    parser.set_defaults(handle=handle)
+
+
+def handle(args: argparse.Namespace) -> None:
+    genes = parse_ints(args.genes, "--genes")
+    shape = asdict(from_flags(KernelShapeConfig, args))
+    run_kernel_bench(genes=genes, ops=tuple(args.ops), warmup=args.warmup, reps=args.reps, json_path=args.json, **shape)

@@ -22,12 +22,10 @@ What is unusual here:
 
 from __future__ import annotations
 
-import datetime
+import argparse
 import gc
 import itertools
 import multiprocessing
-import os
-import platform
 import resource
 import shutil
 import tempfile
@@ -44,8 +42,8 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from scldm_scale.bench.records import write_records
-from scldm_scale.config import DataConfig
+from scldm_scale.bench.records import machine, write_records
+from scldm_scale.config import DataConfig, parse_ints
 
 MEASUREMENT = "RNA"
 X_LAYER = "counts"
@@ -361,15 +359,6 @@ def _measure_in_fresh_process(*args) -> dict:
 # --- the report -------------------------------------------------------------------------------------------
 
 
-def _machine() -> dict:
-    return {
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
-
-
 def _format_table(records: list[dict]) -> str:
     header = (
         f"{'loader':<20} {'workers':>7} {'cells/s':>9} {'x tsml':>7} {'window s':>8} {'epoch ends':>10} "
@@ -408,7 +397,7 @@ def run_loader_bench(
     """
     timing = timing or Timing()
     run_case = _measure_in_fresh_process if isolate else measure
-    machine = _machine()
+    host = machine()
     temp_dir = tempfile.mkdtemp(prefix="scldm_bench_loader_") if work_dir is None else None
     try:
         uri = str(
@@ -417,7 +406,7 @@ def run_loader_bench(
         codes_by_joinid = read_cell_types(uri)
         global_fraction = type_counts(codes_by_joinid) / len(codes_by_joinid)
         common = {
-            **machine,
+            **host,
             "n_cells": n_cells,
             "n_genes": n_genes,
             "batch_size": batch_size,
@@ -471,11 +460,11 @@ def run_loader_bench(
         if temp_dir is not None:
             shutil.rmtree(temp_dir, ignore_errors=True)
 
-    load = "n/a" if machine["load_avg_1m"] is None else f"{machine['load_avg_1m']:.2f}"
+    load = "n/a" if host["load_avg_1m"] is None else f"{host['load_avg_1m']:.2f}"
     print(
         f"\nloader benchmark: {n_cells:,} cells x {n_genes:,} genes, batch {batch_size}, shuffle chunks of "
-        f"{CHUNK_SIZE} cells; {machine['platform']}, {machine['cpu_count']} CPUs, load average {load} at start, "
-        f"{machine['date']}"
+        f"{CHUNK_SIZE} cells; {host['platform']}, {host['cpu_count']} CPUs, load average {load} at start, "
+        f"{host['date']}"
     )
     print(
         f"cells/s after {timing.warmup_batches} warm-up batches, over {timing.measure_s:g} s or {timing.max_batches} "
@@ -494,3 +483,21 @@ def run_loader_bench(
     print(_format_table(records))
     write_records(records, json_path)
     return records
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`scldm-scale bench loader`."""
+    parser.add_argument("--cells", type=int, default=100_000, help="cells of the synthetic experiment")
+    parser.add_argument("--genes", type=int, default=2_000, help="genes of the synthetic experiment")
+    parser.add_argument("--batch-size", type=int, default=128, help="cells per batch")
+    workers_help = "comma-separated DataLoader worker counts"
+    parser.add_argument("--workers", default="0,2", help=workers_help)
+    parser.add_argument("--json", default=None, help="write the records here")
+    parser.add_argument("--dir", default=None, help="where to build the experiment (default: a temp dir)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic cells and the shuffling")
+    parser.set_defaults(handle=handle)
+
+
+def handle(args: argparse.Namespace) -> None:
+    workers = parse_ints(args.workers, "--workers")
+    run_loader_bench(args.cells, args.genes, args.batch_size, workers, args.json, args.dir, args.seed)

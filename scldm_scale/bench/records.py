@@ -1,9 +1,22 @@
-"""What every `scldm-scale bench ...` does with its records at the end."""
+"""What every `scldm-scale bench ...` records about where it ran, and does with its records at the end."""
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
+import platform
 from pathlib import Path
+
+
+def machine() -> dict:
+    """Where and when a benchmark ran: platform, CPU count, 1-minute load average at the start, UTC date."""
+    return {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
 
 
 def write_records(records: list[dict], json_path: str | None) -> None:

@@ -19,8 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from scldm_scale.bench.loader import _machine
-from scldm_scale.bench.records import write_records
+from scldm_scale.bench.records import machine, write_records
 from scldm_scale.config import CONFIG_DIR, ConfigError, comma_separated
 
 SIZES = {
@@ -84,7 +83,7 @@ def run_step_bench(
         _run(["train", *common, "stage=vae", "train.max_steps=2", f"train.ckpt_dir={vae_dir}"], 1, env)
         vae_ckpt = vae_dir / "vae-model"
     records = []
-    machine = _machine()
+    host = machine()
     for size in sizes:
         stage = "vae" if size.startswith("vae") else "ldm"
         for strategy in strategies:
@@ -110,22 +109,22 @@ def run_step_bench(
                     "peak_mem_gb_per_rank": max(r["max_mem_gb"] for r in measured),
                     "steps_measured": len(measured),
                     "device": device,
-                    **machine,
+                    **host,
                 }
             )
     for r in records:
         base = next((b for b in records if b["model"] == r["model"] and b["strategy"] == "single"), None)
         r["ratio_vs_single"] = r["cells_per_s"] / base["cells_per_s"] if base else None
-    print(_format(records, machine, nproc, global_batch, steps, warmup, device))
+    print(_format(records, host, nproc, global_batch, steps, warmup, device))
     write_records(records, json_path)
     return records
 
 
-def _format(records, machine, nproc, global_batch, steps, warmup, device) -> str:
+def _format(records, host, nproc, global_batch, steps, warmup, device) -> str:
     lines = [
         f"\nstep benchmark: built-in PBMC data, global batch {global_batch}, {steps} steps ({warmup} warm-up), "
-        f"{nproc} processes for the sharded strategies, device {device}; {machine['platform']}, "
-        f"{machine['cpu_count']} CPUs, {machine['date']}",
+        f"{nproc} processes for the sharded strategies, device {device}; {host['platform']}, "
+        f"{host['cpu_count']} CPUs, {host['date']}",
         "cells/s = the whole job's; mem = peak per rank (GB; process RSS on CPU); x single = cells/s ratio\n",
     ]
     header = f"{'model':<8} {'strategy':<16} {'ranks':>5} {'cells/s':>9} {'x single':>8} {'mem GB/rank':>11}"
@@ -144,7 +143,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     models_help = f"comma-separated, of {','.join(SIZES)}"
     parser.add_argument("--models", type=comma_separated, default="vae-S,vae-M,prior-S,prior-M", help=models_help)
     strategies_help = f"comma-separated, of {','.join(STRATEGIES)}"
-    parser.add_argument("--strategies", type=comma_separated, default="single,fsdp,deepspeed-zero3", help=strategies_help)
+    parser.add_argument(
+        "--strategies", type=comma_separated, default="single,fsdp,deepspeed-zero3", help=strategies_help
+    )
     parser.add_argument("--nproc", type=int, default=2, help="processes for the sharded strategies")
     parser.add_argument("--global-batch", type=int, default=128, help="cells per optimizer step, over all processes")
     parser.add_argument("--steps", type=int, default=12, help="training steps per case")

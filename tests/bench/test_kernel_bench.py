@@ -9,13 +9,8 @@ import sys
 import pytest
 import torch
 
-from scldm_scale.bench.kernels import (
-    SDPA_BACKENDS,
-    add_derived,
-    lookup_peak_memory_tbs,
-    roofline,
-    use_triton_interpreter,
-)
+from scldm_scale.bench.kernels import SDPA_BACKENDS, add_derived, roofline, use_triton_interpreter
+from scldm_scale.hardware import lookup_peak_memory_tbs
 
 ATTENTION_BACKENDS = {"triton", *SDPA_BACKENDS, "flex_compiled"}
 H100 = {"device_name": "NVIDIA H100 80GB HBM3", "peak_tflops": 989.0, "peak_tbs": 3.35}
