@@ -6,7 +6,7 @@ Every strategy gives the trainer the same things, so the trainer never asks whic
   EMA; returns the norm);
 - `check_resumable(folder, saved_strategy, saved_world_size)` (which checkpoints it can read: its own
   format, on the ranks that format allows), `save(folder)` / `load(folder)` for training checkpoints;
-- `full_state_dict()` for the exported single-file weights.
+- `full_state_dict()`, the whole model's weights for the exported model artifact.
 
 - single: one process, plain module.
 - ddp: DistributedDataParallel; gradients are averaged over ranks in the backward pass.
@@ -15,7 +15,8 @@ Every strategy gives the trainer the same things, so the trainer never asks whic
   `MixedPrecisionPolicy` (bf16 parameters under train.precision=bf16, train.reduce_dtype reductions).
 - deepspeed: a DeepSpeed engine with ZeRO stage train.zero_stage (1: optimizer states sharded, 2: and
   gradients, 3: and parameters), optimizer states optionally offloaded to the CPU. The DeepSpeed config
-  is built from ours; the optimizer is our torch AdamW (no DeepSpeed op is compiled).
+  is built from ours; the optimizer is our torch AdamW (no DeepSpeed op is compiled). The engine is told
+  the gradient-accumulation boundary per micro-batch and steps once per optimizer step, like the others.
 
 Checkpoints (inside a step folder written by RunCheckpoints):
 - single, ddp, fsdp: `weights/`, a torch.distributed.checkpoint (DCP) of {model, optimizer, ema} keyed by
