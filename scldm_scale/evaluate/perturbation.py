@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from scldm_scale.data.counts import DataError
 from scldm_scale.evaluate.metrics import normalize_log1p
 
 # Log-normalisation: log1p(counts / library size * TARGET_SUM), as in the evaluation metrics.
@@ -43,20 +44,20 @@ def additive_shift_baseline(
     """
     missing = [k for k in (context_key, perturbation_key) if k not in target]
     if missing or len(target) != 2:
-        raise ValueError(
+        raise DataError(
             f"target must set exactly {context_key!r} and {perturbation_key!r}, got {target}; the baseline "
             "composes one context with one perturbation"
         )
     missing = [k for k in (context_key, perturbation_key) if k not in obs.columns]
     if missing:
-        raise ValueError(f"obs has no columns {missing}; it has {list(obs.columns)}")
+        raise DataError(f"obs has no columns {missing}; it has {list(obs.columns)}")
     if obs.shape[0] != counts.shape[0]:
-        raise ValueError(f"obs has {obs.shape[0]} rows but counts has {counts.shape[0]} cells")
+        raise DataError(f"obs has {obs.shape[0]} rows but counts has {counts.shape[0]} cells")
     if n_cells < 1:
-        raise ValueError(f"n_cells must be >= 1, got {n_cells}")
+        raise DataError(f"n_cells must be >= 1, got {n_cells}")
     context, perturbation = str(target[context_key]), str(target[perturbation_key])
     if perturbation == control_value:
-        raise ValueError(f"target {target} is the control: there is no perturbation to shift by")
+        raise DataError(f"target {target} is the control: there is no perturbation to shift by")
     counts = sp.csr_matrix(counts, dtype=np.float64)
     contexts = obs[context_key].astype(str).to_numpy()
     perturbations = obs[perturbation_key].astype(str).to_numpy()
@@ -64,19 +65,19 @@ def additive_shift_baseline(
 
     controls = np.flatnonzero((contexts == context) & is_control)
     if controls.size == 0:
-        raise ValueError(
+        raise DataError(
             f"no control cells ({perturbation_key}={control_value!r}) with {context_key}={context!r}: the baseline "
             f"starts from them; contexts with control cells: {sorted(set(contexts[is_control].tolist()))}"
         )
     with_perturbation = sorted(set(contexts[perturbations == perturbation].tolist()) - {context})
     if not with_perturbation:
-        raise ValueError(
+        raise DataError(
             f"{perturbation_key}={perturbation!r} occurs in no {context_key} other than {context!r}, so its "
             "shift cannot be measured anywhere"
         )
     measured = [c for c in with_perturbation if ((contexts == c) & is_control).any()]
     if not measured:
-        raise ValueError(
+        raise DataError(
             f"{perturbation_key}={perturbation!r} occurs in {context_key} {with_perturbation}, but none of them "
             f"has control cells ({perturbation_key}={control_value!r}) to measure its shift against"
         )

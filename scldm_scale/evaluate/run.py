@@ -119,7 +119,7 @@ def _additive_shift(train: CellSet, real: CellSet, opts: EvalConfig, skipped: li
                 context_key=h.context_key,
                 control_value=h.control_value,
             )
-        except ValueError as err:
+        except DataError as err:  # the same error, told which combination and which option to check
             raise DataError(f"additive_shift baseline for {describe(combo)}: {err} (see --control-value)") from None
         counts.append(made)
         labels.append(real.labels[real_rows])
