@@ -6,12 +6,14 @@ Every section is a dataclass; OmegaConf's structured configs reject unknown keys
 (enums spelled as strings) sit in each field's metadata (`option`) and are checked in `validate`, which
 also checks cross-field constraints.
 
-`Config` is a training run (`scldm-scale train`, `plan`, `profile-step`, the quickstart) and its `sample`
-section is how cells are generated. The other commands' options have sections of their own
-(`EvalConfig`, `EmbedConfig`, `PrepareConfig`, `KernelShapeConfig`), outside a run's YAML. A command declares a flag
-with `add_option(parser, Section, "field")`: the flag's default, type, choices and help are the field's,
-so the flags and the config keys share one definition (the sampler's defaults live in `SampleConfig`
-and nowhere else). `parse_pairs` and `split_config_args` turn command-line text into config values.
+`Config` is a training run (`scldm-scale train`, `plan`, `profile-step`, the quickstart); its `sample`
+section is how cells are generated. The other commands' options have sections of their own, outside a
+run's YAML: `EvalConfig` (with `HoldoutConfig`), `EmbedConfig`, `PrepareConfig`, `KernelShapeConfig`.
+
+A command declares a flag with `add_option(parser, Section, "field")`: the flag's default, type, choices
+and help are the field's, so flags, YAML keys and the Python API share one definition (the sampler's
+defaults, for one, live in `SampleConfig` and nowhere else). `parse_pairs`, `parse_ints` and
+`split_config_args` turn command-line text into config values, raising ConfigError.
 """
 
 from __future__ import annotations

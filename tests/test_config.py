@@ -1,11 +1,27 @@
-"""Config loading: defaults, overrides, closed schema, type and choice errors, and the CLI's exit code."""
+"""Config loading: defaults, overrides, closed schema, type and choice errors; CLI flags as views of the
+schema's fields; the CLI's exit code."""
 
-from dataclasses import asdict
+import argparse
+from dataclasses import asdict, dataclass
 
 import pytest
 
-from scldm_scale.cli import main
-from scldm_scale.config import CONFIG_DIR, Config, ConfigError, load_config, stage_optim, to_dict
+from scldm_scale.cli import build_parser, main
+from scldm_scale.config import (
+    CONFIG_DIR,
+    Config,
+    ConfigError,
+    EvalConfig,
+    SampleConfig,
+    add_option,
+    from_flags,
+    load_config,
+    option,
+    parse_ints,
+    parse_pairs,
+    stage_optim,
+    to_dict,
+)
 
 QUICKSTART = CONFIG_DIR / "quickstart.yaml"
 
@@ -109,6 +125,7 @@ def test_d_model_not_divisible_by_heads():
         ("train.batch_size=0", "train.batch_size"),
         ("train.max_steps=0", "train.max_steps"),
         ("optim.vae.betas=[0.9]", "optim.vae.betas"),
+        ("sample.n_steps=0", "sample.n_steps"),
     ],
 )
 def test_out_of_range_values_name_the_key(override, key):
@@ -169,3 +186,76 @@ def test_cli_misspelled_override_exits_2_with_one_line(capsys):
 def test_cli_wrong_type_exits_2(capsys):
     assert main(["train", str(QUICKSTART), "model.n_layers=abc"]) == 2
     assert "model.n_layers" in capsys.readouterr().err
+
+
+@dataclass
+class _Section:
+    rate: float = option(0.5, "a rate")
+    mode: str = option("a", "a mode", choices=("a", "b"))
+    name: str | None = option(None, "a name")
+    verbose: bool = option(False, "talk")
+    plots: bool = option(True, "draw")
+    keys: list[str] = option(["x", "y"], "keys")
+    tags: list[str] = option([], "a tag")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    for name in ("rate", "mode", "name", "verbose", "keys"):
+        add_option(parser, _Section, name)
+    add_option(parser, _Section, "plots", "--no-plots")
+    add_option(parser, _Section, "tags", "--tag", action="append")
+    return parser
+
+
+def test_flags_are_views_of_fields():
+    parser = _parser()
+    assert from_flags(_Section, parser.parse_args([])) == _Section()
+    argv = ["--rate", "2", "--mode", "b", "--name", "n", "--verbose", "--no-plots", "--keys", "p,q,", "--tag", "t"]
+    assert from_flags(_Section, parser.parse_args(argv)) == _Section(2.0, "b", "n", True, False, ["p", "q"], ["t"])
+    assert from_flags(_Section, parser.parse_args([]), rate=3.0).rate == 3.0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--mode", "c"])  # the field's choices
+
+
+def test_choices_come_from_the_schema_metadata():
+    with pytest.raises(ConfigError, match=r"sample\.method='rk4' is not one of euler, heun, dopri5"):
+        load_config(None, ["sample.method=rk4"])
+
+
+def test_generate_flags_default_to_the_sample_section():
+    args = build_parser("generate").parse_args(["generate", "model", "--n-cells", "3", "--out", "x.h5ad"])
+    assert from_flags(SampleConfig, args) == SampleConfig()
+    assert args.seed == Config().seed
+    args = build_parser("evaluate").parse_args(["evaluate", "--real", "r", "--generated", "g", "--out", "o"])
+    assert from_flags(EvalConfig, args) == EvalConfig()
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        (["generate"], ["(default: heun)", "(default: 50)"]),
+        (["evaluate"], ["(default: real_train_cells,independent_nb,scvi,additive_shift)", "(default: 2000)"]),
+        (["embed"], ["(default: 256)"]),
+        (["bench", "kernels"], ["(default: bf16)"]),
+    ],
+)
+def test_help_shows_the_defaults(capsys, command, shown):
+    with pytest.raises(SystemExit) as stop:
+        main([*command, "--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for default in shown:
+        assert default in text
+
+
+def test_command_line_values_are_parsed_with_errors_naming_the_flag():
+    assert parse_pairs(["a=1", "b=x"], "--condition") == {"a": "1", "b": "x"}
+    assert parse_pairs(["a=1.5"], "--cfg", float) == {"a": 1.5}
+    with pytest.raises(ConfigError, match="--cfg 'a=x': 'x' is not a number"):
+        parse_pairs(["a=x"], "--cfg", float)
+    with pytest.raises(ConfigError, match="--condition expects KEY=VALUE"):
+        parse_pairs(["a"], "--condition")
+    assert parse_ints("2048,8192,", "--genes") == [2048, 8192]
+    with pytest.raises(ConfigError, match="--genes expects comma-separated integers"):
+        parse_ints("2k", "--genes")
