@@ -35,6 +35,7 @@ on top; budget 10-20% more), meant to choose a strategy, not to predict bytes.
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -43,7 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from scldm_scale.config import Config, ConfigError, load_config
+from scldm_scale.config import Config, ConfigError, add_config_arguments, load_config, split_config_args
 from scldm_scale.models.dit import DiT
 from scldm_scale.models.prior import FlowMatchingPrior
 from scldm_scale.models.vae import SetVAE
@@ -308,3 +309,21 @@ def run_plan(
         Path(json_path).write_text(json.dumps(plan, indent=2) + "\n")
         print(f"wrote {json_path}")
     return plan
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`scldm-scale plan`."""
+    add_config_arguments(parser)
+    parser.add_argument("--world-size", type=int, default=8, help="ranks the sharded strategies divide by")
+    parser.add_argument("--strategy", default="all", choices=STRATEGY_CHOICES, help="the strategies to plan")
+    genes_help = "genes in the vocabulary (default: the data's, else 2000)"
+    parser.add_argument("--n-genes", type=int, default=None, help=genes_help)
+    tokens_help = "encoder tokens per cell (default: 10%% of the genes)"
+    parser.add_argument("--tokens-per-cell", type=int, default=None, help=tokens_help)
+    parser.add_argument("--json", default=None, metavar="OUT", help="also write the plan here")
+    parser.set_defaults(handle=handle)
+
+
+def handle(args: argparse.Namespace) -> None:
+    paths, overrides = split_config_args(args.configs)
+    run_plan(paths, overrides, args.world_size, args.strategy, args.n_genes, args.tokens_per_cell, args.json)

@@ -16,9 +16,11 @@ half-written at URI.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import shutil
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import anndata as ad
@@ -27,6 +29,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from scldm_scale.config import PrepareConfig, add_options, from_flags
 from scldm_scale.data.counts import DataError, validate_counts
 from scldm_scale.data.split import stratified_split
 from scldm_scale.data.vocab import GENE_NAME_COLUMNS
@@ -200,15 +203,15 @@ def _existing_labels(uri: Path) -> list[str]:
 def prepare(
     input_path: str | Path,
     out_uri: str | Path,
-    layer: str | None = None,
+    layer: str | None = PrepareConfig.layer,
     labels: list[str] | tuple[str, ...] = (),
-    test_fraction: float = 0.1,
-    val_fraction: float = 0.05,
-    seed: int = 0,
-    zero_cells: str = "drop",
-    allow_non_integer: bool = False,
-    overwrite: bool = False,
-    append: bool = False,
+    test_fraction: float = PrepareConfig.test_fraction,
+    val_fraction: float = PrepareConfig.val_fraction,
+    seed: int = PrepareConfig.seed,
+    zero_cells: str = PrepareConfig.zero_cells,
+    allow_non_integer: bool = PrepareConfig.allow_non_integer,
+    overwrite: bool = PrepareConfig.overwrite,
+    append: bool = PrepareConfig.append,
 ) -> Path:
     """Ingest one input into a new SOMA experiment at out_uri (or append it to one); return its path.
 
@@ -277,3 +280,16 @@ def prepare(
             adata.file.close()
     log.info("%s %d cells x %d genes to %s", "appended" if append else "wrote", len(rows), len(var), out)
     return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`scldm-scale prepare`; the options are views of `PrepareConfig`."""
+    parser.add_argument("input", help=".h5ad, 10x .h5, Matrix Market folder or CSV of raw counts")
+    parser.add_argument("--out", required=True, help="URI (folder) of the new SOMA experiment")
+    add_options(parser, PrepareConfig)
+    parser.set_defaults(handle=handle)
+
+
+def handle(args: argparse.Namespace) -> None:
+    out = prepare(args.input, args.out, **asdict(from_flags(PrepareConfig, args)))
+    print(f"SOMA experiment: {out}  (train with data.uri={out})")

@@ -328,9 +328,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     generated_help = "generated cells (.h5ad, labels in obs) to add to rare classes"
     parser.add_argument("--generated", default=None, help=generated_help)
     rare = parser.add_mutually_exclusive_group()
-    rare.add_argument("--rare-classes", type=comma_separated, default=None, metavar="A,B", help="the classes to augment")
-    rare_help = "augment classes with <= N train cells"
-    rare.add_argument("--rare-max-train", type=int, default=None, metavar="N", help=rare_help)
+    rare_help = "the classes to augment"
+    rare.add_argument("--rare-classes", type=comma_separated, default=None, metavar="A,B", help=rare_help)
+    max_help = "augment classes with <= N train cells"
+    rare.add_argument("--rare-max-train", type=int, default=None, metavar="N", help=max_help)
     add_embed_options(parser)
     parser.add_argument("--out", required=True, help="folder for classify.json and classify.md")
     parser.set_defaults(handle=handle)

@@ -40,7 +40,8 @@ from scldm_scale.evaluate.conditions import combination_labels, groups, unmatche
 
 log = logging.getLogger(__name__)
 
-PREPROCESSING = {"target_sum": 1e4, "n_pcs": 30, "n_hvg": 2000, "hvg_flavor": "seurat"}
+# The PCA's components and highly variable genes are options (config.EvalConfig: n_pcs, n_hvg).
+PREPROCESSING = {"target_sum": 1e4, "hvg_flavor": "seurat"}
 # Fewer cells than this on either side and the nearest-neighbour and classifier metrics are skipped:
 # a 5-fold classifier and k = 5 neighbourhoods need that many points to mean anything.
 MIN_CELLS_NEIGHBOURS = 10
