@@ -8,6 +8,7 @@ writes the artifact folder `generate`, `embed`, `evaluate` and `classify` read.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import tempfile
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 
 from scldm_scale import artifact
 from scldm_scale.artifact import CheckpointError, Provenance
+from scldm_scale.config import ConfigError
 from scldm_scale.train.checkpoint import dcp_failure, load_step_state
 from scldm_scale.train.strategies import DEEPSPEED, EMA_FILE, WEIGHTS
 
@@ -104,3 +106,22 @@ def _with_tied_weights(skeleton: artifact.VAEArtifact, model_state: dict, folder
     if unexpected or set(missing) - tied:
         raise CheckpointError(f"{folder}: weights do not fit the VAE (missing {missing}, unexpected {unexpected})")
     return {k: v.detach().clone() for k, v in vae.state_dict().items()}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`scldm-scale export`."""
+    parser.add_argument("source", help="a step folder, e.g. runs/x/vae/step-1000; a .pt with --from-legacy")
+    parser.add_argument("--out", default=None, help="the artifact folder (default: <ckpt_dir>/<stage>-model-step-N)")
+    legacy_help = "convert a single-file vae.pt / ldm.pt of scldm-scale 0.1 (read with torch's restricted unpickler)"
+    parser.add_argument("--from-legacy", action="store_true", help=legacy_help)
+    parser.set_defaults(handle=handle)
+
+
+def handle(args: argparse.Namespace) -> None:
+    if args.from_legacy:
+        if args.out is None:
+            raise ConfigError("--from-legacy needs --out DIR, the artifact folder to write")
+        out = convert_legacy(args.source, args.out)
+    else:
+        out = export(args.source, args.out)
+    print(f"model: {out}  (generate with: scldm-scale generate {out} ...)")
