@@ -11,10 +11,11 @@ any step.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ import torch
 
 from scldm_scale import artifact
 from scldm_scale.artifact import CheckpointError, LDMArtifact, Provenance, VAEArtifact
-from scldm_scale.config import Config, stage_optim, to_dict
+from scldm_scale.config import Config, add_config_arguments, load_config, split_config_args, stage_optim, to_dict
 from scldm_scale.data.batch import CellBatch, TokenPolicy
 from scldm_scale.data.dataset import ShuffledBatches
 from scldm_scale.data.source import open_train_cells
@@ -36,6 +37,7 @@ from scldm_scale.train.distributed import Dist
 from scldm_scale.train.flops import TRAIN_FLOPS_FACTOR
 from scldm_scale.train.tracking import start_tracker
 from scldm_scale.train.trainer import Trainer, resolve_device
+from scldm_scale.world import get_rank
 
 log = logging.getLogger(__name__)
 
@@ -122,16 +124,16 @@ def _ldm_work(prior: FlowMatchingPrior, n_tokens: int):
     return work
 
 
-def _fit(trainer: Trainer, batches, tracker) -> list[dict]:
+def _fit(trainer: Trainer, batches, tracker, on_step: Callable | None) -> list[dict]:
     trainer.maybe_resume(batches)
     try:
-        return trainer.fit(batches)
+        return trainer.fit(batches, on_step)
     finally:
         if tracker is not None:
             tracker.finish()
 
 
-def train_vae(cfg: Config, dist_info: Dist) -> Path:
+def train_vae(cfg: Config, dist_info: Dist, on_step: Callable | None = None) -> Path:
     cells = open_train_cells(cfg.data, cfg.train.batch_size, cfg.seed)
     n_genes = len(cells.gene_names)
     log.info("VAE: %d train cells x %d genes, conditions %s", cells.n_cells, n_genes, cfg.data.condition_keys)
@@ -159,11 +161,11 @@ def train_vae(cfg: Config, dist_info: Dist) -> Path:
         export=artifact.to_parts(skeleton),
         **_run_checkpoints(cfg, "vae", ("model",)),
     )
-    history = _fit(trainer, cells.batches, tracker)
+    history = _fit(trainer, cells.batches, tracker, on_step)
     return _finish(cfg, trainer, skeleton, history)
 
 
-def train_ldm(cfg: Config, dist_info: Dist) -> Path:
+def train_ldm(cfg: Config, dist_info: Dist, on_step: Callable | None = None) -> Path:
     device = dist_info.device
     vae_model = artifact.load(cfg.train.vae_checkpoint, kind="vae")
     vae = vae_model.build_vae(device)
@@ -216,19 +218,35 @@ def train_ldm(cfg: Config, dist_info: Dist) -> Path:
         export=artifact.to_parts(skeleton),
         **_run_checkpoints(cfg, "ldm", ("model", "prior")),
     )
-    history = _fit(trainer, batches, tracker)
+    history = _fit(trainer, batches, tracker, on_step)
     return _finish(cfg, trainer, skeleton, history)
 
 
-def run_training(cfg: Config) -> Path:
-    """Train the config's stage with its strategy; the process group (if any) ends cleanly either way."""
+def run_training(cfg: Config, on_step: Callable | None = None) -> Path:
+    """Train the config's stage with its strategy; the process group (if any) ends cleanly either way.
+
+    on_step(step, record) runs after every optimizer step (Trainer.fit's callback; the profiler's steps).
+    """
     seed_everything(cfg.seed)
     _set_threads(cfg)
     dist_info = distributed.setup(cfg.train, resolve_device(cfg.train.device))
     ok = False
     try:
-        path = train_vae(cfg, dist_info) if cfg.stage == "vae" else train_ldm(cfg, dist_info)
+        train = train_vae if cfg.stage == "vae" else train_ldm
+        path = train(cfg, dist_info, on_step)
         ok = True
         return path
     finally:
         distributed.teardown(ok)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`scldm-scale train CONFIG [CONFIG ...] [key=value ...]`: the run is the config."""
+    add_config_arguments(parser)
+    parser.set_defaults(handle=handle)
+
+
+def handle(args: argparse.Namespace) -> None:
+    path = run_training(load_config(*split_config_args(args.configs)))
+    if get_rank() == 0:
+        print(f"checkpoint: {path}")
