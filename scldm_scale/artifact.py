@@ -128,7 +128,7 @@ class VAEArtifact:
     def _sections(self) -> dict:
         return {
             "vae": {
-                "config": _plain(self.config.__dict__),
+                "config": json_ready(self.config.__dict__),
                 "genes": self.genes.to_dict(),
                 "conditions": {k: e.values for k, e in self.encoders.items()},
                 "library_size": self.library_size.state_dict(),
@@ -205,7 +205,7 @@ class LDMArtifact:
         )
 
     def _sections(self) -> dict:
-        prior = {"config": _plain(self.prior_config.__dict__), "n_classes": dict(self.n_classes)}
+        prior = {"config": json_ready(self.prior_config.__dict__), "n_classes": dict(self.n_classes)}
         return {**self.vae._sections(), "prior": prior}
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -275,9 +275,9 @@ def to_parts(artifact: Artifact) -> tuple[dict, dict[str, torch.Tensor]]:
         "kind": artifact.kind,
         **artifact._sections(),
         "tied_weights": tied,
-        "provenance": _plain(artifact.provenance.__dict__),
-        "training": _plain(artifact.training),
-        "evaluation": _plain(artifact.evaluation),
+        "provenance": json_ready(artifact.provenance.__dict__),
+        "training": json_ready(artifact.training),
+        "evaluation": json_ready(artifact.evaluation),
     }
     return config, tensors
 
@@ -302,68 +302,6 @@ def from_parts(config: dict, tensors: dict[str, torch.Tensor], where: str) -> Ar
         raise CheckpointError(f"{where}: {err}") from None
 
 
-def from_legacy(path: str | Path) -> Artifact:
-    """The artifact of a single-file `.pt` checkpoint written by scldm-scale 0.1 (`scldm-scale export
-    --from-legacy`). It is read with torch's restricted unpickler (weights_only), which builds tensors,
-    containers and numpy scalars and refuses every other global, so no code in the file can run."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"legacy checkpoint {path} does not exist")
-    allowed = [np._core.multiarray.scalar, np.dtype, *(type(np.dtype(c)) for c in "fdilbU")]
-    try:
-        with torch.serialization.safe_globals(allowed):
-            legacy = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # the restricted unpickler raises UnpicklingError; torch others for non-torch files
-        reason = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:200]
-        raise CheckpointError(f"{path} is not a loadable scldm-scale 0.1 checkpoint (refused: {reason})") from None
-    if not isinstance(legacy, dict) or legacy.get("format") != "scldm-scale" or legacy.get("kind") not in KINDS:
-        raise CheckpointError(f"{path} is not a single-file scldm-scale checkpoint (vae.pt / ldm.pt)")
-    return from_legacy_payload(legacy, str(path))
-
-
-def from_legacy_payload(legacy: dict, where: str) -> Artifact:
-    """The artifact of a scldm-scale 0.1 checkpoint dict (a `.pt` file's content, or a 0.1 step folder's
-    export payload with its weights added): kind, vae_config, vae_state, gene_names, condition_encoders,
-    library_size, config, step, history; an ldm adds prior_config, n_classes, latent_mean/std, prior_state,
-    prior_ema_state."""
-    legacy = _plain(legacy)
-    data = legacy.get("config", {}).get("data", {})
-    train = legacy.get("config", {}).get("train", {})
-    source = data.get("uri") or data.get("path") or f"builtin:{data.get('builtin')}"
-    step = int(legacy.get("step", 0))
-    vae = VAEArtifact(
-        config=section_from_dict(VAEConfig, legacy["vae_config"], f"{where} VAE config"),
-        genes=GeneVocabulary(legacy["gene_names"]),
-        encoders={k: LabelEncoder(k, s["values"]) for k, s in legacy["condition_encoders"].items()},
-        library_size=LibrarySizeModel.from_state(legacy["library_size"]),
-        token_policy=TokenPolicy(data.get("gene_tokens", "expressed"), int(data.get("n_zero_tokens", 0))),
-        weights=legacy["vae_state"],
-        allow_non_integer=bool(data.get("allow_non_integer", False)),
-    )
-    record = {
-        "provenance": Provenance(
-            data_uri=source,
-            steps=step,
-            cells_seen=step * int(train.get("batch_size", 0)) * int(train.get("grad_accum_steps", 1)),
-            strategy=str(train.get("strategy", "single")),
-            package_version="0.1.0 (converted from legacy .pt)",
-        ),
-        "training": {"config": legacy.get("config", {}), "history": legacy.get("history", [])},
-    }
-    if legacy["kind"] == "vae":
-        return replace(vae, **record)
-    return LDMArtifact(
-        vae=vae,
-        prior_config=section_from_dict(PriorConfig, legacy["prior_config"], f"{where} prior config"),
-        n_classes={k: int(v) for k, v in legacy["n_classes"].items()},
-        latent_mean=legacy["latent_mean"],
-        latent_std=legacy["latent_std"],
-        prior_weights=legacy["prior_state"],
-        prior_ema_weights=legacy.get("prior_ema_state") or {},
-        **record,
-    )
-
-
 def is_artifact(path: str | Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / WEIGHTS_FILE).is_file()
 
@@ -372,7 +310,7 @@ def record_evaluation(path: str | Path, evaluation: dict) -> None:
     """Add evaluation numbers to an artifact's config.json and model card (atomically, file by file)."""
     folder = Path(path)
     config = _read_config(folder)
-    config["evaluation"] = _plain(evaluation)
+    config["evaluation"] = json_ready(evaluation)
     _replace_file(folder / CONFIG_FILE, json.dumps(config, indent=1).encode())
     artifact = load(folder)
     _replace_file(folder / CARD_FILE, model_card(artifact, folder.name).encode())
@@ -529,12 +467,12 @@ def _unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torc
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def _plain(value):
+def json_ready(value):
     """JSON-ready containers: numpy scalars to Python values, tuples to lists (tensors are left alone)."""
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): json_ready(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [json_ready(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
     return value

@@ -29,6 +29,7 @@ from scldm_scale.data.vocab import GeneVocabulary
 from scldm_scale.models.dit import DiT
 from scldm_scale.models.library_size import LibrarySizeModel
 from scldm_scale.models.vae import SetVAE
+from scldm_scale.train.export import from_legacy
 
 N_GENES = 12
 
@@ -294,10 +295,10 @@ def test_a_tampered_pickle_is_never_executed(tmp_path):
     with pytest.raises(CheckpointError, match="--from-legacy"):
         artifact.load(legacy)
     with pytest.raises(CheckpointError, match="not a loadable scldm-scale 0.1 checkpoint"):
-        artifact.from_legacy(legacy)
+        from_legacy(legacy)
     legacy.write_bytes(evil)
     with pytest.raises(CheckpointError, match="not a loadable scldm-scale 0.1 checkpoint"):
-        artifact.from_legacy(legacy)
+        from_legacy(legacy)
     assert not marker.exists()
     # The payload is live: an unrestricted unpickler does run it (so the checks above prove something).
     pickle.loads(evil)

@@ -1,5 +1,7 @@
 """`scldm-scale export`: a training step folder of any strategy, or a scldm-scale 0.1 `.pt`, -> a model artifact.
 
+A 0.1 `.pt` (`--from-legacy`) is read with torch's restricted unpickler and mapped onto the artifact.
+
 Step folders hold sharded weights (a DCP checkpoint for single/ddp/fsdp, DeepSpeed's ZeRO files for
 deepspeed) plus the artifact's other parts (`to_parts` of the stage's artifact without its trained
 weights). Export consolidates the shards in one process, without torch.distributed, on the CPU, and
@@ -11,13 +13,26 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from scldm_scale import artifact
-from scldm_scale.artifact import CheckpointError, Provenance
-from scldm_scale.config import ConfigError
+from scldm_scale.artifact import (
+    KINDS,
+    Artifact,
+    CheckpointError,
+    LDMArtifact,
+    Provenance,
+    VAEArtifact,
+    json_ready,
+)
+from scldm_scale.config import ConfigError, PriorConfig, VAEConfig, section_from_dict
+from scldm_scale.data.batch import LabelEncoder, TokenPolicy
+from scldm_scale.data.vocab import GeneVocabulary
+from scldm_scale.models.library_size import LibrarySizeModel
 from scldm_scale.train.checkpoint import dcp_failure, load_step_state
 from scldm_scale.train.strategies import DEEPSPEED, EMA_FILE, WEIGHTS
 
@@ -79,7 +94,69 @@ def export(folder: str | Path, out: str | Path | None = None) -> Path:
 
 def convert_legacy(path: str | Path, out: str | Path) -> Path:
     """A scldm-scale 0.1 single-file checkpoint (vae.pt / ldm.pt) -> an artifact folder; no pickle code runs."""
-    return artifact.from_legacy(path).save(out)
+    return from_legacy(path).save(out)
+
+
+def from_legacy(path: str | Path) -> Artifact:
+    """The artifact of a single-file `.pt` checkpoint written by scldm-scale 0.1 (`scldm-scale export
+    --from-legacy`). It is read with torch's restricted unpickler (weights_only), which builds tensors,
+    containers and numpy scalars and refuses every other global, so no code in the file can run."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"legacy checkpoint {path} does not exist")
+    allowed = [np._core.multiarray.scalar, np.dtype, *(type(np.dtype(c)) for c in "fdilbU")]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            legacy = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # the restricted unpickler raises UnpicklingError; torch others for non-torch files
+        reason = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:200]
+        raise CheckpointError(f"{path} is not a loadable scldm-scale 0.1 checkpoint (refused: {reason})") from None
+    if not isinstance(legacy, dict) or legacy.get("format") != "scldm-scale" or legacy.get("kind") not in KINDS:
+        raise CheckpointError(f"{path} is not a single-file scldm-scale checkpoint (vae.pt / ldm.pt)")
+    return from_legacy_payload(legacy, str(path))
+
+
+def from_legacy_payload(legacy: dict, where: str) -> Artifact:
+    """The artifact of a scldm-scale 0.1 checkpoint dict (a `.pt` file's content, or a 0.1 step folder's
+    export payload with its weights added): kind, vae_config, vae_state, gene_names, condition_encoders,
+    library_size, config, step, history; an ldm adds prior_config, n_classes, latent_mean/std, prior_state,
+    prior_ema_state."""
+    legacy = json_ready(legacy)
+    data = legacy.get("config", {}).get("data", {})
+    train = legacy.get("config", {}).get("train", {})
+    source = data.get("uri") or data.get("path") or f"builtin:{data.get('builtin')}"
+    step = int(legacy.get("step", 0))
+    vae = VAEArtifact(
+        config=section_from_dict(VAEConfig, legacy["vae_config"], f"{where} VAE config"),
+        genes=GeneVocabulary(legacy["gene_names"]),
+        encoders={k: LabelEncoder(k, s["values"]) for k, s in legacy["condition_encoders"].items()},
+        library_size=LibrarySizeModel.from_state(legacy["library_size"]),
+        token_policy=TokenPolicy(data.get("gene_tokens", "expressed"), int(data.get("n_zero_tokens", 0))),
+        weights=legacy["vae_state"],
+        allow_non_integer=bool(data.get("allow_non_integer", False)),
+    )
+    record = {
+        "provenance": Provenance(
+            data_uri=source,
+            steps=step,
+            cells_seen=step * int(train.get("batch_size", 0)) * int(train.get("grad_accum_steps", 1)),
+            strategy=str(train.get("strategy", "single")),
+            package_version="0.1.0 (converted from legacy .pt)",
+        ),
+        "training": {"config": legacy.get("config", {}), "history": legacy.get("history", [])},
+    }
+    if legacy["kind"] == "vae":
+        return replace(vae, **record)
+    return LDMArtifact(
+        vae=vae,
+        prior_config=section_from_dict(PriorConfig, legacy["prior_config"], f"{where} prior config"),
+        n_classes={k: int(v) for k, v in legacy["n_classes"].items()},
+        latent_mean=legacy["latent_mean"],
+        latent_std=legacy["latent_std"],
+        prior_weights=legacy["prior_state"],
+        prior_ema_weights=legacy.get("prior_ema_state") or {},
+        **record,
+    )
 
 
 def _legacy_skeleton(parts, model_state: dict, ema_state: dict | None, state: dict, where: str):
@@ -92,7 +169,7 @@ def _legacy_skeleton(parts, model_state: dict, ema_state: dict | None, state: di
             "prior_ema_state": {k[strip:]: v for k, v in (ema_state or {}).items() if k.startswith("dit.")},
         }
     legacy = {**payload, **weights, "kind": kind, "step": state["step"], "history": state["history"]}
-    return artifact.from_legacy_payload(legacy, where)
+    return from_legacy_payload(legacy, where)
 
 
 def _with_tied_weights(skeleton: artifact.VAEArtifact, model_state: dict, folder: Path) -> dict:
