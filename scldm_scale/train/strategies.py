@@ -38,8 +38,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from scldm_scale.artifact import CheckpointError
 from scldm_scale.config import ConfigError, OptimConfig, TrainConfig
-from scldm_scale.train.checkpoint import CheckpointError, dcp_failure
+from scldm_scale.train.checkpoint import dcp_failure
 from scldm_scale.train.distributed import Dist
 from scldm_scale.train.optim import EMA, build_optimizer, build_scheduler
 

@@ -25,9 +25,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from scldm_scale.artifact import CheckpointError
 from scldm_scale.config import OptimConfig, TrainConfig
 from scldm_scale.train import distributed
-from scldm_scale.train.checkpoint import CheckpointError, RunCheckpoints, load_rng, load_step_state, set_rng_state
+from scldm_scale.train.checkpoint import RunCheckpoints, load_rng, load_step_state, set_rng_state
 from scldm_scale.train.distributed import Dist
 from scldm_scale.train.flops import mfu, peak_tflops
 from scldm_scale.train.strategies import build_strategy

@@ -10,9 +10,9 @@ import pytest
 import torch
 from scldm_test_helpers import synthetic_vae_args
 
+from scldm_scale.artifact import CheckpointError
 from scldm_scale.config import ConfigError, TrainConfig, load_config
 from scldm_scale.train import distributed
-from scldm_scale.train.checkpoint import CheckpointError
 from scldm_scale.train.distributed import Dist
 from scldm_scale.train.stages import run_training
 from scldm_scale.train.strategies import (
