@@ -79,7 +79,7 @@ def export(folder: str | Path, out: str | Path | None = None) -> Path:
         skeleton = artifact.from_parts(*parts, where=str(folder))
     if skeleton.kind == "vae":
         model_state = _with_tied_weights(skeleton, model_state, folder)
-    config = skeleton.training.get("config") or state.get("config")
+    config = skeleton.training["config"]
     trained = skeleton.trained(
         model_state,
         ema_state,

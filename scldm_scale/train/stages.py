@@ -147,6 +147,7 @@ def train_vae(cfg: Config, dist_info: Dist, on_step: Callable | None = None) -> 
         token_policy=TokenPolicy(cfg.data.gene_tokens, cfg.data.n_zero_tokens),
         weights={},
         allow_non_integer=cfg.data.allow_non_integer,
+        training={"config": to_dict(cfg)},  # what `export` of a step folder records as the run's config
     )
     tracker = start_tracker(cfg, "vae", dist_info.is_main)
     trainer = Trainer(
@@ -203,6 +204,7 @@ def train_ldm(cfg: Config, dist_info: Dist, on_step: Callable | None = None) -> 
         latent_std=latent_std,
         prior_weights={},
         prior_ema_weights={},
+        training={"config": to_dict(cfg)},
     )
     tracker = start_tracker(cfg, "ldm", dist_info.is_main)
     trainer = Trainer(
