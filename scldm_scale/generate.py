@@ -1,6 +1,6 @@
-"""Generate cells from an ldm checkpoint: DiT (EMA weights) -> latents -> VAE decoder -> NB counts.
+"""Generate cells from an ldm model artifact: DiT (EMA weights) -> latents -> VAE decoder -> NB counts.
 
-The AnnData-facing side: conditions arrive as strings, are checked against the checkpoint's encoders
+The AnnData-facing side: conditions arrive as strings, are checked against the model's encoders
 (an unknown value is an error listing the known ones), and the result carries integer counts in X,
 the condition labels in .obs, gene names in .var and the generation settings in .uns.
 """
@@ -189,7 +189,7 @@ def generate(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`scldm-scale generate`; the sampler's flags are views of `SampleConfig`."""
-    parser.add_argument("checkpoint", help="the ldm model to sample from")
+    parser.add_argument("checkpoint", metavar="MODEL", help="the ldm model artifact folder (<ckpt_dir>/ldm-model)")
     parser.add_argument("--n-cells", type=int, required=True, help="cells to generate")
     parser.add_argument("--condition", action="append", default=[], metavar="KEY=VALUE", help="repeatable")
     parser.add_argument(

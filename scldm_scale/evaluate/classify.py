@@ -320,7 +320,7 @@ def markdown(result: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`scldm-scale classify`."""
-    parser.add_argument("checkpoint", help="a vae or ldm model")
+    parser.add_argument("checkpoint", metavar="MODEL", help="a vae or ldm model artifact folder")
     parser.add_argument("data", help=".h5ad of raw counts, or a SOMA experiment URI, with the labels in obs")
     parser.add_argument("--label-key", required=True, help="obs column to predict, e.g. cell_type")
     split_help = "obs column with train/test (else a stratified 80/20 split)"

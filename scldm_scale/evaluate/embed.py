@@ -393,7 +393,7 @@ def check_embed_options(args: argparse.Namespace) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`scldm-scale embed`."""
-    parser.add_argument("checkpoint", help="a vae or ldm model")
+    parser.add_argument("checkpoint", metavar="MODEL", help="a vae or ldm model artifact folder")
     parser.add_argument("input", help=".h5ad of raw counts, or a SOMA experiment URI")
     add_embed_options(parser)
     parser.add_argument("--out", required=True, help="output .h5ad: the input's obs, obsm X_scldm and X_scldm_pooled")
