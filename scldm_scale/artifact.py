@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -118,12 +119,22 @@ class VAEArtifact:
         _load_weights(model, self.weights, "VAE")
         return model.to(device).eval()
 
+    def structure(self) -> SetVAE:
+        """The VAE on the meta device: its parameter names, sizes and ties, without any memory."""
+        with torch.device("meta"):
+            return SetVAE(self.config, len(self.genes))
+
     def save(self, folder: str | Path) -> Path:
         return _write(self, folder)
 
     def trained(self, model_state: dict, ema_state: dict | None, **record) -> VAEArtifact:
-        """This artifact with the weights of a trained SetVAE (and its provenance/training record)."""
-        return replace(self, weights=_fp32(model_state), **record)
+        """This artifact with the weights of a trained SetVAE (and its provenance/training record). A state
+        that names a tied tensor once (DeepSpeed's consolidation does) gets its other names back."""
+        weights = _fp32(model_state)
+        for alias, name in tied_names(self.structure()).items():
+            if alias not in weights and name in weights:
+                weights[alias] = weights[name]
+        return replace(self, weights=weights, **record)
 
     def _sections(self) -> dict:
         return {
@@ -141,7 +152,11 @@ class VAEArtifact:
         }
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        return _prefixed("vae.", self.weights)
+        tied = tied_names(self.structure())
+        return _prefixed("vae.", {k: v for k, v in self.weights.items() if k not in tied})
+
+    def _ties(self) -> dict[str, str]:
+        return {f"vae.{alias}": f"vae.{name}" for alias, name in tied_names(self.structure()).items()}
 
     @classmethod
     def _from(cls, sections: dict, tensors: dict[str, torch.Tensor], common: dict, where: str) -> VAEArtifact:
@@ -192,6 +207,12 @@ class LDMArtifact:
         _load_weights(dit, weights, "prior")
         return dit.to(device).eval()
 
+    def structure(self) -> DiT:
+        """The DiT on the meta device (names and sizes, no memory)."""
+        cfg = self.vae.config
+        with torch.device("meta"):
+            return DiT(self.prior_config, cfg.n_latent_tokens, cfg.latent_dim, self.n_classes)
+
     def save(self, folder: str | Path) -> Path:
         return _write(self, folder)
 
@@ -216,6 +237,9 @@ class LDMArtifact:
             "latent.mean": self.latent_mean,
             "latent.std": self.latent_std,
         }
+
+    def _ties(self) -> dict[str, str]:
+        return self.vae._ties()  # the DiT shares no tensor between two names
 
     @classmethod
     def _from(cls, sections: dict, tensors: dict[str, torch.Tensor], common: dict, where: str) -> LDMArtifact:
@@ -249,6 +273,11 @@ def load(path: str | Path, kind: str | None = None) -> Artifact:
             f".pt written by scldm-scale 0.1, convert it once: scldm-scale export --from-legacy {folder} --out DIR"
         )
     if not folder.is_dir():
+        if _trash(folder).is_dir():
+            raise CheckpointError(
+                f"model {folder} does not exist, but an interrupted save left the previous model at "
+                f"{_trash(folder)}; rename it to {folder.name} to use it"
+            )
         raise CheckpointError(f"model {folder} does not exist; pass the folder `scldm-scale train` or `export` wrote")
     config = _read_config(folder)
     stored = config["kind"]
@@ -268,13 +297,13 @@ def load(path: str | Path, kind: str | None = None) -> Artifact:
 def to_parts(artifact: Artifact) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json's content, the tensors of model.safetensors) of an artifact: what `save` writes and
     what a training step folder keeps, with the weights trained so far, for `scldm-scale export`."""
-    tensors, tied = _untied({k: v.detach().cpu().contiguous() for k, v in artifact._tensors().items()})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in artifact._tensors().items()}
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "kind": artifact.kind,
         **artifact._sections(),
-        "tied_weights": tied,
+        "tied_weights": artifact._ties(),
         "provenance": json_ready(artifact.provenance.__dict__),
         "training": json_ready(artifact.training),
         "evaluation": json_ready(artifact.evaluation),
@@ -286,24 +315,19 @@ def from_parts(config: dict, tensors: dict[str, torch.Tensor], where: str) -> Ar
     """The artifact of `to_parts`' output (`where` names it in errors)."""
     tensors = dict(tensors)
     for alias, source in config.get("tied_weights", {}).items():
-        if source not in tensors:
-            raise CheckpointError(f"{where}: tied weight {alias!r} names {source!r}, which is not in {WEIGHTS_FILE}")
-        tensors[alias] = tensors[source]
-    common = {
-        "provenance": Provenance(**config.get("provenance", {})),
-        "training": config.get("training", {}),
-        "evaluation": config.get("evaluation", {}),
-    }
+        if source in tensors:  # absent in a step folder's parts (no weights yet); building the model checks
+            tensors[alias] = tensors[source]
     try:
+        common = {
+            "provenance": Provenance(**config.get("provenance", {})),
+            "training": config.get("training", {}),
+            "evaluation": config.get("evaluation", {}),
+        }
         return _CLASSES[config["kind"]]._from(config, tensors, common, where)
-    except (KeyError, TypeError) as err:
-        raise CheckpointError(f"{where}: {CONFIG_FILE} lacks or misstates {err}; export the model again") from None
     except (ConfigError, DataError) as err:
         raise CheckpointError(f"{where}: {err}") from None
-
-
-def is_artifact(path: str | Path) -> bool:
-    return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / WEIGHTS_FILE).is_file()
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{where}: {CONFIG_FILE} lacks or misstates {err}; export the model again") from None
 
 
 def record_evaluation(path: str | Path, evaluation: dict) -> None:
@@ -311,7 +335,7 @@ def record_evaluation(path: str | Path, evaluation: dict) -> None:
     folder = Path(path)
     config = _read_config(folder)
     config["evaluation"] = json_ready(evaluation)
-    _replace_file(folder / CONFIG_FILE, json.dumps(config, indent=1).encode())
+    _replace_file(folder / CONFIG_FILE, json.dumps(config, indent=1, allow_nan=False).encode())
     artifact = load(folder)
     _replace_file(folder / CARD_FILE, model_card(artifact, folder.name).encode())
 
@@ -320,7 +344,7 @@ def model_card(artifact: Artifact, name: str) -> str:
     """The README.md beside the weights: what the model is, what it was trained on, how to use it."""
     vae = artifact.vae
     p = artifact.provenance
-    n_vae = sum(t.numel() for t in vae.weights.values())
+    n_vae = sum(p.numel() for p in vae.structure().parameters())  # each tied parameter once
     lines = [
         f"# {name}: scLDM {'latent diffusion model' if artifact.kind == 'ldm' else 'VAE'} (scldm-scale)",
         "",
@@ -331,7 +355,7 @@ def model_card(artifact: Artifact, name: str) -> str:
         f"{vae.config.n_latent_tokens} latent tokens x {vae.config.latent_dim}, {vae.config.likelihood} likelihood |",
     ]
     if isinstance(artifact, LDMArtifact):
-        n_prior = sum(t.numel() for t in artifact.prior_weights.values())
+        n_prior = sum(p.numel() for p in artifact.structure().parameters())
         cfg = artifact.prior_config
         lines.append(
             f"| prior | DiT, {n_prior / 1e6:.2f}M parameters; d_model {cfg.d_model}, {cfg.n_layers} layers; "
@@ -359,12 +383,12 @@ def model_card(artifact: Artifact, name: str) -> str:
         "```python",
         "import scldm_scale",
         f'model = scldm_scale.load_model("{name}")',
-        'adata = scldm_scale.embed(model, adata)  # obsm["X_scldm"]',
+        'adata = scldm_scale.embed_cells(model, adata)  # raw counts in X; adds obsm["X_scldm"]',
     ]
     if isinstance(artifact, LDMArtifact) and vae.encoders:
         key = next(iter(vae.encoders))
         value = vae.encoders[key].values[0]
-        lines.append(f'cells = scldm_scale.generate(model, {{"{key}": "{value}"}}, n_cells=100)')
+        lines.append(f'cells = scldm_scale.generate_cells(model, {{"{key}": "{value}"}}, n_cells=100)')
     lines += [
         "```",
         "",
@@ -404,47 +428,56 @@ def _read_config(folder: Path) -> dict:
 def _write(artifact: Artifact, folder: str | Path) -> Path:
     """Write the artifact to a temporary sibling folder, fsync it, then put it in place of `folder`."""
     folder = Path(folder)
-    if folder.exists() and not (folder.is_dir() and (folder / CONFIG_FILE).is_file()):
-        raise CheckpointError(f"{folder} exists and is not a model artifact; pick another output path")
+    if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or _is_ours(folder))):
+        raise CheckpointError(f"{folder} exists and is not a scldm-scale model; pick another output path")
     config, tensors = to_parts(artifact)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": FORMAT, "kind": artifact.kind})
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, allow_nan=False))
         (tmp / CARD_FILE).write_text(model_card(artifact, folder.name))
         umask = _umask()
         for name in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE):
             os.chmod(tmp / name, 0o666 & ~umask)
             _fsync(tmp / name)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private
+        # An old model is renamed aside, then the new one renamed in: the path never holds a partial model.
+        trash = _trash(folder)
         if folder.exists():
-            trash = folder.with_name(f".{folder.name}.trash")
             shutil.rmtree(trash, ignore_errors=True)
             os.replace(folder, trash)
-            os.replace(tmp, folder)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
+        os.replace(tmp, folder)
+        _fsync(folder.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(trash, ignore_errors=True)
     return folder
 
 
-def _untied(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """safetensors stores each tensor once: a name sharing another's storage becomes an alias of it."""
-    kept: dict[str, torch.Tensor] = {}
-    tied: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    for name, tensor in tensors.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
-        if tensor.numel() and key in seen:
-            tied[name] = seen[key]
+def _trash(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.trash")
+
+
+def _is_ours(folder: Path) -> bool:
+    try:
+        return json.loads((folder / CONFIG_FILE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """{alias: name} for each state-dict entry that is the same tensor as an earlier one (a tied weight, as
+    the model defines it), so it is stored once and its other names restored on loading."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in first:
+            tied[name] = first[id(tensor)]
         else:
-            seen[key] = name
-            kept[name] = tensor
-    return kept, tied
+            first[id(tensor)] = name
+    return tied
 
 
 def _load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
@@ -468,13 +501,16 @@ def _unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torc
 
 
 def json_ready(value):
-    """JSON-ready containers: numpy scalars to Python values, tuples to lists (tensors are left alone)."""
+    """JSON-ready containers: numpy scalars to Python values, tuples to lists, NaN and inf (a diverged loss)
+    to None, which standard JSON can hold; tensors are left alone."""
     if isinstance(value, dict):
         return {str(k): json_ready(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [json_ready(v) for v in value]
     if isinstance(value, np.generic):
-        return value.item()
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     return value
 
 
@@ -485,8 +521,12 @@ def _umask() -> int:
 
 
 def _fsync(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+    """Flush a file, or a folder's entries (after renames), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _replace_file(path: Path, data: bytes) -> None:

@@ -19,7 +19,7 @@ import sys
 from scldm_scale.artifact import CheckpointError
 from scldm_scale.config import ConfigError
 from scldm_scale.data.counts import DataError
-from scldm_scale.world import get_rank, get_world_size
+from scldm_scale.world import StopRequested, get_rank, get_world_size
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
@@ -125,14 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         args.configs += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from scldm_scale.train.trainer import TrainingInterrupted
-
     try:
         args.handle(args)
     except USER_ERRORS as err:
         print(f"scldm-scale {args.command}: {tag}error: {err}", file=sys.stderr)
         return 2
-    except TrainingInterrupted as stop:
+    except StopRequested as stop:
         if get_rank() == 0:
             print(f"scldm-scale {args.command}: {stop}", file=sys.stderr)
         return stop.exit_code

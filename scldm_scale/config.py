@@ -69,7 +69,7 @@ class DataConfig:
     builtin: str = "pbmc68k_reduced"
     # Layer holding the counts; null means X (h5ad), "counts" (soma) or "raw" (census).
     layer: str | None = None
-    # obs columns that become the model's conditions (label-encoded; stored in the checkpoint).
+    # obs columns that become the model's conditions (label-encoded; stored in the model artifact).
     condition_keys: list[str] = field(default_factory=lambda: ["bulk_labels"])
     # obs column with "train"/"test"; created (stratified by the first condition key) when absent.
     split_key: str = "split"
@@ -165,7 +165,7 @@ class TrainConfig:
     keep_last: int = 3
     # "never", "auto" (the latest complete checkpoint of this stage, if any), or a step-N folder.
     resume: str = "never"
-    # The VAE checkpoint the ldm stage encodes cells with.
+    # The VAE model artifact (<ckpt_dir>/vae-model of stage=vae) the ldm stage encodes cells with.
     vae_checkpoint: str | None = None
     metrics_file: str | None = None
     progress: bool = True
@@ -235,7 +235,9 @@ class EvalConfig:
     n_hvg: int = option(2000, "highly variable genes the PCA is fitted on")
     seed: int = option(0, "random seed of the baselines and the subsampling")
     scvi_epochs: int = option(200, "training epochs of the scvi baseline")
-    vae_checkpoint: str | None = option(None, "VAE or LDM checkpoint: adds its reconstruction of the real cells")
+    vae_checkpoint: str | None = option(
+        None, "a vae or ldm model artifact folder: adds its reconstruction of the real cells"
+    )
     plots: bool = option(True, "draw the figures")
 
 
@@ -386,7 +388,7 @@ def validate(cfg: Config) -> Config:
         if o.warmup_frac + o.decay_frac > 1.0:
             raise ConfigError(f"optim.{stage}.warmup_frac + decay_frac must be <= 1")
     if cfg.stage == "ldm" and not cfg.train.vae_checkpoint:
-        raise ConfigError("stage=ldm needs train.vae_checkpoint=PATH (a checkpoint written by stage=vae)")
+        raise ConfigError("stage=ldm needs train.vae_checkpoint=PATH (the model stage=vae wrote: <ckpt_dir>/vae-model)")
     return cfg
 
 
@@ -471,14 +473,14 @@ def to_dict(cfg: Config) -> dict:
 
 
 def section_from_dict(schema: type, data: dict, where: str):
-    """Rebuild one schema section (e.g. VAEConfig) from a checkpoint's stored dict, strictly."""
+    """Rebuild one schema section (e.g. VAEConfig) from a model artifact's stored dict, strictly."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(data))
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(
             f"{where}: stored config does not fit this version of scldm-scale ({_friendly(err)}); "
-            "retrain with this version or use the version that wrote the checkpoint"
+            "retrain with this version or use the version that wrote the model"
         ) from None
 
 

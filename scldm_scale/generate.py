@@ -63,11 +63,6 @@ class Generator:
             device=device_,
         )
 
-    @property
-    def gene_names(self) -> list[str]:
-        """The vocabulary's gene ids, in the model's order (the generated .h5ad's var_names)."""
-        return self.genes.ids
-
     def _check(self, labels: dict[str, np.ndarray], guidance: dict[str, float]) -> None:
         for key in list(labels) + list(guidance):
             if key not in self.encoders:
@@ -110,7 +105,7 @@ class Generator:
             rows = np.array([c == combo for c in combos])
             library[rows] = self.library_size.sample(int(rows.sum()), dict(zip(labels, combo, strict=True)), rng)
         m, latent_dim = self.vae.latent_shape
-        genes = torch.arange(len(self.gene_names), device=self.device)
+        genes = torch.arange(len(self.genes), device=self.device)
         # dopri5 is adaptive: its number of model evaluations is unknown in advance.
         evals_per_batch = {"euler": sampler.n_steps, "heun": 2 * sampler.n_steps}.get(sampler.method)
         n_batches = -(-n_cells // sampler.batch_size)
@@ -131,7 +126,7 @@ class Generator:
             size = torch.from_numpy(library[start:stop]).float().to(self.device)
             out.append(self.vae.sample_counts(z, genes, size).cpu().numpy().astype(np.int64))
         bar.close()
-        return np.concatenate(out) if out else np.zeros((0, len(self.gene_names)), dtype=np.int64)
+        return np.concatenate(out) if out else np.zeros((0, len(self.genes)), dtype=np.int64)
 
 
 def _counted(velocity, bar):

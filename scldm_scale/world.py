@@ -1,4 +1,4 @@
-"""Which process this is among the launched ones: its rank and the world size.
+"""Which process this is among the launched ones (its rank and the world size), and how it stops on a signal.
 
 torch.distributed's values once its process group is up, else the launcher's RANK / WORLD_SIZE (torchrun,
 the DeepSpeed launcher and launch/slurm.sbatch set them before any group exists), else one process (0, 1).
@@ -31,3 +31,12 @@ def rank_and_world_size(rank: int | None = None, world_size: int | None = None) 
     if rank is not None and world_size is not None:
         return rank, world_size
     return get_rank(), get_world_size()
+
+
+class StopRequested(Exception):
+    """The process was asked to stop (SIGTERM / SIGINT) and stopped cleanly after saving what it must; the
+    command exits with `exit_code` (128 + the signal, as a shell reports a process killed by it)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum

@@ -1,12 +1,15 @@
 """Model artifacts: round trips, clear errors for bad folders, atomic saves, and no pickle ever runs."""
 
+import dataclasses
 import json
 import os
 import pickle
 import subprocess
 import sys
 
+import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -114,8 +117,11 @@ def test_vae_round_trip_gives_identical_model_outputs(tmp_path):
     assert loaded.source == str(path)
 
 
-def test_weights_are_stored_once_under_plain_module_names(tmp_path):
+@pytest.mark.parametrize("copied", [False, True])
+def test_weights_are_stored_once_under_plain_module_names(tmp_path, copied):
     model, vae = _vae_artifact()
+    if copied:  # as a GPU state dict moved to the CPU key by key: tied names are separate tensors
+        model = dataclasses.replace(model, weights={k: v.clone() for k, v in model.weights.items()})
     path = model.save(tmp_path / "vae-model")
     config = json.loads((path / CONFIG_FILE).read_text())
     from safetensors import safe_open
@@ -125,8 +131,10 @@ def test_weights_are_stored_once_under_plain_module_names(tmp_path):
     expected = {f"vae.{k}" for k in vae.state_dict()}
     assert stored | set(config["tied_weights"]) == expected
     assert not stored & set(config["tied_weights"])
-    assert "vae.decoder_gene_embedding.weight" in config["tied_weights"]
-    assert not any(part in k for k in expected for part in ("_orig_mod.", "module.", "_checkpoint_wrapped"))
+    assert config["tied_weights"]["vae.decoder_gene_embedding.weight"] == "vae.gene_embedding.weight"
+    restored = artifact.load(path).build_vae()
+    assert restored.decoder_gene_embedding.weight is restored.gene_embedding.weight
+    assert torch.equal(restored.decoder_gene_embedding.weight, vae.gene_embedding.weight)
 
 
 def test_ldm_round_trip_keeps_prior_ema_latents_and_its_vae(tmp_path):
@@ -145,11 +153,48 @@ def test_ldm_round_trip_keeps_prior_ema_latents_and_its_vae(tmp_path):
         assert torch.equal(vae.state_dict()[key], value), key
 
 
+def test_the_model_card_code_runs(tmp_path):
+    model, _ = _ldm_artifact()
+    model.save(tmp_path / "ldm-model")
+    card = (tmp_path / "ldm-model" / "README.md").read_text()
+    code = card.split("```python\n")[1].split("```")[0]
+    assert "embed_cells" in code and "generate_cells" in code
+    adata = ad.AnnData(
+        X=sp.csr_matrix(np.random.default_rng(0).poisson(2.0, (6, N_GENES)).astype(np.float32) + np.eye(6, N_GENES)),
+        var=pd.DataFrame(index=model.vae.genes.ids),
+    )
+    namespace = {"adata": adata}
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        exec(code, namespace)
+    finally:
+        os.chdir(cwd)
+    assert namespace["adata"].obsm["X_scldm"].shape == (6, 4 * 8)
+    assert namespace["cells"].shape == (100, N_GENES)
+
+
+def test_an_unknown_field_in_the_config_is_a_clear_error(tmp_path):
+    path = _vae_artifact()[0].save(tmp_path / "m")
+    config = json.loads((path / CONFIG_FILE).read_text())
+    config["provenance"]["gpu_hours"] = 3
+    (path / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="config.json lacks or misstates .*gpu_hours"):
+        artifact.load(path)
+    config["provenance"].pop("gpu_hours")
+    config["vae"]["conditions"] = ["a", "b"]
+    (path / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="config.json lacks or misstates"):
+        artifact.load(path)
+
+
 def test_round_trip_keeps_nested_python_data(tmp_path):
     model, _ = _vae_artifact()
     loaded = artifact.load(model.save(tmp_path / "m"))
     assert loaded.training["config"] == to_dict(Config())
     assert loaded.training["history"] == [{"step": 1, "loss": 2.5}]
+    nan_loss = dataclasses.replace(model, training={"history": [{"step": 1, "loss": float("nan")}]})
+    assert artifact.load(nan_loss.save(tmp_path / "n")).training["history"] == [{"step": 1, "loss": None}]
     artifact.record_evaluation(tmp_path / "m", {"mmd": 0.0057, "evaluated on": "pbmc"})
     again = artifact.load(tmp_path / "m")
     assert again.evaluation == {"mmd": 0.0057, "evaluated on": "pbmc"}
@@ -244,9 +289,33 @@ def test_save_leaves_no_temporary_files_and_replaces_the_old_model(tmp_path):
 def test_save_refuses_to_replace_a_folder_that_is_not_a_model(tmp_path):
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "notes.txt").write_text("mine")
-    with pytest.raises(CheckpointError, match="exists and is not a model artifact"):
-        _vae_artifact()[0].save(tmp_path / "results")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / CONFIG_FILE).write_text(json.dumps({"architectures": ["BertModel"]}))
+    for folder in ("results", "hf"):
+        with pytest.raises(CheckpointError, match="exists and is not a scldm-scale model"):
+            _vae_artifact()[0].save(tmp_path / folder)
     assert (tmp_path / "results" / "notes.txt").read_text() == "mine"
+    assert json.loads((tmp_path / "hf" / CONFIG_FILE).read_text()) == {"architectures": ["BertModel"]}
+    (tmp_path / "empty").mkdir()
+    assert artifact.load(_vae_artifact()[0].save(tmp_path / "empty")).kind == "vae"
+
+
+def test_a_save_interrupted_between_its_renames_says_where_the_previous_model_is(tmp_path, monkeypatch):
+    path = _vae_artifact()[0].save(tmp_path / "vae-model")
+    real_replace = os.replace
+
+    def die_after_moving_the_old_model_aside(src, dst):
+        real_replace(src, dst)
+        if str(dst).endswith(".trash"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", die_after_moving_the_old_model_aside)
+    with pytest.raises(KeyboardInterrupt):
+        _vae_artifact(seed=1)[0].save(path)
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match=r"an interrupted save left the previous model at .*\.vae-model\.trash"):
+        artifact.load(path)
+    assert sorted(os.listdir(tmp_path)) == [".vae-model.trash"]  # the new model's temporary folder is gone
 
 
 @pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])
@@ -347,13 +416,16 @@ def test_export_from_legacy_converts_a_0_1_checkpoint(tmp_path):
     assert loaded.provenance.steps == 7 and loaded.training["history"] == [{"step": 7, "loss": 1.0}]
 
 
-def test_a_model_loads_and_generates_in_a_fresh_process_without_torch_distributed(tmp_path):
+def test_a_model_loads_and_generates_in_a_fresh_process_without_torch_distributed_or_train(tmp_path):
     model, _ = _ldm_artifact()
     model.save(tmp_path / "ldm-model")
     code = (
         "import sys, torch.distributed as dist, scldm_scale\n"
         f"model = scldm_scale.load_model({str(tmp_path / 'ldm-model')!r})\n"
         "cells = scldm_scale.generate_cells(model, {'cell_type': 'b'}, n_cells=3)\n"
+        "from scldm_scale.cli import main\n"
+        f"assert main(['generate', {str(tmp_path / 'ldm-model')!r}, '--n-cells', '2', '--steps', '2',"
+        f" '--out', {str(tmp_path / 'g.h5ad')!r}]) == 0\n"
         "assert not dist.is_initialized()\n"
         "assert 'scldm_scale.train' not in sys.modules, sorted(m for m in sys.modules if 'scldm_scale.train' in m)\n"
         "print(cells.shape, list(cells.obs['cell_type']), list(cells.var['feature_name'][:2]))\n"
@@ -361,7 +433,7 @@ def test_a_model_loads_and_generates_in_a_fresh_process_without_torch_distribute
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "(3, 12) ['b', 'b', 'b'] ['GENE0', 'GENE1']"
+    assert out.stdout.strip().splitlines()[-1] == "(3, 12) ['b', 'b', 'b'] ['GENE0', 'GENE1']"
 
 
 def test_format_header(tmp_path):

@@ -168,7 +168,7 @@ def classify(
     if generated is None and (rare_classes or rare_max_train is not None):
         raise DataError("--rare-classes / --rare-max-train choose the classes to augment: pass --generated too")
     embedder = Embedder.from_artifact(checkpoint, device=device, batch_size=batch_size)
-    source = open_counts(data, embedder.gene_names, allow_missing_genes, layer, embedder.allow_non_integer)
+    source = open_counts(data, embedder.genes, allow_missing_genes, layer, embedder.allow_non_integer)
     try:
         if label_key not in source.obs:
             raise DataError(f"{data}: no obs column {label_key!r} for --label-key; obs has {list(source.obs)}")
@@ -241,7 +241,7 @@ def _generated_features(
     pca: PCAProjector,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Features and labels of the generated cells of the rare classes, over the same genes as the real cells."""
-    source = open_counts(path, embedder.gene_names, True, None, embedder.allow_non_integer)
+    source = open_counts(path, embedder.genes, True, None, embedder.allow_non_integer)
     try:
         if label_key not in source.obs:
             raise DataError(f"{path}: no obs column {label_key!r}; the generated cells need their labels")
@@ -250,7 +250,7 @@ def _generated_features(
         if len(lacking):
             raise DataError(
                 f"{path}: {len(lacking)} genes of the real cells are missing, e.g. "
-                f"{[embedder.gene_names[i] for i in lacking[:5]]}; generate with the same checkpoint"
+                f"{[embedder.genes.ids[i] for i in lacking[:5]]}; generate with the same model"
             )
         rows = np.flatnonzero(np.isin(labels, rare))
         if len(rows) == 0:

@@ -1,17 +1,18 @@
 """Embed cells with a trained VAE: the posterior-mean latent tokens of each cell, streamed from an .h5ad of
-raw counts or a SOMA experiment into obsm of a new .h5ad (`scldm-scale embed`).
+raw counts or a SOMA experiment into obsm of a new .h5ad (`scldm-scale embed`), or from an in-memory AnnData
+into its own obsm (`scldm_scale.embed_cells`).
 
-- The checkpoint is a VAE or an ldm checkpoint (the latter embeds its VAE); anything else is refused.
-- Genes are matched to the checkpoint's vocabulary as `data.vocab` matches them: by id (an .h5ad's
+- The model is a vae or an ldm artifact (the latter holds its VAE); anything else is refused.
+- Genes are matched to the model's vocabulary as `data.vocab` matches them: by id (an .h5ad's
   var_names or the var column of ids, feature_id, gene_ids, gene_id or ensembl_id, that matches the most
   vocabulary genes; a SOMA experiment's var feature_id), else by name. Input genes outside the vocabulary
   are dropped. Vocabulary genes missing from the input are an error unless allowed; then they are absent
   tokens: the set encoder sees no token for them, which for a model trained on expressed genes only
   (data.gene_tokens=expressed) is exactly what it sees for a zero count, and for dense /
   expressed_plus_zeros models means they are left out of the zero tokens.
-- The encoder tokens follow the checkpoint's data.gene_tokens. expressed_plus_zeros draws each cell's zero
-  tokens from a generator seeded by the cell's row in the input, so a cell's embedding never depends on the
-  batch it is in; tokens enter in vocabulary order whatever the input's gene order (the encoder is
+- The encoder tokens follow the model's token policy (its training's data.gene_tokens). expressed_plus_zeros
+  draws each cell's zero tokens from a generator seeded by the cell's row in the input, so a cell's embedding
+  never depends on the batch it is in; tokens enter in vocabulary order whatever the input's gene order (the encoder is
   permutation invariant, and a fixed order makes it so to the last bit).
 - Reading is in row chunks (h5py for .h5ad, X or a layer; SOMA reads for experiments), so large inputs
   stream; encoding is in batches, in eval mode under no_grad, fp32: the same input gives the same output.
@@ -84,11 +85,6 @@ class Embedder:
             device=device_,
             batch_size=batch_size,
         )
-
-    @property
-    def gene_names(self) -> list[str]:
-        """The vocabulary's gene ids, in the model's order."""
-        return self.genes.ids
 
     @property
     def latent_shape(self) -> tuple[int, int]:
@@ -358,7 +354,7 @@ def embed(
     its own obsm and is returned.
     """
     embedder = Embedder.from_artifact(checkpoint, device=device, batch_size=batch_size)
-    source = open_counts(data, embedder.gene_names, allow_missing_genes, layer, embedder.allow_non_integer)
+    source = open_counts(data, embedder.genes, allow_missing_genes, layer, embedder.allow_non_integer)
     try:
         latents = encode_source(embedder, source, progress)  # (N, M, L)
     finally:
@@ -375,7 +371,7 @@ def embed(
         "latent_dim": latent_dim,
         "layout": f"{EMBED_KEY}[:, m * latent_dim + l] is dimension l of latent token m; {POOLED_KEY} is their mean",
         "gene_tokens": embedder.policy.mode,
-        "n_genes_vocabulary": len(embedder.gene_names),
+        "n_genes_vocabulary": len(embedder.genes),
         "n_genes_used": int(len(source.gene_ids)),
     }
     return out

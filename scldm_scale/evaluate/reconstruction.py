@@ -36,14 +36,14 @@ def reconstruction_metrics(vae: SetVAE, dataset: CellDataset, idx: np.ndarray, d
 
 
 def reconstruction_of(checkpoint: str, adata: ad.AnnData, device: torch.device) -> dict:
-    """reconstruction_metrics of a VAE or LDM checkpoint's VAE on the cells of an AnnData of raw counts.
+    """reconstruction_metrics of a vae or ldm model's VAE on the cells of an AnnData of raw counts.
 
-    The cells' genes are put in the checkpoint's vocabulary order (embed.align_input); a vocabulary gene
+    The cells' genes are put in the model's vocabulary order (embed.align_input); a vocabulary gene
     the cells lack is an error (the likelihood is over every vocabulary gene), other genes are dropped.
     """
     embedder = Embedder.from_artifact(checkpoint, device=str(device))
-    columns = align_input(adata.var, embedder.gene_names, "the real cells", False).columns
+    columns = align_input(adata.var, embedder.genes, "the real cells", False).columns
     counts = sp.csr_matrix(adata.X[:, columns], dtype=np.float32)
     split = np.full(adata.n_obs, "test")
-    dataset = CellDataset(counts, embedder.gene_names, {}, {}, split, embedder.policy)
+    dataset = CellDataset(counts, embedder.genes.ids, {}, {}, split, embedder.policy)
     return reconstruction_metrics(embedder.vae, dataset, np.arange(adata.n_obs), device)

@@ -39,8 +39,12 @@ from scldm_scale.train.strategies import DEEPSPEED, EMA_FILE, WEIGHTS
 log = logging.getLogger(__name__)
 
 
-def consolidated_weights(folder: Path, strategy: str) -> tuple[dict, dict | None]:
-    """(model state, EMA state or None) of a step folder, full tensors on the CPU."""
+def consolidated_weights(folder: Path) -> tuple[dict, dict | None]:
+    """(model state, EMA state or None) of a step folder, full tensors on the CPU.
+
+    A step folder is a training checkpoint: trusted input (DCP's metadata and DeepSpeed's files are
+    pickles). Export your own runs; share the artifact it writes.
+    """
     if (folder / WEIGHTS).is_dir():
         from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -51,7 +55,7 @@ def consolidated_weights(folder: Path, strategy: str) -> tuple[dict, dict | None
                 dcp_to_torch_save(str(folder / WEIGHTS), str(path))
             except (Exception, CheckpointException) as err:  # missing or truncated shard files
                 raise CheckpointError(f"{folder / WEIGHTS} cannot be read: {dcp_failure(err)}") from None
-            full = torch.load(path, map_location="cpu", weights_only=False)
+            full = torch.load(path, map_location="cpu", weights_only=True)
         return full["model"], full.get("ema")
     if (folder / DEEPSPEED).is_dir():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -59,7 +63,7 @@ def consolidated_weights(folder: Path, strategy: str) -> tuple[dict, dict | None
         model = get_fp32_state_dict_from_zero_checkpoint(str(folder / DEEPSPEED), tag="state")
         ema = None
         if (folder / EMA_FILE).exists():
-            ema = torch.load(folder / EMA_FILE, map_location="cpu", weights_only=False)["shadow"]
+            ema = torch.load(folder / EMA_FILE, map_location="cpu", weights_only=True)["shadow"]
         return model, ema
     raise CheckpointError(f"{folder} holds no weights ({WEIGHTS}/ or {DEEPSPEED}/); is it a step folder?")
 
@@ -72,13 +76,12 @@ def export(folder: str | Path, out: str | Path | None = None) -> Path:
     parts = state.get("export")
     if parts is None:
         raise CheckpointError(f"{folder} has no export information (written by a trainer without a stage)")
-    model_state, ema_state = consolidated_weights(folder, state["strategy"])
+    model_state, ema_state = consolidated_weights(folder)
     if isinstance(parts[0], str):  # a scldm-scale 0.1 step folder: (kind, payload)
-        skeleton = _legacy_skeleton(parts, model_state, ema_state, state, str(folder))
+        kind, payload = parts
+        skeleton = from_legacy_payload({"vae_state": {}, **payload, "kind": kind}, str(folder))
     else:
         skeleton = artifact.from_parts(*parts, where=str(folder))
-    if skeleton.kind == "vae":
-        model_state = _with_tied_weights(skeleton, model_state, folder)
     config = skeleton.training["config"]
     trained = skeleton.trained(
         model_state,
@@ -86,6 +89,8 @@ def export(folder: str | Path, out: str | Path | None = None) -> Path:
         provenance=Provenance.of_run(config, state["step"], state["world_size"]),
         training={"config": config, "history": state["history"]},
     )
+    # The weights must build the model they claim to be before anything is written.
+    trained.build_prior() if isinstance(trained, LDMArtifact) else trained.build_vae()
     out = Path(out) if out is not None else folder.parent.parent / f"{skeleton.kind}-model-{folder.name}"
     trained.save(out)
     log.info("exported %s (step %d, written by train.strategy=%s) to %s", folder, state["step"], state["strategy"], out)
@@ -104,7 +109,10 @@ def from_legacy(path: str | Path) -> Artifact:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"legacy checkpoint {path} does not exist")
-    allowed = [np._core.multiarray.scalar, np.dtype, *(type(np.dtype(c)) for c in "fdilbU")]
+    # numpy scalars pickle as numpy._core.multiarray.scalar (numpy 2) or numpy.core.multiarray.scalar (1.x).
+    scalar = getattr(np, "_core", np.core).multiarray.scalar
+    names = ("numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar")
+    allowed = [*((scalar, name) for name in names), np.dtype, *(type(np.dtype(c)) for c in "fdilbU")]
     try:
         with torch.serialization.safe_globals(allowed):
             legacy = torch.load(path, map_location="cpu", weights_only=True)
@@ -122,10 +130,8 @@ def from_legacy_payload(legacy: dict, where: str) -> Artifact:
     library_size, config, step, history; an ldm adds prior_config, n_classes, latent_mean/std, prior_state,
     prior_ema_state."""
     legacy = json_ready(legacy)
-    data = legacy.get("config", {}).get("data", {})
-    train = legacy.get("config", {}).get("train", {})
-    source = data.get("uri") or data.get("path") or f"builtin:{data.get('builtin')}"
-    step = int(legacy.get("step", 0))
+    config = legacy["config"]
+    data = config["data"]
     vae = VAEArtifact(
         config=section_from_dict(VAEConfig, legacy["vae_config"], f"{where} VAE config"),
         genes=GeneVocabulary(legacy["gene_names"]),
@@ -135,15 +141,11 @@ def from_legacy_payload(legacy: dict, where: str) -> Artifact:
         weights=legacy["vae_state"],
         allow_non_integer=bool(data.get("allow_non_integer", False)),
     )
+    # 0.1 did not record the number of ranks: cells_seen counts one rank's cells.
+    provenance = Provenance.of_run(config, int(legacy.get("step", 0)), world_size=1)
     record = {
-        "provenance": Provenance(
-            data_uri=source,
-            steps=step,
-            cells_seen=step * int(train.get("batch_size", 0)) * int(train.get("grad_accum_steps", 1)),
-            strategy=str(train.get("strategy", "single")),
-            package_version="0.1.0 (converted from legacy .pt)",
-        ),
-        "training": {"config": legacy.get("config", {}), "history": legacy.get("history", [])},
+        "provenance": replace(provenance, package_version="0.1 (converted)", git_revision=None, created=""),
+        "training": {"config": config, "history": legacy.get("history", [])},
     }
     if legacy["kind"] == "vae":
         return replace(vae, **record)
@@ -153,36 +155,10 @@ def from_legacy_payload(legacy: dict, where: str) -> Artifact:
         n_classes={k: int(v) for k, v in legacy["n_classes"].items()},
         latent_mean=legacy["latent_mean"],
         latent_std=legacy["latent_std"],
-        prior_weights=legacy["prior_state"],
+        prior_weights=legacy.get("prior_state", {}),  # a 0.1 step folder's payload has its weights apart
         prior_ema_weights=legacy.get("prior_ema_state") or {},
         **record,
     )
-
-
-def _legacy_skeleton(parts, model_state: dict, ema_state: dict | None, state: dict, where: str):
-    kind, payload = parts
-    weights = {"vae_state": model_state}
-    if kind == "ldm":
-        strip = len("dit.")
-        weights = {
-            "prior_state": {k[strip:]: v for k, v in model_state.items() if k.startswith("dit.")},
-            "prior_ema_state": {k[strip:]: v for k, v in (ema_state or {}).items() if k.startswith("dit.")},
-        }
-    legacy = {**payload, **weights, "kind": kind, "step": state["step"], "history": state["history"]}
-    return from_legacy_payload(legacy, where)
-
-
-def _with_tied_weights(skeleton: artifact.VAEArtifact, model_state: dict, folder: Path) -> dict:
-    """DeepSpeed's consolidation keeps one name per shared tensor (the decoder's gene embedding is the
-    encoder's when model.share_gene_embedding): rebuild the VAE to get every name the loader expects."""
-    from scldm_scale.models.vae import SetVAE
-
-    vae = SetVAE(skeleton.config, len(skeleton.genes))
-    missing, unexpected = vae.load_state_dict(model_state, strict=False)
-    tied = {"decoder_gene_embedding.weight"} if vae.decoder_gene_embedding is vae.gene_embedding else set()
-    if unexpected or set(missing) - tied:
-        raise CheckpointError(f"{folder}: weights do not fit the VAE (missing {missing}, unexpected {unexpected})")
-    return {k: v.detach().clone() for k, v in vae.state_dict().items()}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -176,9 +176,7 @@ def train_ldm(cfg: Config, dist_info: Dist, on_step: Callable | None = None) -> 
             f"data.condition_keys={list(cfg.data.condition_keys)} but the VAE was trained with {list(encoders)}; "
             "the prior is conditioned on the VAE model's keys — use the same data.condition_keys"
         )
-    cells = open_train_cells(
-        cfg.data, cfg.train.batch_size, cfg.seed, vocabulary=vae_model.genes.ids, encoders=encoders
-    )
+    cells = open_train_cells(cfg.data, cfg.train.batch_size, cfg.seed, vocabulary=vae_model.genes, encoders=encoders)
     # Every rank encodes the train cells (the latent table is small: N x M x L floats) in the same order.
     latents = encode_latents(vae, cells.ordered(), device)  # (N, M, L)
     latent_mean, latent_std = latents.mean(0), latents.std(0).clamp_min(1e-6)  # (M, L) each

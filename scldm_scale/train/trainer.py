@@ -32,6 +32,7 @@ from scldm_scale.train.checkpoint import RunCheckpoints, load_rng, load_step_sta
 from scldm_scale.train.distributed import Dist
 from scldm_scale.train.flops import mfu, peak_tflops
 from scldm_scale.train.strategies import build_strategy
+from scldm_scale.world import StopRequested
 
 log = logging.getLogger(__name__)
 
@@ -334,13 +335,13 @@ def max_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(StopRequested):
     """SIGTERM/SIGINT arrived: the step finished, a checkpoint was written, the run stops cleanly."""
 
     def __init__(self, signum: int, step: int, checkpoints: RunCheckpoints | None):
-        self.exit_code = 128 + signum
         where = f"a checkpoint is in {checkpoints.root}" if checkpoints else "no checkpoint dir was set"
         super().__init__(
             f"stopped by {signal.Signals(signum).name} after step {step}; {where}. "
-            "Resume with the same command plus train.resume=auto"
+            "Resume with the same command plus train.resume=auto",
+            signum,
         )

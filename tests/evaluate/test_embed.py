@@ -20,6 +20,7 @@ from scldm_scale.config import PriorConfig, load_config
 from scldm_scale.data.batch import TokenPolicy, collate
 from scldm_scale.data.counts import DataError
 from scldm_scale.data.prepare import prepare
+from scldm_scale.data.vocab import GeneVocabulary
 from scldm_scale.evaluate.embed import EMBED_KEY, POOLED_KEY, UNS_KEY, embed
 from scldm_scale.models.dit import DiT
 from scldm_scale.train.stages import run_training
@@ -191,3 +192,14 @@ def test_notebook_api_embeds_an_in_memory_anndata_like_the_cli(vae_ckpt, synthet
     )
     with pytest.raises(DataError, match="no layer 'counts'"):
         scldm_scale.embed_cells(model, adata, layer="counts")
+
+
+def test_a_model_with_ensembl_ids_embeds_cells_keyed_by_symbol(vae_ckpt, synthetic_h5ad, tmp_path):
+    model = artifact.load(vae_ckpt)
+    symbols = model.genes.ids  # the synthetic cells' var_names play the symbols
+    by_id = replace(model, genes=GeneVocabulary([f"ENSG{i:011d}" for i in range(len(symbols))], symbols))
+    folder = by_id.save(tmp_path / "ensembl-model")
+    expected = embed(vae_ckpt, synthetic_h5ad, progress=False).obsm[EMBED_KEY]
+    np.testing.assert_array_equal(embed(folder, synthetic_h5ad, progress=False).obsm[EMBED_KEY], expected)
+    adata = ad.read_h5ad(synthetic_h5ad)
+    np.testing.assert_array_equal(scldm_scale.embed_cells(folder, adata).obsm[EMBED_KEY], expected)

@@ -7,6 +7,7 @@ from scldm_test_helpers import synthetic_vae_args
 from scldm_scale import artifact
 from scldm_scale.cli import main
 from scldm_scale.config import load_config
+from scldm_scale.models.vae import SetVAE
 from scldm_scale.train.stages import run_training
 
 STEPS = 4
@@ -18,13 +19,18 @@ def _same(a: dict, b: dict) -> bool:
 
 def test_export_of_the_last_step_folder_is_the_trained_model(synthetic_h5ad, tiny_overrides, tmp_path):
     common = [*tiny_overrides, f"train.max_steps={STEPS}", "train.ckpt_every=2"]
-    vae_path = run_training(load_config(None, [*synthetic_vae_args(synthetic_h5ad, tmp_path), *common]))
+    vae_cfg = load_config(
+        None, [*synthetic_vae_args(synthetic_h5ad, tmp_path), *common, "train.activation_checkpointing=true"]
+    )
+    vae_path = run_training(vae_cfg)
     ldm_args = [*synthetic_vae_args(synthetic_h5ad, tmp_path), "stage=ldm", f"train.vae_checkpoint={vae_path}"]
     ldm_path = run_training(load_config(None, [*ldm_args, *common]))
 
     assert main(["export", str(tmp_path / "vae" / f"step-{STEPS}"), "--out", str(tmp_path / "vae-export")]) == 0
     exported, final = artifact.load(tmp_path / "vae-export"), artifact.load(vae_path)
     assert _same(exported.weights, final.weights)
+    # Plain module names, whatever the training wrapped around the blocks (activation checkpointing here).
+    assert set(final.weights) == set(SetVAE(vae_cfg.model, len(final.genes)).state_dict())
     assert exported.genes == final.genes and exported.training == final.training
     assert (exported.provenance.steps, exported.provenance.cells_seen) == (STEPS, final.provenance.cells_seen)
     assert exported.provenance.data_uri == str(synthetic_h5ad)
