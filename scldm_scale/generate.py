@@ -170,7 +170,7 @@ def generate(
     n_total = sum(n for _, n in requests)
     counts = gen.sample(n_total, labels, guidance, sampler, seed=seed, progress=progress)
     settings = {
-        "checkpoint": str(model.source if isinstance(model, LDMArtifact) else model),
+        "checkpoint": str(model if not isinstance(model, LDMArtifact) else model.source or "in-memory model"),
         "guidance": {k: float(v) for k, v in (guidance or {}).items()},
         "guidance_mode": gen.guidance_mode,
         "sampler": sampler.method,
