@@ -82,6 +82,12 @@ def _ldm_artifact() -> tuple[LDMArtifact, DiT]:
     return model, dit
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def _no_temp_folders(folder) -> bool:
     return not [p for p in os.listdir(folder) if p.endswith((".tmp", ".trash"))]
 
@@ -199,6 +205,8 @@ def test_round_trip_keeps_nested_python_data(tmp_path):
     again = artifact.load(tmp_path / "m")
     assert again.evaluation == {"mmd": 0.0057, "evaluated on": "pbmc"}
     card = (tmp_path / "m" / "README.md").read_text()
+    modes = {name: os.stat(tmp_path / "m" / name).st_mode & 0o777 for name in ("README.md", CONFIG_FILE)}
+    assert modes == {name: 0o666 & ~_umask() for name in modes}  # readable by others, as a shared model must be
     assert "| mmd | 0.0057 |" in card and "12 (ids and names)" in card and "cells.soma" in card
 
 
