@@ -56,7 +56,11 @@ COMMANDS = {
     ),
     "quickstart": (
         "scldm_scale.quickstart:add_arguments",
-        "train both stages on built-in data, generate, evaluate, report",
+        "train both stages on built-in data or your --data, generate, evaluate, report",
+    ),
+    "synthetic": (
+        "scldm_scale.data.synthetic:add_arguments",
+        "write a seeded whole-transcriptome NB count .h5ad (cell types, donors) to try quickstart --data on",
     ),
     "bench loader": (
         "scldm_scale.bench.loader:add_arguments",

@@ -1,6 +1,8 @@
-"""Synthetic perturbation data with a known answer: cell lines x perturbations, negative binomial counts.
+"""Synthetic negative binomial counts: perturbation data with a known answer (cell lines x perturbations, the
+`synthetic_perturbation` built-in), and a whole-transcriptome sample (`synthetic_transcriptome`, 33,000 genes,
+cell types and donors; `scldm-scale synthetic` writes it as an .h5ad).
 
-The generative model, per cell line l, perturbation p and gene g (all draws from one seeded generator):
+The perturbation data's generative model, per cell line l, perturbation p and gene g (all draws from one seeded generator):
 - baseline log mean   b[l, g] = b0[g] + d[l, g],  b0 ~ N(0, gene_log_sd²) (log-normal gene means: a few
   genes dominate, many are rarely detected, as in real data), d ~ N(0, line_log_sd²) (each line its own
   profile);
@@ -27,6 +29,9 @@ The planted truth is in `.uns["synthetic_truth"]`: `log_fold_change` (lines, per
 """
 
 from __future__ import annotations
+
+import argparse
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -131,3 +136,114 @@ def synthetic_perturbation(
         },
     }
     return adata
+
+
+def synthetic_transcriptome(
+    n_cells: int = 500,
+    n_genes: int = 33_000,
+    n_cell_types: int = 6,
+    n_donors: int = 3,
+    n_programs: int = 4,
+    gene_log_sd: float = 3.0,
+    marker_fraction: float = 0.05,
+    marker_sd: float = 1.5,
+    program_fraction: float = 0.02,
+    program_sd: float = 0.8,
+    donor_sd: float = 0.2,
+    median_library_size: float = 3000.0,
+    library_log_sd: float = 0.5,
+    seed: int = 0,
+) -> ad.AnnData:
+    """Raw counts shaped like a whole-transcriptome 10x sample: what `quickstart --data` is developed on.
+
+    Per cell c of type t and donor d, gene g (draws from one seeded generator):
+    - log expression share  b0[g] + marker[t, g] + donor[d, g] + Σ_k a[c, k] program[k, g], softmaxed over g:
+      b0 ~ N(0, gene_log_sd²) (log-normal gene means: a few genes dominate, about half are never seen in a
+      few hundred cells); each type shifts its own `marker_fraction` of the genes by N(0, marker_sd²);
+      donors shift every gene a little (N(0, donor_sd²)); `n_programs` gene programs (each on
+      `program_fraction` of the genes, loadings N(0, program_sd²)) vary continuously within a type with
+      activities a ~ N(0, 1): the gene–gene correlation an independent per-gene NB cannot reproduce;
+    - library size  L ~ LogNormal(log median_library_size, library_log_sd²) clipped to [1,200, 16,000]
+      (the realised totals, NB noise on top, fall within about 1,000 to 20,000);
+    - counts  x ~ NB(mean L · share, θ_g), θ_g ~ LogNormal(log THETA_MEDIAN, 0.5²) (gamma-Poisson).
+    The defaults give 2–3% non-zeros (some 700 expressed genes a cell, 300 to 2,000); cells are drawn 256 at a time,
+    so memory stays at a few (256, n_genes) arrays whatever n_cells.
+
+    obs: `cell_type` (type_0, ...) and `donor` (donor_0, ...), categorical; var_names: Ensembl-like ids
+    ENSG00000000001, ...; var `feature_name`: symbols SYN1, ...; X: CSR int32 counts; `.uns["synthetic_truth"]`
+    holds the parameters. Deterministic in `seed`.
+    """
+    if n_cells < 1 or n_genes < 2 or n_cell_types < 1 or n_donors < 1 or n_programs < 0:
+        raise ValueError("n_cells, n_cell_types and n_donors must be >= 1, n_genes >= 2, n_programs >= 0")
+    rng = np.random.default_rng(seed)
+    base = rng.normal(0.0, gene_log_sd, n_genes)  # (G,)
+    theta = np.exp(rng.normal(np.log(THETA_MEDIAN), 0.5, n_genes))  # (G,)
+    n_markers = max(1, round(marker_fraction * n_genes))
+    marker = np.zeros((n_cell_types, n_genes))  # (T, G)
+    for t in range(n_cell_types):
+        marker[t, rng.choice(n_genes, n_markers, replace=False)] = rng.normal(0.0, marker_sd, n_markers)
+    donor = rng.normal(0.0, donor_sd, (n_donors, n_genes))  # (D, G)
+    n_loaded = max(1, round(program_fraction * n_genes))
+    program = np.zeros((n_programs, n_genes))  # (K, G)
+    for k in range(n_programs):
+        program[k, rng.choice(n_genes, n_loaded, replace=False)] = rng.normal(0.0, program_sd, n_loaded)
+
+    type_of_cell = rng.integers(0, n_cell_types, n_cells)  # (N,)
+    donor_of_cell = rng.integers(0, n_donors, n_cells)  # (N,)
+    activity = rng.normal(0.0, 1.0, (n_cells, n_programs))  # (N, K)
+    library = np.clip(rng.lognormal(np.log(median_library_size), library_log_sd, n_cells), 1_200, 16_000)  # (N,)
+    blocks = []
+    for start in range(0, n_cells, 256):
+        rows = slice(start, min(start + 256, n_cells))
+        logits = base + marker[type_of_cell[rows]] + donor[donor_of_cell[rows]] + activity[rows] @ program  # (n, G)
+        share = np.exp(logits - logits.max(axis=1, keepdims=True))
+        share /= share.sum(axis=1, keepdims=True)  # (n, G)
+        rate = library[rows, None] * share * rng.gamma(theta, 1.0 / theta, share.shape)  # (n, G) NB(L·share, θ)
+        blocks.append(sp.csr_matrix(rng.poisson(rate).astype(np.int32)))
+    types = [f"type_{t}" for t in range(n_cell_types)]
+    donors = [f"donor_{d}" for d in range(n_donors)]
+    obs = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical(np.array(types)[type_of_cell], categories=types),
+            "donor": pd.Categorical(np.array(donors)[donor_of_cell], categories=donors),
+        },
+        index=[f"cell_{i:06d}" for i in range(n_cells)],
+    )
+    var = pd.DataFrame(
+        {"feature_name": [f"SYN{j + 1}" for j in range(n_genes)]},
+        index=[f"ENSG{j + 1:011d}" for j in range(n_genes)],
+    )
+    adata = ad.AnnData(X=sp.vstack(blocks, format="csr"), obs=obs, var=var)
+    adata.uns["synthetic_truth"] = {
+        "params": {
+            "gene_log_sd": gene_log_sd,
+            "marker_fraction": marker_fraction,
+            "marker_sd": marker_sd,
+            "program_fraction": program_fraction,
+            "program_sd": program_sd,
+            "donor_sd": donor_sd,
+            "median_library_size": median_library_size,
+            "library_log_sd": library_log_sd,
+            "seed": seed,
+        }
+    }
+    return adata
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`scldm-scale synthetic`: `synthetic_transcriptome` as an .h5ad, e.g. to try `quickstart --data` on."""
+    parser.add_argument("--out", required=True, help="the .h5ad to write")
+    parser.add_argument("--cells", type=int, default=500, help="cells")
+    parser.add_argument("--genes", type=int, default=33_000, help="genes (Ensembl-like ids, symbols in feature_name)")
+    parser.add_argument("--cell-types", type=int, default=6, help="cell types (obs cell_type)")
+    parser.add_argument("--donors", type=int, default=3, help="donors (obs donor)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.set_defaults(handle=handle)
+
+
+def handle(args: argparse.Namespace) -> None:
+    adata = synthetic_transcriptome(args.cells, args.genes, args.cell_types, args.donors, seed=args.seed)
+    Path(args.out).resolve().parent.mkdir(parents=True, exist_ok=True)
+    adata.write_h5ad(args.out)
+    share = adata.X.nnz / (adata.n_obs * adata.n_vars)
+    print(f"wrote {adata.n_obs} cells x {adata.n_vars} genes ({share:.1%} non-zero) to {args.out}")
