@@ -112,6 +112,10 @@ class VAEConfig:
     fold_pooling: bool = False
     # NB negative log-likelihood over cells x genes: "torch" (eager) or "triton" (the fused kernel).
     nb_loss_backend: str = option("torch", choices=("torch", "triton"))
+    # Genes the decoder unpools at a time, each chunk recomputed in the backward pass, so that only the per-gene
+    # logits are kept for all genes (models/vae.py). 0: automatic (the largest chunk whose cells x genes x
+    # width activations fit a fixed budget, SetVAE.decode_chunk); N > 0: N genes; -1: all genes in one pass.
+    decode_chunk_genes: int = 0
 
 
 @dataclass
@@ -347,6 +351,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"prior.d_model={cfg.prior.d_model} must be divisible by prior.n_heads")
     if m.n_latent_tokens <= 0 or m.latent_dim <= 0 or m.n_layers < 0:
         raise ConfigError("model.n_latent_tokens and model.latent_dim must be positive, n_layers >= 0")
+    if m.decode_chunk_genes < -1:
+        raise ConfigError(f"model.decode_chunk_genes must be -1 (off), 0 (auto) or positive, got {m.decode_chunk_genes}")
     if cfg.data.path is not None and cfg.data.source != "h5ad":
         raise ConfigError(
             f"data.path is read by data.source=h5ad, but data.source={cfg.data.source}: add data.source=h5ad, or "
