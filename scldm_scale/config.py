@@ -352,7 +352,7 @@ def validate(cfg: Config) -> Config:
     if m.n_latent_tokens <= 0 or m.latent_dim <= 0 or m.n_layers < 0:
         raise ConfigError("model.n_latent_tokens and model.latent_dim must be positive, n_layers >= 0")
     if m.decode_chunk_genes < -1:
-        raise ConfigError(f"model.decode_chunk_genes must be -1 (off), 0 (auto) or positive, got {m.decode_chunk_genes}")
+        raise ConfigError(f"model.decode_chunk_genes must be -1 (off), 0 (auto) or N > 0, got {m.decode_chunk_genes}")
     if cfg.data.path is not None and cfg.data.source != "h5ad":
         raise ConfigError(
             f"data.path is read by data.source=h5ad, but data.source={cfg.data.source}: add data.source=h5ad, or "
