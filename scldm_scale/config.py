@@ -261,7 +261,9 @@ class EmbedConfig:
 class PrepareConfig:
     """`scldm-scale prepare`: how an input file becomes a SOMA experiment."""
 
-    layer: str | None = option(None, "layer with raw counts (default: X)")
+    layer: str | None = option(
+        None, "layer with raw counts, or raw.X (default: detected among X, a counts layer and raw.X)"
+    )
     labels: list[str] = option([], "comma-separated obs columns to keep, e.g. cell_type,tissue")
     test_fraction: float = option(0.1, "fraction of the cells in the test split (stratified by the first label)")
     val_fraction: float = option(0.05, "fraction of the cells in the validation split")
@@ -270,6 +272,9 @@ class PrepareConfig:
     allow_non_integer: bool = option(False, "accept non-integer values (not raw counts)")
     overwrite: bool = option(False, "replace an existing experiment at --out")
     append: bool = option(False, "add these cells to the experiment at --out")
+    genes: str = option("all", "genes to keep: all, hvg:N (seurat_v3 on raw counts) or a file of gene ids")
+    gene_id_column: str | None = option(None, "var column of gene ids, or index (default: the most Ensembl-like)")
+    gene_name_column: str | None = option(None, "var column of gene symbols, or index (default: detected)")
 
 
 @dataclass

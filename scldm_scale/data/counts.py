@@ -29,29 +29,37 @@ class DataError(ValueError):
 
 def validate_counts(x: sp.csr_matrix | np.ndarray, where: str, allow_non_integer: bool = False) -> None:
     """Reject NaN/inf, negative and (unless allowed) non-integer counts, naming the first bad cell."""
+    problem = count_problem(x, allow_non_integer)
+    if problem is None:
+        return
+    if "non-integer" in problem:
+        raise DataError(
+            f"{where}: {problem}; the model needs raw integer counts — point data.layer at the counts layer, or "
+            "set data.allow_non_integer=true if the values are deliberately non-integer"
+        )
+    raise DataError(f"{where}: {problem}")
+
+
+def count_problem(x: sp.csr_matrix | np.ndarray, allow_non_integer: bool = False) -> str | None:
+    """What keeps a block of cells from being raw counts (NaN/inf, negative or non-integer values, the first
+    bad cell named), or None when it is counts."""
     values = x.data if sp.issparse(x) else np.asarray(x).ravel()
     if values.size == 0:
-        return
+        return None
     bad = ~np.isfinite(values)
     if bad.any():
-        raise DataError(
-            f"{where}: {int(bad.sum())} NaN/inf values (first in cell {_first_cell(x, bad)}); counts must be finite"
-        )
+        return f"{int(bad.sum())} NaN/inf values (first in cell {_first_cell(x, bad)}); counts must be finite"
     negative = values < 0
     if negative.any():
-        raise DataError(
-            f"{where}: {int(negative.sum())} negative values (min {values.min()}, first in cell "
+        return (
+            f"{int(negative.sum())} negative values (min {values.min()}, first in cell "
             f"{_first_cell(x, negative)}); raw counts are >= 0"
         )
     if not allow_non_integer:
-        frac = np.abs(values - np.round(values))
-        if (frac > 1e-6).any():
-            first = _first_cell(x, frac > 1e-6)
-            raise DataError(
-                f"{where}: {int((frac > 1e-6).sum())} non-integer values (first in cell {first}); the model "
-                "needs raw integer counts — point data.layer at the counts layer, or set "
-                "data.allow_non_integer=true if the values are deliberately non-integer"
-            )
+        fractional = np.abs(values - np.round(values)) > 1e-6
+        if fractional.any():
+            return f"{int(fractional.sum())} non-integer values (first in cell {_first_cell(x, fractional)})"
+    return None
 
 
 def _first_cell(x: sp.csr_matrix | np.ndarray, flags: np.ndarray) -> int:

@@ -1,8 +1,17 @@
 """`scldm-scale prepare`: cells (h5ad, 10x h5, Matrix Market folder, CSV) -> a TileDB-SOMA Experiment.
 
-The experiment has measurement `RNA` with an integer-count X layer `counts`, var `feature_id` /
-`feature_name`, obs with the requested label columns, `n_counts` (total counts, used for library-size
-fits without a pass over X) and a stratified `split` column (train / val / test).
+The experiment has measurement `RNA` with an integer-count X layer `counts`, var in the Census schema
+(`feature_id`: the gene id, Ensembl where the input has it; `feature_name`: the symbol), obs with the
+requested label columns, `n_counts` (total counts over the kept genes, used for library-size fits without a
+pass over X) and a stratified `split` column (train / val / test).
+
+Genes: `feature_id` comes from var_names or a var column of ids (gene_ids, gene_id, ensembl_id, feature_id),
+whichever holds the most Ensembl-looking ids (`--gene-id-column` names it); `feature_name` from the first of
+feature_name, gene_symbols, gene_name, else from symbol var_names when the ids came from a column
+(`--gene-name-column` names it), else the id. `--genes all|hvg:N|FILE` keeps a subset (`data.genes`).
+Raw counts: an .h5ad's X, else a layer named like counts (counts, raw_counts, umi_counts), else `.raw.X`
+(with raw.var's genes): the first whose first chunk of cells holds integer counts; the log says which, and
+`--layer NAME` (or `--layer raw.X`) chooses.
 
 Everything is validated before anything is written: non-integer, negative, NaN or inf counts, duplicate
 gene ids, a missing label column, cells with zero counts (dropped with a count shown, or refused with
@@ -18,10 +27,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -30,9 +41,10 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from scldm_scale.config import PrepareConfig, add_options, from_flags
-from scldm_scale.data.counts import DataError, validate_counts
+from scldm_scale.data.counts import DataError, count_problem, validate_counts
+from scldm_scale.data.genes import select_genes
 from scldm_scale.data.split import stratified_split
-from scldm_scale.data.vocab import GENE_NAME_COLUMNS
+from scldm_scale.data.vocab import GENE_ID_COLUMNS, GENE_NAME_COLUMNS, GeneVocabulary
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +52,14 @@ MEASUREMENT = "RNA"
 X_LAYER = "counts"
 SPLIT_COLUMN = "split"
 VALIDATE_CHUNK_ROWS = 10_000
+# Layers tried for raw counts after X, in order; `RAW_X` names .raw.X (tried last).
+COUNT_LAYERS = ("counts", "raw_counts", "umi_counts")
+RAW_X = "raw.X"
+INDEX = "index"  # --gene-id-column / --gene-name-column value naming var_names
+ENSEMBL_GENE_ID = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 
 
-def read_input(path: str | Path, layer: str | None = None) -> ad.AnnData:
+def read_input(path: str | Path) -> ad.AnnData:
     """Open an input file; .h5ad stays backed (on disk) so large files are never loaded whole here."""
     path = Path(path)
     if not path.exists():
@@ -65,8 +82,6 @@ def read_input(path: str | Path, layer: str | None = None) -> ad.AnnData:
         raise DataError(
             f"{path}: unsupported input; use .h5ad, a 10x .h5, a Matrix Market folder or a cells x genes CSV"
         )
-    if layer is not None and layer not in adata.layers:
-        raise DataError(f"{path}: no layer {layer!r}; layers are {list(adata.layers)} (omit --layer to use X)")
     return adata
 
 
@@ -110,23 +125,124 @@ def _gene_expression_only(adata: ad.AnnData, where: Path) -> ad.AnnData:
     return adata[:, keep].copy()
 
 
-def _matrix(adata: ad.AnnData, layer: str | None):
-    return adata.layers[layer] if layer is not None else adata.X
+@dataclass
+class Counts:
+    """Where an input's raw counts are: the matrix (backed or in memory), the var of its genes, its name."""
+
+    matrix: Any
+    var: pd.DataFrame
+    name: str
 
 
-def scan_counts(adata: ad.AnnData, layer: str | None, where: str, allow_non_integer: bool = False) -> np.ndarray:
-    """Validate X chunk by chunk; return each cell's total count."""
-    totals = np.empty(adata.n_obs, dtype=np.float64)
-    x = _matrix(adata, layer)
-    for start in tqdm(range(0, adata.n_obs, VALIDATE_CHUNK_ROWS), desc="validate", unit="chunk", leave=False):
-        stop = min(start + VALIDATE_CHUNK_ROWS, adata.n_obs)
+def find_counts(adata: ad.AnnData, layer: str | None, where: str, allow_non_integer: bool = False) -> Counts:
+    """The named layer (or raw.X), else the first of X, the COUNT_LAYERS and raw.X whose first chunk of cells
+    is counts (`count_problem`); an error that lists what was looked at when none is."""
+    layers = list(adata.layers)
+    if layer == RAW_X:
+        if adata.raw is None:
+            raise DataError(f"{where}: --layer raw.X but the input has no .raw")
+        return Counts(adata.raw.X, adata.raw.var, RAW_X)
+    if layer is not None:
+        if layer not in adata.layers:
+            raise DataError(f"{where}: no layer {layer!r}; layers are {layers} (omit --layer to detect the counts)")
+        return Counts(adata.layers[layer], adata.var, f"layers[{layer!r}]")
+    candidates = [Counts(adata.X, adata.var, "X")] if adata.X is not None else []
+    candidates += [Counts(adata.layers[k], adata.var, f"layers[{k!r}]") for k in COUNT_LAYERS if k in adata.layers]
+    if adata.raw is not None:
+        candidates.append(Counts(adata.raw.X, adata.raw.var, RAW_X))
+    looked = []
+    for candidate in candidates:
+        block = candidate.matrix[: min(VALIDATE_CHUNK_ROWS, adata.n_obs)]
+        problem = count_problem(sp.csr_matrix(block) if not isinstance(block, np.ndarray) else block, allow_non_integer)
+        if problem is None:
+            if candidate.name != "X" or looked:
+                log.info("%s: raw counts from %s (%s)", where, candidate.name, "; ".join(looked) or "no X")
+            else:
+                log.info("%s: raw counts from X", where)
+            return candidate
+        looked.append(f"{candidate.name} has {problem}")
+    tried = {"X", *COUNT_LAYERS, RAW_X}
+    others = [k for k in layers if k not in tried]
+    raise DataError(
+        f"{where}: found no raw integer counts; looked at X, layers {list(COUNT_LAYERS)} and .raw.X: "
+        + ("; ".join(looked) if looked else "none of them exists")
+        + f". Its layers are {layers}"
+        + (f" ({others} not tried)" if others else "")
+        + ". Pass --layer NAME (a layer, or raw.X) to choose the counts, or --allow-non-integer if the values "
+        "are deliberately non-integer"
+    )
+
+
+def _is_ensembl(ids: np.ndarray) -> float:
+    """The fraction of ids that look like Ensembl gene ids (ENSG00000141510, ENSMUSG..., with a version)."""
+    return float(np.mean([bool(ENSEMBL_GENE_ID.match(g)) for g in ids])) if len(ids) else 0.0
+
+
+def gene_schema(
+    var: pd.DataFrame, where: str, id_column: str | None = None, name_column: str | None = None
+) -> pd.DataFrame:
+    """The Census gene columns of an input's var: feature_id and feature_name, indexed by feature_id (see the
+    module docstring; `id_column` / `name_column` are var columns or INDEX, None detects)."""
+    columns = {INDEX: var.index.astype(str).to_numpy()} | {c: var[c].astype(str).to_numpy() for c in var.columns}
+
+    def named(column: str, flag: str) -> np.ndarray:
+        if column not in columns:
+            raise DataError(f"{where}: {flag} {column!r} is not a var column; var has {list(var.columns)} (or index)")
+        return columns[column]
+
+    if id_column is None:
+        candidates = [INDEX, *(c for c in GENE_ID_COLUMNS if c in columns)]
+        ensembl = [_is_ensembl(columns[c]) for c in candidates]
+        id_column = candidates[int(np.argmax(ensembl))]  # var_names unless a column holds more Ensembl ids
+    ids = named(id_column, "--gene-id-column")
+    if name_column is None:
+        name_column = next((c for c in GENE_NAME_COLUMNS if c in columns), None)
+        if name_column is None and id_column != INDEX and _is_ensembl(columns[INDEX]) == 0:
+            name_column = INDEX  # ids from a column, symbols as var_names (scanpy's read_10x_* default)
+    names = named(name_column, "--gene-name-column") if name_column is not None else ids
+    log.info(
+        "%s: feature_id from %s, feature_name from %s",
+        where,
+        "var_names" if id_column == INDEX else f"var[{id_column!r}]",
+        "var_names" if name_column == INDEX else f"var[{name_column!r}]" if name_column else "feature_id",
+    )
+    return pd.DataFrame({"feature_id": ids, "feature_name": names}, index=pd.Index(ids))
+
+
+def _source_ranges(rows: np.ndarray):
+    """(lo, hi, positions of `rows` in [lo, hi)) over contiguous source ranges of VALIDATE_CHUNK_ROWS rows that
+    hold some of the ascending `rows`: a sparse subsample never reads a range wider than one chunk."""
+    for lo in range(int(rows[0]), int(rows[-1]) + 1, VALIDATE_CHUNK_ROWS):
+        hi = lo + VALIDATE_CHUNK_ROWS
+        inside = np.flatnonzero((rows >= lo) & (rows < hi))
+        if len(inside):
+            yield lo, min(hi, int(rows[inside[-1]]) + 1), inside
+
+
+def read_rows(x, rows: np.ndarray, where: str, allow_non_integer: bool) -> sp.csr_matrix:
+    """Validated CSR counts of the cells at ascending `rows` of a (backed) matrix, read in row chunks."""
+    blocks = []
+    for lo, hi, inside in _source_ranges(rows):
+        block = sp.csr_matrix(x[lo:hi])[rows[inside] - lo]
+        validate_counts(block, where, allow_non_integer)
+        blocks.append(_as_counts(block, allow_non_integer))
+    return sp.vstack(blocks, format="csr")
+
+
+def scan_counts(x, n_cells: int, columns: np.ndarray | None, where: str, allow_non_integer: bool = False) -> np.ndarray:
+    """Validate the matrix chunk by chunk; return each cell's total count over `columns` (None: all genes)."""
+    totals = np.empty(n_cells, dtype=np.float64)
+    for start in tqdm(range(0, n_cells, VALIDATE_CHUNK_ROWS), desc="validate", unit="chunk", leave=False):
+        stop = min(start + VALIDATE_CHUNK_ROWS, n_cells)
         block = x[start:stop]
         block = sp.csr_matrix(block) if not isinstance(block, np.ndarray) else block
         try:
             validate_counts(block, where, allow_non_integer)
         except DataError as err:
             raise DataError(f"{err} (cells {start}..{stop - 1})") from None
-        totals[start:stop] = np.asarray(_as_counts(block, allow_non_integer).sum(axis=1)).ravel()
+        kept = _as_counts(block, allow_non_integer)
+        kept = kept if columns is None else kept[:, columns]
+        totals[start:stop] = np.asarray(kept.sum(axis=1)).ravel()
     return totals
 
 
@@ -141,9 +257,17 @@ def _as_counts(block, allow_non_integer: bool) -> sp.csr_matrix:
 
 
 def _write_experiment(
-    uri: Path, obs: pd.DataFrame, var: pd.DataFrame, x, rows: np.ndarray, allow_non_integer: bool, append: bool
+    uri: Path,
+    obs: pd.DataFrame,
+    var: pd.DataFrame,
+    x,
+    rows: np.ndarray,
+    columns: np.ndarray | None,
+    allow_non_integer: bool,
+    append: bool,
 ) -> None:
-    """obs/var via tiledbsoma.io, then X written in row chunks (never the whole matrix in memory).
+    """obs/var via tiledbsoma.io, then X's `rows` x `columns` (None: all) written in row chunks (never the whole
+    matrix in memory).
 
     append: uri already holds an experiment; tiledbsoma's registration assigns the new cells joinids after
     the existing ones and the new genes joinids after the existing vocabulary (the union, new genes last).
@@ -180,7 +304,8 @@ def _write_experiment(
             chunk_rows = rows[start : start + VALIDATE_CHUNK_ROWS]
             # Read the contiguous source range covering the kept rows, then keep those rows.
             lo, hi = int(chunk_rows[0]), int(chunk_rows[-1]) + 1
-            block = _as_counts(x[lo:hi], allow_non_integer)[chunk_rows - lo].tocoo()
+            block = _as_counts(x[lo:hi], allow_non_integer)[chunk_rows - lo]
+            block = (block if columns is None else block[:, columns]).tocoo()
             layer.write(
                 pa.Table.from_pydict(
                     {
@@ -212,6 +337,9 @@ def prepare(
     allow_non_integer: bool = PrepareConfig.allow_non_integer,
     overwrite: bool = PrepareConfig.overwrite,
     append: bool = PrepareConfig.append,
+    genes: str = PrepareConfig.genes,
+    gene_id_column: str | None = PrepareConfig.gene_id_column,
+    gene_name_column: str | None = PrepareConfig.gene_name_column,
 ) -> Path:
     """Ingest one input into a new SOMA experiment at out_uri (or append it to one); return its path.
 
@@ -234,25 +362,43 @@ def prepare(
     if not (0 <= test_fraction < 1 and 0 <= val_fraction < 1 and test_fraction + val_fraction < 1):
         raise DataError("test and val fractions must be in [0, 1) and sum to less than 1")
     where = str(input_path)
-    adata = read_input(input_path, layer)
+    adata = read_input(input_path)
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise DataError(f"{where}: empty ({adata.n_obs} cells x {adata.n_vars} genes)")
-    if not adata.var_names.is_unique:
-        dup = adata.var_names[adata.var_names.duplicated()].unique().tolist()[:5]
-        raise DataError(f"{where}: duplicate gene ids, e.g. {dup}; make var_names unique first")
     missing = [k for k in labels if k not in adata.obs]
     if missing:
         raise DataError(f"{where}: label columns {missing} are not in obs; obs has {list(adata.obs)}")
-    totals = scan_counts(adata, layer, where, allow_non_integer)
+    counts = find_counts(adata, layer, where, allow_non_integer)
+    var = gene_schema(counts.var, where, gene_id_column, gene_name_column)
+    if not var.index.is_unique:
+        dup = var.index[var.index.duplicated()].unique().tolist()[:5]
+        raise DataError(
+            f"{where}: duplicate gene ids, e.g. {dup}; make them unique first (or name another column with "
+            "--gene-id-column)"
+        )
+    x = counts.matrix
+    columns = select_genes(
+        genes,
+        GeneVocabulary(var["feature_id"].tolist(), var["feature_name"].tolist()),
+        adata.n_obs,
+        lambda picked: read_rows(x, picked, where, allow_non_integer),
+        seed,
+        where,
+    )
+    if len(columns) == len(var):
+        columns = None  # every gene: no column gather per chunk
+    else:
+        var = var.iloc[columns]
+    totals = scan_counts(x, adata.n_obs, columns, where, allow_non_integer)
     keep = totals > 0
     if not keep.all():
         n_zero = int((~keep).sum())
+        over = "" if columns is None else f" over the {len(columns)} kept genes"
         if zero_cells == "refuse":
-            raise DataError(f"{where}: {n_zero} cells have zero counts; drop them or pass --zero-cells drop")
-        log.warning("%s: dropping %d cells with zero counts", where, n_zero)
+            raise DataError(f"{where}: {n_zero} cells have zero counts{over}; drop them or pass --zero-cells drop")
+        log.warning("%s: dropping %d cells with zero counts%s", where, n_zero, over)
 
     # From here on the data is valid: obs/var in memory, X copied in row chunks.
-    x = _matrix(adata, layer)
     rows = np.flatnonzero(keep)
     obs = adata.obs.iloc[rows][list(labels)].copy() if labels else pd.DataFrame(index=adata.obs_names[rows])
     for key in labels:
@@ -261,16 +407,12 @@ def prepare(
     strata = obs[labels[0]].to_numpy() if labels else np.zeros(len(rows), dtype=str)
     obs[SPLIT_COLUMN] = stratified_split(strata, test_fraction, seed, val_fraction).astype(str)
     obs.index = obs.index.astype(str)
-    var = pd.DataFrame(index=adata.var_names.astype(str))
-    var["feature_id"] = var.index.to_numpy()
-    name_col = next((c for c in GENE_NAME_COLUMNS if c in adata.var), None)
-    var["feature_name"] = adata.var[name_col].astype(str).to_numpy() if name_col else var.index.to_numpy()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         if append:
             shutil.copytree(out, staging / "exp")
-        _write_experiment(staging / "exp", obs, var, x, rows, allow_non_integer, append)
+        _write_experiment(staging / "exp", obs, var, x, rows, columns, allow_non_integer, append)
         if out.exists():
             out.rename(staging / "previous")  # moved aside, deleted with the staging folder
         (staging / "exp").rename(out)

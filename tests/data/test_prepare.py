@@ -426,3 +426,140 @@ def test_append_refuses_other_labels_duplicate_cells_and_a_missing_experiment(co
         prepare(tmp_path / "cells.h5ad", uri, labels=["cell_type"], append=True)  # the same cell ids again
     np.testing.assert_array_equal(_read_back(uri).X.toarray(), before)
     assert _entries(tmp_path) == ["cells.h5ad", "cells.soma"]
+
+
+# --- gene schema, raw-count detection, gene selection ---------------------------------------------------
+
+
+def _ensembl(n: int) -> list[str]:
+    return [f"ENSG{j:011d}" for j in range(n)]
+
+
+def test_ensembl_ids_in_a_column_become_feature_id_and_symbol_var_names_feature_name(counts_adata, tmp_path):
+    """scanpy's read_10x_* default: symbols as var_names, Ensembl ids in var['gene_ids']."""
+    source = counts_adata(n_cells=30, n_genes=10)
+    source.var["gene_ids"] = _ensembl(10)
+    source.var_names = [f"SYM{j}" for j in range(10)]
+    source.write_h5ad(tmp_path / "cells.h5ad")
+    back = _read_back(prepare(tmp_path / "cells.h5ad", tmp_path / "cells.soma"))
+    assert back.var["feature_id"].tolist() == _ensembl(10)
+    assert back.var["feature_name"].tolist() == [f"SYM{j}" for j in range(10)]
+
+
+def test_ensembl_var_names_win_over_a_column_and_flags_name_the_columns(counts_adata, tmp_path):
+    source = counts_adata(n_cells=30, n_genes=10)
+    source.var_names = _ensembl(10)
+    source.var["gene_id"] = [f"other{j}" for j in range(10)]
+    source.var["gene_symbols"] = [f"SYM{j}" for j in range(10)]
+    source.var["symbol"] = [f"ALT{j}" for j in range(10)]
+    source.write_h5ad(tmp_path / "cells.h5ad")
+    back = _read_back(prepare(tmp_path / "cells.h5ad", tmp_path / "a.soma"))
+    assert back.var["feature_id"].tolist() == _ensembl(10)
+    assert back.var["feature_name"].tolist() == [f"SYM{j}" for j in range(10)]
+    named = prepare(tmp_path / "cells.h5ad", tmp_path / "b.soma", gene_id_column="gene_id", gene_name_column="symbol")
+    back = _read_back(named)
+    assert back.var["feature_id"].tolist() == [f"other{j}" for j in range(10)]
+    assert back.var["feature_name"].tolist() == [f"ALT{j}" for j in range(10)]
+    with pytest.raises(DataError, match="--gene-id-column 'nope' is not a var column"):
+        prepare(tmp_path / "cells.h5ad", tmp_path / "c.soma", gene_id_column="nope")
+
+
+def _log_normalised(adata: ad.AnnData) -> sp.csr_matrix:
+    x = sp.csr_matrix(adata.X, dtype=np.float64)
+    x = sp.diags(1e4 / np.asarray(x.sum(axis=1)).ravel()) @ x
+    return sp.csr_matrix(x).log1p().astype(np.float32)
+
+
+def test_counts_are_found_in_a_counts_layer_when_x_is_log_normalised(counts_adata, tmp_path, caplog):
+    source = counts_adata(n_cells=30, n_genes=10)
+    counts = source.X.copy()
+    source.layers["counts"] = counts
+    source.X = _log_normalised(source)
+    source.write_h5ad(tmp_path / "cells.h5ad")
+    with caplog.at_level(logging.INFO, logger="scldm_scale.data.prepare"):
+        back = _read_back(prepare(tmp_path / "cells.h5ad", tmp_path / "cells.soma"))
+    assert "raw counts from layers['counts'] (X has" in caplog.text
+    np.testing.assert_array_equal(back.X.toarray(), counts.toarray())
+
+
+def test_counts_are_found_in_raw_x_with_raw_var_genes(counts_adata, tmp_path, caplog):
+    """The usual processed file: X log-normalised over a gene subset, .raw the counts of every gene."""
+    source = counts_adata(n_cells=30, n_genes=10)
+    source.var["gene_symbols"] = [f"SYM{j}" for j in range(10)]
+    source.raw = source
+    subset = source[:, 2:6].copy()
+    subset.X = _log_normalised(subset)
+    subset.write_h5ad(tmp_path / "cells.h5ad")
+    with caplog.at_level(logging.INFO, logger="scldm_scale.data.prepare"):
+        back = _read_back(prepare(tmp_path / "cells.h5ad", tmp_path / "cells.soma"))
+    assert "raw counts from raw.X" in caplog.text
+    np.testing.assert_array_equal(back.X.toarray(), source.X.toarray())
+    assert back.var["feature_id"].tolist() == source.var_names.tolist()
+    assert back.var["feature_name"].tolist() == [f"SYM{j}" for j in range(10)]
+    explicit = _read_back(prepare(tmp_path / "cells.h5ad", tmp_path / "explicit.soma", layer="raw.X"))
+    np.testing.assert_array_equal(explicit.X.toarray(), source.X.toarray())
+
+
+def test_no_counts_anywhere_lists_where_it_looked_and_the_flags(counts_adata, tmp_path):
+    source = counts_adata(n_cells=30, n_genes=10)
+    source.layers["scaled"] = _log_normalised(source)
+    source.X = _log_normalised(source)
+    source.write_h5ad(tmp_path / "cells.h5ad")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(DataError) as err:
+        prepare(tmp_path / "cells.h5ad", tmp_path / "out" / "cells.soma")
+    message = str(err.value)
+    assert (
+        "found no raw integer counts; looked at X, layers ['counts', 'raw_counts', 'umi_counts'] and .raw.X" in message
+    )
+    assert "X has" in message and "non-integer values (first in cell 0)" in message
+    assert "layers are ['scaled'] (['scaled'] not tried)" in message
+    assert "--layer NAME" in message and "--allow-non-integer" in message
+    assert _entries(tmp_path / "out") == []
+
+
+def test_hvg_keeps_scanpys_seurat_v3_genes_on_a_subsample(counts_adata, tmp_path, monkeypatch, caplog):
+    import scanpy as sc
+
+    from scldm_scale.data.genes import hvg_rows
+
+    source = counts_adata(n_cells=120, n_genes=50)
+    source.write_h5ad(tmp_path / "cells.h5ad")
+
+    def reference(rows):
+        table = sc.pp.highly_variable_genes(
+            ad.AnnData(X=source.X[rows].copy()), flavor="seurat_v3", n_top_genes=8, inplace=False
+        )
+        return source.var_names[table["highly_variable"].to_numpy()].tolist()
+
+    back = _read_back(prepare(tmp_path / "cells.h5ad", tmp_path / "all.soma", genes="hvg:8"))
+    assert back.var["feature_id"].tolist() == reference(np.arange(120))
+    kept = source[:, back.var["feature_id"].tolist()].X.toarray()
+    np.testing.assert_array_equal(back.X.toarray(), kept)
+    np.testing.assert_array_equal(back.obs["n_counts"].to_numpy(), kept.sum(axis=1))  # totals over the kept genes
+
+    monkeypatch.setattr("scldm_scale.data.genes.HVG_MAX_CELLS", 50)
+    monkeypatch.setattr("scldm_scale.data.prepare.VALIDATE_CHUNK_ROWS", 16)  # the subsample spans chunks
+    with caplog.at_level(logging.INFO, logger="scldm_scale.data.genes"):
+        back = _read_back(prepare(tmp_path / "cells.h5ad", tmp_path / "sub.soma", genes="hvg:8", seed=5))
+    assert "on 50 of 120 cells (seed 5)" in caplog.text
+    assert back.var["feature_id"].tolist() == reference(hvg_rows(120, 5))
+
+
+def test_a_gene_file_keeps_its_genes_by_id_or_by_name_in_data_order(counts_adata, tmp_path, caplog):
+    source = counts_adata(n_cells=30, n_genes=10)
+    source.var["gene_symbols"] = [f"SYM{j}" for j in range(10)]
+    source.write_h5ad(tmp_path / "cells.h5ad")
+    (tmp_path / "ids.txt").write_text("# genes\ngene_7\ngene_2\n\ngene_99\n")
+    with caplog.at_level(logging.WARNING, logger="scldm_scale.data.genes"):
+        back = _read_back(prepare(tmp_path / "cells.h5ad", tmp_path / "ids.soma", genes=str(tmp_path / "ids.txt")))
+    assert back.var["feature_id"].tolist() == ["gene_2", "gene_7"]
+    assert "1 of the 3 genes listed" in caplog.text
+    kept = source[:, ["gene_2", "gene_7"]].X.toarray()
+    kept = kept[kept.sum(axis=1) > 0]  # cells without counts over the kept genes are dropped
+    np.testing.assert_array_equal(back.X.toarray(), kept)
+    (tmp_path / "names.txt").write_text("SYM4\nSYM1\n")
+    back = _read_back(prepare(tmp_path / "cells.h5ad", tmp_path / "names.soma", genes=str(tmp_path / "names.txt")))
+    assert back.var["feature_name"].tolist() == ["SYM1", "SYM4"]
+    with pytest.raises(DataError, match="neither all, hvg:N nor an existing file"):
+        prepare(tmp_path / "cells.h5ad", tmp_path / "bad.soma", genes="hvg")

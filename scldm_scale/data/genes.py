@@ -1,0 +1,130 @@
+"""Which of a dataset's genes become a model's vocabulary: `all`, `hvg:N` or a file of genes.
+
+- `all`: every gene (the default: foundation models are trained on the whole transcriptome).
+- `hvg:N`: the N most variable genes by scanpy's `highly_variable_genes(flavor="seurat_v3")`, which ranks
+  genes by the variance of their standardised raw counts against a loess fit of the mean-variance trend
+  (hence raw counts, not log-normalised ones). It runs on at most `HVG_MAX_CELLS` cells drawn uniformly
+  without replacement (seeded): the ranking of the top genes is stable well before that many cells, and the
+  subsample is what bounds memory on data of millions of cells. The log says how many cells it used.
+- a file: one gene per line (blank lines and `#` comments ignored), matched to the data's genes as
+  `data.vocab` matches them: by id, else by name. Listed genes the data lacks are logged, not an error.
+
+The kept genes stay in the data's order. `prepare --genes` writes only them; `data.genes` selects them when
+training on a SOMA experiment.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+
+from scldm_scale.data.counts import DataError
+from scldm_scale.data.vocab import GeneVocabulary, align_genes
+
+log = logging.getLogger(__name__)
+
+HVG_MAX_CELLS = 50_000
+
+
+@dataclass(frozen=True)
+class GeneSelection:
+    """A parsed `all` / `hvg:N` / file choice."""
+
+    kind: str  # "all", "hvg" or "file"
+    n_top: int = 0
+    path: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> GeneSelection:
+        if text == "all":
+            return cls("all")
+        if text.startswith("hvg:"):
+            n = text.removeprefix("hvg:")
+            if not n.isdigit() or int(n) < 1:
+                raise DataError(f"genes={text!r}: hvg:N needs a positive whole number of genes, e.g. hvg:2000")
+            return cls("hvg", n_top=int(n))
+        if not Path(text).is_file():
+            raise DataError(f"genes={text!r} is neither all, hvg:N nor an existing file of gene ids (one per line)")
+        return cls("file", path=text)
+
+
+def read_gene_file(path: str | Path) -> list[str]:
+    """The genes a file lists, one per line; blank lines and lines starting with # are skipped."""
+    lines = (line.strip() for line in Path(path).read_text().splitlines())
+    genes = [line for line in lines if line and not line.startswith("#")]
+    if not genes:
+        raise DataError(f"{path}: lists no genes (one gene id or name per line)")
+    return genes
+
+
+def highly_variable(counts: sp.csr_matrix, n_top: int) -> np.ndarray:
+    """Columns (ascending) of the n_top most variable genes of raw counts (cells x genes), Seurat v3."""
+    import scanpy as sc
+
+    table = sc.pp.highly_variable_genes(
+        ad.AnnData(X=sp.csr_matrix(counts, dtype=np.float32)), flavor="seurat_v3", n_top_genes=n_top, inplace=False
+    )
+    return np.flatnonzero(table["highly_variable"].to_numpy())
+
+
+def hvg_rows(n_cells: int, seed: int) -> np.ndarray:
+    """The cells (ascending rows) highly-variable genes are computed on: all, or HVG_MAX_CELLS drawn uniformly."""
+    if n_cells <= HVG_MAX_CELLS:
+        return np.arange(n_cells)
+    return np.sort(np.random.default_rng(seed).choice(n_cells, size=HVG_MAX_CELLS, replace=False))
+
+
+def select_genes(
+    selection: GeneSelection | str,
+    genes: GeneVocabulary,
+    n_cells: int,
+    read_rows: Callable[[np.ndarray], sp.csr_matrix],
+    seed: int,
+    where: str,
+) -> np.ndarray:
+    """Columns (ascending) of the data's genes that `selection` keeps.
+
+    `genes` are the data's genes (ids and names, column order); `read_rows(rows)` returns the raw counts of
+    the cells at ascending rows as CSR over every gene (read only for hvg:N).
+    """
+    selection = GeneSelection.parse(selection) if isinstance(selection, str) else selection
+    if selection.kind == "all":
+        return np.arange(len(genes))
+    if selection.kind == "file":
+        listed = read_gene_file(selection.path)
+        # The file is the vocabulary the data is matched to: by id, else by name (a file of symbols).
+        alignment = align_genes(genes.ids, GeneVocabulary(listed, listed), genes.names, where, selection.path)
+        if alignment.missing:
+            log.warning(
+                "%s: %d of the %d genes listed in %s are not in the data, e.g. %s",
+                where,
+                len(alignment.missing),
+                len(listed),
+                selection.path,
+                alignment.missing[:5],
+            )
+        columns = np.sort(alignment.columns)
+        log.info(
+            "%s: keeping the %d genes of %s (matched by %s)", where, len(columns), selection.path, alignment.matched_by
+        )
+        return columns
+    if selection.n_top >= len(genes):
+        log.warning("%s: hvg:%d asks for all %d genes or more; keeping all", where, selection.n_top, len(genes))
+        return np.arange(len(genes))
+    rows = hvg_rows(n_cells, seed)
+    log.info(
+        "%s: the %d most variable genes (seurat_v3 on raw counts) of %d genes, on %d of %d cells (seed %d)",
+        where,
+        selection.n_top,
+        len(genes),
+        len(rows),
+        n_cells,
+        seed,
+    )
+    return highly_variable(read_rows(rows), selection.n_top)
