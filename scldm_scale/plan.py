@@ -19,16 +19,19 @@ What is divided by the world size N:
   fsdp          optimizer states, grads and params   (FSDP2, one unit per transformer block)
 Sharded params are all-gathered one unit at a time; "other" holds one gathered unit (its params and
 grads, unsharded), or every parameter when FSDP's train.reshard_after_forward=false keeps them gathered
-from the forward to the backward. stage=ldm adds the EMA of the prior (fp32, sharded like the params)
-and the frozen VAE (fp32, replicated) to "other". With train.offload_optimizer, DeepSpeed keeps the
-optimizer states in CPU memory: they leave the GPU column.
+from the forward to the backward. stage=ldm keeps an EMA of the prior ("ema": fp32, partitioned like the
+params, so divided by N under fsdp and zero3, whole on every rank otherwise) and adds the frozen VAE (fp32,
+replicated) to "other". With train.offload_optimizer, DeepSpeed keeps the optimizer states in CPU memory:
+they leave the GPU column.
 
 Activations (per rank, train.batch_size cells per micro-batch) are the tensors autograd saves for the
 backward pass, as the model's `activation_profile` counts them block by block (each block's `activations`
 in mcab.py and dit.py), plus what lives outside the blocks and the loss's fp32 temporaries (the eager NB
 log-likelihood keeps about 12 (B, G) tensors). With activation checkpointing (per block) only each block's
 input is kept, plus one block's full activations while it is recomputed in the backward, so the largest
-block sets the floor: for the VAE that is the unpooling over G genes, which checkpointing cannot shrink.
+block sets the floor. The VAE decodes its genes in chunks (model.decode_chunk_genes) and recomputes each
+chunk in the backward pass by itself, so its decoder keeps O(G) scalars per cell plus one chunk's (chunk x E)
+working set, with or without activation checkpointing; -1 (no chunks) keeps the whole (G x E) unpooling.
 These are estimates (allocator fragmentation, communication buffers, the CUDA context and workspace come
 on top; budget 10-20% more), meant to choose a strategy, not to predict bytes.
 """
@@ -69,7 +72,7 @@ SHARDED = {
     "zero3": (True, True, True),
 }
 GIB = 2**30
-BYTE_FIELDS = ("params", "grads", "optimizer", "other", "activations", "activations_ckpt", "optimizer_cpu")
+BYTE_FIELDS = ("params", "grads", "optimizer", "ema", "other", "activations", "activations_ckpt", "optimizer_cpu")
 
 
 @dataclass
@@ -85,14 +88,15 @@ class MemoryRow:
     activations: float
     activations_ckpt: float
     optimizer_cpu: float = 0.0
+    ema: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.other + self.activations
+        return self.params + self.grads + self.optimizer + self.ema + self.other + self.activations
 
     @property
     def total_ckpt(self) -> float:
-        return self.params + self.grads + self.optimizer + self.other + self.activations_ckpt
+        return self.params + self.grads + self.optimizer + self.ema + self.other + self.activations_ckpt
 
 
 def load_plan_config(paths: Sequence[str | Path], overrides: Sequence[str]) -> Config:
@@ -173,12 +177,14 @@ def memory_row(
     if shard_params:
         keeps_all_gathered = strategy == "fsdp" and not cfg.train.reshard_after_forward
         other += (n_params if keeps_all_gathered else largest_unit) * param_b + largest_unit * grad_b
-    if cfg.stage == "ldm":
-        other += 4 * n_params / (n if shard_params else 1) + 4 * frozen_params  # EMA, frozen VAE
+    ema = 4 * n_params / (n if shard_params else 1) if cfg.stage == "ldm" else 0.0
+    other += 4 * frozen_params  # the frozen VAE of stage=ldm
     optimizer_cpu = 0.0
     if strategy.startswith("zero") and cfg.train.offload_optimizer:
         optimizer, optimizer_cpu = 0.0, optimizer
-    return MemoryRow(strategy, n, params, grads, optimizer, other, *activation_bytes, optimizer_cpu=optimizer_cpu)
+    return MemoryRow(
+        strategy, n, params, grads, optimizer, other, *activation_bytes, optimizer_cpu=optimizer_cpu, ema=ema
+    )
 
 
 def make_plan(
@@ -201,7 +207,7 @@ def make_plan(
     if cfg.stage == "vae":
         model, frozen_params = vae, 0
         forward = vae.forward_flops(tokens, n_genes, cfg.train.batch_size)
-        profile = vae.activation_profile(tokens, n_genes)
+        profile = vae.activation_profile(tokens, n_genes, cfg.train.batch_size)
     else:
         prior = build_prior(cfg)
         model, frozen_params = prior.dit, count_parameters(vae)
@@ -226,6 +232,7 @@ def make_plan(
         "frozen_vae_parameters": frozen_params,
         "n_genes": n_genes,
         "tokens_per_cell": tokens,
+        "decode_chunk_genes": vae.decode_chunk(batch, n_genes) if cfg.stage == "vae" else None,
         "latent_shape": [cfg.model.n_latent_tokens, cfg.model.latent_dim],
         "flops_per_cell_forward": forward,
         "flops_per_cell_train": TRAIN_FLOPS_FACTOR * forward,
@@ -256,7 +263,10 @@ def format_plan(plan: dict) -> str:
     precision = "fp32" if plan["precision"] == "fp32" else "bf16"
     per_param = "4 + 4 + 8" if precision == "fp32" else "2 + 2 + 12 (fp32 master + 2 moments)"
     if plan["stage"] == "vae":
-        shape = f"n_genes={plan['n_genes']:,}, tokens per cell={plan['tokens_per_cell']:,}"
+        shape = (
+            f"n_genes={plan['n_genes']:,}, tokens per cell={plan['tokens_per_cell']:,}, "
+            f"decoded {plan['decode_chunk_genes']:,} genes at a time"
+        )
     else:
         m, latent = plan["latent_shape"]
         shape = f"on {m} latent tokens of width {latent}; frozen VAE: {plan['frozen_vae_parameters']:,} parameters"
@@ -272,13 +282,13 @@ def format_plan(plan: dict) -> str:
         "",
     ]
     header = (
-        f"{'strategy':<10} {'ranks':>5} {'params':>8} {'grads':>8} {'optim':>8} {'other':>8} "
+        f"{'strategy':<10} {'ranks':>5} {'params':>8} {'grads':>8} {'optim':>8} {'ema':>8} {'other':>8} "
         f"{'activ':>8} {'activ+AC':>8} {'total':>8} {'total+AC':>8}"
     )
     lines += ["GiB per rank", header, "-" * len(header)]
     for row in plan["memory_gib"]:
         mark = "*" if row["strategy"] == plan["configured_strategy"] else ""
-        values = [row[k] for k in ("params", "grads", "optimizer", "other", "activations", "activations_ckpt")]
+        values = [row[k] for k in ("params", "grads", "optimizer", "ema", "other", "activations", "activations_ckpt")]
         values += [row["total"], row["total_ckpt"]]
         lines.append(
             f"{row['strategy'] + mark:<10} {row['world_size']:>5} " + " ".join(f"{_amount(v):>8}" for v in values)
@@ -286,7 +296,7 @@ def format_plan(plan: dict) -> str:
         if row["optimizer_cpu"]:
             lines.append(f"{'':<10} optimizer states in CPU memory: {_amount(row['optimizer_cpu'])} GiB per rank")
     ac = "on" if plan["activation_checkpointing"] else "off"
-    lines.append(f"other: gathered FSDP/ZeRO-3 unit{', EMA, frozen VAE' if plan['stage'] == 'ldm' else ''}")
+    lines.append(f"other: gathered FSDP/ZeRO-3 unit{', frozen VAE' if plan['stage'] == 'ldm' else ''}")
     lines.append(f"*: the config's train.strategy (train.activation_checkpointing is {ac})")
     return "\n".join(lines)
 

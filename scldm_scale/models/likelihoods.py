@@ -6,6 +6,11 @@ Unusual here:
   the tens of thousands neither overflow nor lose precision. Always fp32 or wider: bf16 holds
   integers exactly only up to 256.
 - Sampling is gamma-Poisson, which is exact for the NB(mu, theta) parameterisation.
+- A head works in two steps, so that the decoder can run over the genes in chunks: `per_gene(hidden,
+  gene_ids)` reads the hidden vectors of some genes into per-gene outputs (NB: logits and log theta;
+  Gaussian: mean and log std), and everything else (`distribution`, `log_prob`, `nll`, `sample`, `mean`)
+  takes those outputs for all decoded genes, never a hidden vector. `distribution` is elementwise per gene
+  (the NB softmax over genes is done there), so its columns can be sampled a chunk of genes at a time.
 - The training loss (`nll`, per cell) has two backends: "torch" (log_prob summed over genes) and "triton"
   (scldm_kernels.nb_loss: softmax, mean and likelihood fused, no [cells x genes] temporaries). Generation
   and evaluation (log_prob, sample, mean) always take the PyTorch path.
@@ -82,7 +87,7 @@ class NegativeBinomialHead(nn.Module):
         theta = linear_flops(self.to_log_theta, n_genes) if self.theta_mode == "cell" else 0.0
         return linear_flops(self.to_logit, n_genes) + theta
 
-    def _logits_and_log_theta(self, hidden: torch.Tensor, gene_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def per_gene(self, hidden: torch.Tensor, gene_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-gene logits (B, G) and clamped log theta, (G,) per gene or (B, G) per cell, in fp32."""
         logits = self.to_logit(hidden).squeeze(-1).float() + self.gene_bias[gene_ids].float()  # (B, G)
         if self.theta_mode == "gene":
@@ -91,35 +96,33 @@ class NegativeBinomialHead(nn.Module):
             log_theta = self.to_log_theta(hidden).squeeze(-1).float()  # (B, G)
         return logits, log_theta.clamp(LOG_THETA_MIN, LOG_THETA_MAX)
 
-    def params(
-        self, hidden: torch.Tensor, gene_ids: torch.Tensor, library_size: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log mu, log theta), each (B, G), in fp32."""
-        logits, log_theta = self._logits_and_log_theta(hidden, gene_ids)
+    def distribution(self, per_gene, library_size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log mu, log theta), each (B, G), in fp32: the softmax over all the decoded genes is taken here."""
+        logits, log_theta = per_gene
         log_mu = library_size.float().clamp_min(1.0).log()[:, None] + logits.log_softmax(-1)  # (B, G)
         return log_mu, log_theta.expand_as(log_mu)
 
-    def log_prob(self, hidden, gene_ids, library_size, counts) -> torch.Tensor:
-        log_mu, log_theta = self.params(hidden, gene_ids, library_size)
+    def log_prob(self, distribution, library_size, counts) -> torch.Tensor:
+        log_mu, log_theta = distribution
         return nb_log_prob(counts.float(), log_mu, log_theta)  # (B, G)
 
-    def nll(self, hidden, gene_ids, library_size, counts) -> torch.Tensor:
+    def nll(self, per_gene, library_size, counts) -> torch.Tensor:
         """Negative log-likelihood per cell, (B,), summed over the genes: the training loss."""
         if self.loss_backend != "triton":
-            return -self.log_prob(hidden, gene_ids, library_size, counts).sum(-1)
+            return -self.log_prob(self.distribution(per_gene, library_size), library_size, counts).sum(-1)
         # Imported here, not at the top: Triton builds a module's kernels (compiled or interpreted, by
         # TRITON_INTERPRET) when it is imported, so only a model that uses them imports them.
         from scldm_kernels.nb_loss import nb_nll
 
-        logits, log_theta = self._logits_and_log_theta(hidden, gene_ids)
+        logits, log_theta = per_gene
         return nb_nll(logits, library_size.float().clamp_min(1.0), log_theta, counts)  # (B,)
 
-    def sample(self, hidden, gene_ids, library_size) -> torch.Tensor:
-        log_mu, log_theta = self.params(hidden, gene_ids, library_size)
+    def sample(self, distribution, library_size) -> torch.Tensor:
+        log_mu, log_theta = distribution
         return sample_nb(log_mu.exp(), log_theta.exp())
 
-    def mean(self, hidden, gene_ids, library_size) -> torch.Tensor:
-        return self.params(hidden, gene_ids, library_size)[0].exp()
+    def mean(self, distribution, library_size) -> torch.Tensor:
+        return distribution[0].exp()
 
 
 class GaussianHead(nn.Module):
@@ -140,28 +143,31 @@ class GaussianHead(nn.Module):
     def flops(self, n_genes: int) -> float:
         return linear_flops(self.to_mean, n_genes)
 
-    def params(self, hidden, gene_ids) -> tuple[torch.Tensor, torch.Tensor]:
-        mean = self.to_mean(hidden).squeeze(-1).float()  # (B, G)
-        return mean, self.log_std[gene_ids].float().expand_as(mean)
+    def per_gene(self, hidden: torch.Tensor, gene_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean (B, G) of the log-counts and log std (G,), in fp32."""
+        return self.to_mean(hidden).squeeze(-1).float(), self.log_std[gene_ids].float()
+
+    def distribution(self, per_gene, library_size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = per_gene
+        return mean, log_std.expand_as(mean)
 
     @staticmethod
     def transform(counts: torch.Tensor, library_size: torch.Tensor) -> torch.Tensor:
         return torch.log1p(counts.float() / library_size.float().clamp_min(1.0)[:, None] * TARGET_SUM)
 
-    def log_prob(self, hidden, gene_ids, library_size, counts) -> torch.Tensor:
-        mean, log_std = self.params(hidden, gene_ids)
+    def log_prob(self, distribution, library_size, counts) -> torch.Tensor:
+        mean, log_std = distribution
         y = self.transform(counts, library_size)
         return torch.distributions.Normal(mean, log_std.exp()).log_prob(y)
 
-    def nll(self, hidden, gene_ids, library_size, counts) -> torch.Tensor:
+    def nll(self, per_gene, library_size, counts) -> torch.Tensor:
         """Negative log-likelihood per cell, (B,), summed over the genes: the training loss."""
-        return -self.log_prob(hidden, gene_ids, library_size, counts).sum(-1)
+        return -self.log_prob(self.distribution(per_gene, library_size), library_size, counts).sum(-1)
 
-    def sample(self, hidden, gene_ids, library_size) -> torch.Tensor:
-        mean, log_std = self.params(hidden, gene_ids)
+    def sample(self, distribution, library_size) -> torch.Tensor:
+        mean, log_std = distribution
         y = mean + log_std.exp() * torch.randn_like(mean)
         return (y.expm1().clamp_min(0.0) * library_size.float()[:, None] / TARGET_SUM).round()
 
-    def mean(self, hidden, gene_ids, library_size) -> torch.Tensor:
-        mean, _ = self.params(hidden, gene_ids)
-        return mean.expm1().clamp_min(0.0) * library_size.float()[:, None] / TARGET_SUM
+    def mean(self, distribution, library_size) -> torch.Tensor:
+        return distribution[0].expm1().clamp_min(0.0) * library_size.float()[:, None] / TARGET_SUM

@@ -8,6 +8,11 @@ Unusual here:
   reference trains) and "gaussian" (reparameterised diagonal Gaussian per token, KL to N(0, I)).
 - The decoder's gene queries are gene-id embeddings (optionally the encoder's table); they depend only
   on the gene, so they enter the cross-attention with batch size 1 and are projected once.
+- The decoder runs over the decoded genes in chunks (model.decode_chunk_genes; `decode_chunk` says how many
+  genes): each chunk's unpooling, decoder norm and head run under torch.utils.checkpoint (recomputed in the
+  backward pass) and leave only the head's per-gene outputs, so the whole decode keeps (B, G) scalars and one
+  chunk's (B, chunk, E) working set, never a (B, G, E) tensor. The softmax over genes and the loss then see
+  all the genes at once: chunked and unchunked give the same loss and gradients.
 - The model reports its own cost: `transformer_blocks()` (the units of FSDP sharding, activation
   checkpointing and compile), `forward_flops` and `activation_profile` per cell (conventions in cost.py).
 """
@@ -16,11 +21,19 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from scldm_scale.config import VAEConfig
 from scldm_scale.models.cost import ActivationProfile, linear_flops
 from scldm_scale.models.likelihoods import GaussianHead, NegativeBinomialHead
 from scldm_scale.models.mcab import MCAB, SelfAttentionBlock
+
+# model.decode_chunk_genes=0 sizes a decoder chunk so that its activations (cells x chunk genes x the elements
+# one gene's unpooling, decoder norm and head save per cell) stay under this many elements: 256 MiB in fp32.
+# 32 cells of width 64 decode ~1,900 genes per chunk, 256 cells of width 512 the floor of 256 genes (~1 GiB in
+# bf16; fewer, larger chunks keep a GPU busy).
+DECODE_CHUNK_ELEMENTS = 2**26
+MIN_DECODE_CHUNK = 256
 
 
 class GeneTokenEmbedding(nn.Module):
@@ -121,20 +134,61 @@ class SetVAE(nn.Module):
             mean = mean + (0.5 * log_var).exp() * torch.randn_like(mean)
         return mean, kl
 
-    def decode(self, z: torch.Tensor, decode_gene_ids: torch.Tensor) -> torch.Tensor:
-        """Hidden vector per requested gene: (B, M, L), (G,) -> (B, G, E)."""
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """The keys and values the gene queries unpool: (B, M, L) -> (B, M, E)."""
         h = self.from_latent(z)  # (B, M, E)
         for block in self.decoder_blocks:
             h = block(h)
-        gene_queries = self.decoder_gene_embedding(decode_gene_ids)[None]  # (1, G, E), shared by all cells
-        y = self.unpool(gene_queries, h)  # (B, G, E)
-        return self.decoder_norm(y)
+        return h
 
-    def log_prob(self, hidden, decode_gene_ids, library_size, target) -> torch.Tensor:
-        return self.head.log_prob(hidden, decode_gene_ids, library_size, target)  # (B, G)
+    def _unpool(self, h: torch.Tensor, gene_queries: torch.Tensor) -> torch.Tensor:
+        """Hidden vector per gene: (B, M, E), (G, E) -> (B, G, E); the queries are shared by all cells."""
+        return self.decoder_norm(self.unpool(gene_queries[None], h))  # (B, G, E)
+
+    def decode(self, z: torch.Tensor, decode_gene_ids: torch.Tensor) -> torch.Tensor:
+        """Hidden vector per requested gene, in one pass: (B, M, L), (G,) -> (B, G, E)."""
+        return self._unpool(self.decode_latents(z), self.decoder_gene_embedding(decode_gene_ids))
+
+    def decode_chunk(self, n_cells: int, n_genes: int) -> int:
+        """Genes per decoder chunk (model.decode_chunk_genes): N as set, all genes for -1, and for 0 (auto) the
+        most genes whose activations fit DECODE_CHUNK_ELEMENTS, at least MIN_DECODE_CHUNK, a multiple of 64."""
+        setting = self.cfg.decode_chunk_genes
+        if setting == 0:
+            per_gene = self.unpool.activations(1, 0)[0] + 2 * self.cfg.d_model  # + decoder norm and head input
+            setting = max(MIN_DECODE_CHUNK, DECODE_CHUNK_ELEMENTS // (max(n_cells, 1) * per_gene) // 64 * 64)
+        return n_genes if setting == -1 else min(setting, n_genes)
+
+    def _head_outputs(self, h: torch.Tensor, gene_queries: torch.Tensor, gene_ids: torch.Tensor):
+        return self.head.per_gene(self._unpool(h, gene_queries), gene_ids)
+
+    def decode_per_gene(self, z: torch.Tensor, decode_gene_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's per-gene outputs for every requested gene, decoded decode_chunk genes at a time.
+
+        Each chunk runs under checkpoint when gradients are on: the forward keeps its (B, chunk) outputs only,
+        the backward recomputes the chunk. A single chunk runs plainly (nothing to save by recomputing).
+        """
+        h = self.decode_latents(z)  # (B, M, E)
+        gene_queries = self.decoder_gene_embedding(decode_gene_ids)  # (G, E), shared by all cells
+        chunk = self.decode_chunk(h.shape[0], len(decode_gene_ids))
+        if chunk >= len(decode_gene_ids):
+            return self._head_outputs(h, gene_queries, decode_gene_ids)
+        parts = []
+        for queries, ids in zip(gene_queries.split(chunk), decode_gene_ids.split(chunk), strict=True):
+            if torch.is_grad_enabled():
+                parts.append(checkpoint(self._head_outputs, h, queries, ids, use_reentrant=False))
+            else:
+                parts.append(self._head_outputs(h, queries, ids))
+        return tuple(torch.cat(outputs, dim=-1) for outputs in zip(*parts, strict=True))  # (B, G) or (G,) each
+
+    def distribution(self, z: torch.Tensor, decode_gene_ids: torch.Tensor, library_size: torch.Tensor):
+        """The head's distribution of every requested gene's counts, (B, G) parameters, decoded in chunks."""
+        return self.head.distribution(self.decode_per_gene(z, decode_gene_ids), library_size)
+
+    def log_prob(self, z, decode_gene_ids, library_size, target) -> torch.Tensor:
+        return self.head.log_prob(self.distribution(z, decode_gene_ids, library_size), library_size, target)  # (B, G)
 
     def sample_counts(self, z: torch.Tensor, decode_gene_ids: torch.Tensor, library_size: torch.Tensor):
-        return self.head.sample(self.decode(z, decode_gene_ids), decode_gene_ids, library_size)
+        return self.head.sample(self.distribution(z, decode_gene_ids, library_size), library_size)
 
     def transformer_blocks(self) -> list[nn.Module]:
         """The transformer blocks, in forward order: the units of FSDP sharding and activation checkpointing."""
@@ -152,24 +206,31 @@ class SetVAE(nn.Module):
         flops += self.unpool.flops(n_genes, m, batch_size)
         return flops + self.head.flops(n_genes)
 
-    def activation_profile(self, n_tokens: int, n_genes: int) -> ActivationProfile:
-        """Saved elements per cell encoding n_tokens gene tokens (S) and decoding n_genes genes (G)."""
+    def activation_profile(self, n_tokens: int, n_genes: int, batch_size: int) -> ActivationProfile:
+        """Saved elements per cell encoding n_tokens gene tokens (S) and decoding n_genes genes (G) in batches of
+        batch_size cells. A chunked decoder keeps the keys (M, E) and the head's per-gene outputs for the backward
+        pass, and holds one chunk's activations while it is recomputed: the unpooling "block" is then one chunk
+        (with its decoder norm and head input), of which only the keys stay."""
         m, e, latent = self.cfg.n_latent_tokens, self.cfg.d_model, self.cfg.latent_dim
+        chunk = self.decode_chunk(batch_size, n_genes)
+        unpool_full, unpool_input = self.unpool.activations(chunk, m)
+        norm_and_head = 2 * chunk * e  # decoder norm and head input (chunk, 2E)
+        if chunk < n_genes:
+            unpool_full, norm_and_head = unpool_full + norm_and_head, 0
         blocks = [
             self.pool.activations(m, n_tokens),
             *(block.activations(m) for block in [*self.encoder_blocks, *self.decoder_blocks]),
-            self.unpool.activations(n_genes, m),
+            (unpool_full, unpool_input),
         ]
-        # token embedding (S, E) and counts (S); encoder norm and latent projections (M, 2E + 4L); decoder norm
-        # and head input (G, 2E)
-        outside = n_tokens * (e + 1) + m * (2 * e + 4 * latent) + 2 * n_genes * e
+        # token embedding (S, E) and counts (S); encoder norm and latent projections (M, 2E + 4L)
+        outside = n_tokens * (e + 1) + m * (2 * e + 4 * latent) + norm_and_head
         return ActivationProfile.from_blocks(blocks, outside, self.head.SAVED_FP32_PER_GENE * n_genes)
 
     def forward(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Training loss on a CellBatch: NLL summed over genes, mean over cells, plus weighted KL."""
         z, kl = self.encode(batch.gene_ids, batch.counts, batch.mask)
-        hidden = self.decode(z, batch.decode_gene_ids)
-        nll = self.head.nll(hidden, batch.decode_gene_ids, batch.library_size, batch.target).mean()
+        per_gene = self.decode_per_gene(z, batch.decode_gene_ids)
+        nll = self.head.nll(per_gene, batch.library_size, batch.target).mean()
         loss = nll
         metrics = {"nll": nll.detach()}
         if kl is not None:

@@ -109,11 +109,15 @@ def _nb_head(theta_mode: str = "gene", d_model: int = 8, n_genes: int = 11) -> N
     return head
 
 
+def _distribution(head, hidden, genes, library):
+    return head.distribution(head.per_gene(hidden, genes), library)
+
+
 def test_nb_head_mean_sums_to_the_library_size():
     head = _nb_head()
     hidden = torch.randn(4, 11, 8)
     library = torch.tensor([1.0, 250.0, 3e3, 4.2e4])
-    mu = head.mean(hidden, torch.arange(11), library)
+    mu = head.mean(_distribution(head, hidden, torch.arange(11), library), library)
     assert mu.shape == (4, 11)
     torch.testing.assert_close(mu.sum(-1), library, rtol=1e-5, atol=0)
     # The proportions are the softmax of the per-gene logits, the same for every library size.
@@ -127,8 +131,9 @@ def test_nb_head_log_prob_matches_scipy_with_its_parameters():
     genes = torch.arange(11)
     library = torch.tensor([100.0, 1000.0, 20.0])
     counts = torch.poisson(torch.full((3, 11), 6.0))
-    got = head.log_prob(hidden, genes, library, counts)
-    mu = head.mean(hidden, genes, library).double().detach().numpy()
+    distribution = _distribution(head, hidden, genes, library)
+    got = head.log_prob(distribution, library, counts)
+    mu = head.mean(distribution, library).double().detach().numpy()
     theta = head.log_theta.exp()[None].expand(3, -1).double().detach().numpy()
     np.testing.assert_allclose(got.detach().numpy(), _scipy_nb(counts.numpy(), mu, theta), rtol=1e-5, atol=1e-5)
 
@@ -139,7 +144,7 @@ def test_nb_head_clamps_theta_and_indexes_the_decoded_genes():
         head.log_theta[0] = 50.0
         head.log_theta[1] = -50.0
     genes = torch.tensor([1, 0, 5])
-    _, log_theta = head.params(torch.randn(2, 3, 8), genes, torch.tensor([10.0, 20.0]))
+    _, log_theta = _distribution(head, torch.randn(2, 3, 8), genes, torch.tensor([10.0, 20.0]))
     assert log_theta[0].tolist() == pytest.approx([LOG_THETA_MIN, LOG_THETA_MAX, head.log_theta[5].item()])
 
 
@@ -149,8 +154,8 @@ def test_nb_head_samples_have_the_head_mean():
     hidden = torch.randn(1, 11, 8).expand(20_000, -1, -1)
     library = torch.full((20_000,), 500.0)
     genes = torch.arange(11)
-    samples = head.sample(hidden, genes, library)
-    mu = head.mean(hidden[:1], genes, library[:1])[0]
+    samples = head.sample(_distribution(head, hidden, genes, library), library)
+    mu = head.mean(_distribution(head, hidden[:1], genes, library[:1]), library[:1])[0]
     theta = head.log_theta.exp()
     se = ((mu + mu**2 / theta) / 20_000).sqrt()
     assert ((samples.mean(0) - mu).abs() < 5 * se).all()
@@ -175,8 +180,9 @@ def test_gaussian_head_log_prob_matches_scipy():
     genes = torch.arange(5)
     counts = torch.poisson(torch.full((2, 5), 4.0))
     library = counts.sum(1).clamp_min(1.0)
-    got = head.log_prob(hidden, genes, library, counts).detach().numpy()
-    mean, log_std = head.params(hidden, genes)
+    distribution = _distribution(head, hidden, genes, library)
+    got = head.log_prob(distribution, library, counts).detach().numpy()
+    mean, log_std = distribution
     y = np.log1p(counts.numpy() / library.numpy()[:, None] * 1e4)
     expected = norm.logpdf(y, mean.detach().numpy(), np.exp(log_std.detach().numpy()))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

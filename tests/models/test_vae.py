@@ -44,7 +44,7 @@ def test_shapes():
     assert kl is None
     hidden = vae.decode(z, batch.decode_gene_ids)
     assert hidden.shape == (6, N_GENES, 16)
-    log_prob = vae.log_prob(hidden, batch.decode_gene_ids, batch.library_size, batch.target)
+    log_prob = vae.log_prob(z, batch.decode_gene_ids, batch.library_size, batch.target)
     assert log_prob.shape == (6, N_GENES)
     counts = vae.sample_counts(z, batch.decode_gene_ids, batch.library_size)
     assert counts.shape == (6, N_GENES)
@@ -95,7 +95,7 @@ def test_decoding_a_subset_of_genes_gives_the_same_rows():
     hidden = vae.decode(z, subset)
     assert hidden.shape == (6, 4, 16)
     torch.testing.assert_close(hidden, vae.decode(z, torch.arange(N_GENES))[:, subset], rtol=0, atol=1e-5)
-    log_prob = vae.log_prob(hidden, subset, batch.library_size, batch.target[:, subset])
+    log_prob = vae.log_prob(z, subset, batch.library_size, batch.target[:, subset])
     assert log_prob.shape == (6, 4) and torch.isfinite(log_prob).all()
 
 
@@ -187,7 +187,7 @@ def test_nb_loss_is_the_negative_log_likelihood_per_cell():
     batch = _batch()
     loss, metrics = vae(batch)
     z, _ = vae.encode(batch.gene_ids, batch.counts, batch.mask)
-    log_mu, log_theta = vae.head.params(vae.decode(z, batch.decode_gene_ids), batch.decode_gene_ids, batch.library_size)
+    log_mu, log_theta = vae.distribution(z, batch.decode_gene_ids, batch.library_size)
     mu, theta = log_mu.exp().double().detach().numpy(), log_theta.exp().double().detach().numpy()
     expected = -nbinom.logpmf(batch.target.numpy(), theta, theta / (theta + mu)).sum(1).mean()
     assert set(metrics) == {"nll"}
@@ -233,7 +233,7 @@ def test_cell_theta_starts_at_one():
     head = _vae(theta_mode="cell").head
     assert not hasattr(head, "log_theta")
     hidden = torch.randn(2, 5, 16)
-    _, log_theta = head.params(hidden, torch.arange(5), torch.full((2,), 100.0))
+    _, log_theta = head.distribution(head.per_gene(hidden, torch.arange(5)), torch.full((2,), 100.0))
     assert torch.equal(head.to_log_theta.weight, torch.zeros_like(head.to_log_theta.weight))
     assert torch.equal(log_theta, torch.zeros(2, 5))
 

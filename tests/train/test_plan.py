@@ -181,7 +181,7 @@ def test_vae_activation_estimate_matches_saved_tensors():
         target=torch.randint(0, 5, (batch_size, n_genes)).float(),
     )
     measured = saved_tensor_bytes(vae, lambda: vae(batch)[0])
-    estimate = batch_size * vae.activation_profile(n_tokens, n_genes).bytes_per_cell(4, checkpointing=False)
+    estimate = batch_size * vae.activation_profile(n_tokens, n_genes, batch_size).bytes_per_cell(4, checkpointing=False)
     assert estimate == pytest.approx(measured, rel=ACTIVATION_RTOL)
 
 
