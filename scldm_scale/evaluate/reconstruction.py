@@ -10,40 +10,72 @@ import torch
 
 from scldm_scale.data.dataset import CellDataset
 from scldm_scale.evaluate.embed import Embedder, align_input
-from scldm_scale.evaluate.metrics import normalize_log1p, pearson
+from scldm_scale.evaluate.metrics import normalize_log1p
 from scldm_scale.models.vae import SetVAE
 
 BATCH = 256
 
 
+class StreamingPearson:
+    """Pearson correlation of all the entries of blocks seen one at a time (Chan et al.'s pairwise merge of
+    means and co-moments, in float64): the cells x genes matrices are never held whole."""
+
+    def __init__(self) -> None:
+        self.n, self.mean_x, self.mean_y, self.m_xx, self.m_yy, self.m_xy = 0, 0.0, 0.0, 0.0, 0.0, 0.0
+
+    def update(self, x: np.ndarray, y: np.ndarray) -> None:
+        x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
+        n, mean_x, mean_y = x.size, x.mean(), y.mean()
+        xc, yc = x - mean_x, y - mean_y
+        total = self.n + n
+        dx, dy, weight = mean_x - self.mean_x, mean_y - self.mean_y, self.n * n / total
+        self.m_xx += xc @ xc + dx * dx * weight
+        self.m_yy += yc @ yc + dy * dy * weight
+        self.m_xy += xc @ yc + dx * dy * weight
+        self.mean_x += dx * n / total
+        self.mean_y += dy * n / total
+        self.n = total
+
+    def value(self) -> float:
+        return float(self.m_xy / np.sqrt(self.m_xx * self.m_yy))
+
+
 @torch.no_grad()
 def reconstruction_metrics(vae: SetVAE, dataset: CellDataset, idx: np.ndarray, device: torch.device) -> dict:
+    """Per batch of cells, the VAE decodes every gene in chunks (SetVAE.distribution) and only (cells, genes)
+    blocks of one batch are ever dense."""
     vae.eval()
-    nll, means = [], []
+    nll = []
+    correlation = StreamingPearson()
     for start in range(0, len(idx), BATCH):
-        batch = dataset.batch(idx[start : start + BATCH]).to(device)
+        rows = idx[start : start + BATCH]
+        batch = dataset.batch(rows).to(device)
         z, _ = vae.encode(batch.gene_ids, batch.counts, batch.mask, sample=False)
-        hidden = vae.decode(z, batch.decode_gene_ids)
-        nll.append(-vae.log_prob(hidden, batch.decode_gene_ids, batch.library_size, batch.target).sum(-1).cpu())
-        means.append(vae.head.mean(hidden, batch.decode_gene_ids, batch.library_size).cpu())
-    observed = normalize_log1p(dataset.counts[idx])
-    reconstructed = normalize_log1p(torch.cat(means).double().numpy())
+        distribution = vae.distribution(z, batch.decode_gene_ids, batch.library_size)
+        nll.append(-vae.head.log_prob(distribution, batch.library_size, batch.target).sum(-1).cpu())
+        reconstructed = vae.head.mean(distribution, batch.library_size).cpu().double().numpy()
+        correlation.update(normalize_log1p(dataset.counts[rows]), normalize_log1p(reconstructed))
     return {
         "nll_per_cell": float(torch.cat(nll).double().mean()),
-        "pearson_lognorm": pearson(observed.ravel(), reconstructed.ravel()),
+        "pearson_lognorm": correlation.value(),
         "n_cells": int(len(idx)),
     }
 
 
 def reconstruction_of(checkpoint: str, adata: ad.AnnData, device: torch.device) -> dict:
-    """reconstruction_metrics of a vae or ldm model's VAE on the cells of an AnnData of raw counts.
+    """reconstruction_metrics of a vae or ldm model's VAE on the cells of an AnnData of raw counts, and
+    n_genes_missing.
 
-    The cells' genes are put in the model's vocabulary order (embed.align_input); a vocabulary gene
-    the cells lack is an error (the likelihood is over every vocabulary gene), other genes are dropped.
+    The cells' genes are matched to the model's vocabulary (embed.align_input; genes outside it are dropped).
+    Vocabulary genes the cells lack (a model trained on other data) are absent tokens for the encoder, and the
+    scores are over the measured genes: their softmax and library size are over those genes, which is the
+    likelihood of the counts of a gene subset given their total (the multinomial restricts to a subset).
     """
     embedder = Embedder.from_artifact(checkpoint, device=str(device))
-    columns = align_input(adata.var, embedder.genes, "the real cells", False).columns
-    counts = sp.csr_matrix(adata.X[:, columns], dtype=np.float32)
+    alignment = align_input(adata.var, embedder.genes, "the real cells", allow_missing_genes=True)
+    counts = sp.csr_matrix(adata.X[:, alignment.columns], dtype=np.float32)
     split = np.full(adata.n_obs, "test")
-    dataset = CellDataset(counts, embedder.genes.ids, {}, {}, split, embedder.policy)
-    return reconstruction_metrics(embedder.vae, dataset, np.arange(adata.n_obs), device)
+    genes = [embedder.genes.ids[i] for i in alignment.positions]
+    dataset = CellDataset(counts, genes, {}, {}, split, embedder.policy, gene_positions=alignment.positions)
+    metrics = reconstruction_metrics(embedder.vae, dataset, np.arange(adata.n_obs), device)
+    return metrics | {"n_genes_missing": len(alignment.missing)}
