@@ -80,13 +80,15 @@ class Generator:
         sampler: SampleConfig | None = None,
         seed: int = 0,
         progress: bool = True,
-    ) -> np.ndarray:
-        """Integer counts (N, G) for cells whose condition values are given per cell (key -> (N,) str).
+    ) -> sp.csr_matrix:
+        """Integer counts (N, G), sparse, for cells whose condition values are given per cell (key -> (N,) str).
 
         Cells with different values share one ODE solve (the condition ids are per cell); every key in
         `labels` is guided with its weight in `guidance` (default `sampler.guidance`); with no labels the
         cells come from the unconditional (all-NULL) prior and the global library-size fit. `sampler`
-        (default: SampleConfig()) chooses the ODE solver and the cells per solve.
+        (default: SampleConfig()) chooses the ODE solver and the cells per solve. The VAE decodes each solve's
+        cells a chunk of genes at a time (model.decode_chunk_genes), and the counts are drawn and made sparse
+        chunk by chunk: no dense cells x genes array is formed beyond one solve's per-gene parameters.
         """
         sampler = sampler or SampleConfig()
         labels = {k: np.asarray(v, dtype=object) for k, v in labels.items()}
@@ -111,7 +113,7 @@ class Generator:
         n_batches = -(-n_cells // sampler.batch_size)
         total = evals_per_batch * n_batches if evals_per_batch else None
         bar = tqdm(total=total, desc="generate", unit="eval", disable=not progress, dynamic_ncols=True)
-        out = []
+        blocks = []
         for start in range(0, n_cells, sampler.batch_size):
             stop = min(start + sampler.batch_size, n_cells)
             chunk_ids = {k: v[start:stop] for k, v in ids.items()}
@@ -124,9 +126,20 @@ class Generator:
             x = integrate(_counted(velocity, bar), noise, sampler.method, sampler.n_steps, sampler.atol, sampler.rtol)
             z = x * self.latent_std + self.latent_mean  # (n, M, L)
             size = torch.from_numpy(library[start:stop]).float().to(self.device)
-            out.append(self.vae.sample_counts(z, genes, size).cpu().numpy().astype(np.int64))
+            blocks.append(self._sample_counts(z, genes, size))
         bar.close()
-        return np.concatenate(out) if out else np.zeros((0, len(self.genes)), dtype=np.int64)
+        return sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, len(self.genes)), dtype=np.int32)
+
+    def _sample_counts(self, z: torch.Tensor, genes: torch.Tensor, library_size: torch.Tensor) -> sp.csr_matrix:
+        """NB (or Gaussian) counts of every gene for latents z (n, M, L), drawn a chunk of genes at a time."""
+        distribution = self.vae.distribution(z, genes, library_size)  # (n, G) parameters, decoded in chunks
+        chunk = self.vae.decode_chunk(len(z), len(genes))
+        columns = []
+        for start in range(0, len(genes), chunk):
+            block = tuple(p[:, start : start + chunk] for p in distribution)  # (n, chunk) each
+            counts = self.vae.head.sample(block, library_size)  # (n, chunk)
+            columns.append(sp.csr_matrix(counts.cpu().numpy().astype(np.int32)))
+        return sp.hstack(columns, format="csr")
 
 
 def _counted(velocity, bar):
@@ -139,13 +152,15 @@ def _counted(velocity, bar):
     return fn
 
 
-def to_anndata(counts: np.ndarray, labels: dict[str, list[str]], genes: GeneVocabulary, settings: dict) -> ad.AnnData:
+def to_anndata(
+    counts: sp.csr_matrix | np.ndarray, labels: dict[str, list[str]], genes: GeneVocabulary, settings: dict
+) -> ad.AnnData:
     obs = pd.DataFrame({k: pd.Categorical(v) for k, v in labels.items()})
     obs.index = [f"gen-{i}" for i in range(counts.shape[0])]
     var = pd.DataFrame(index=genes.ids)
     if genes.names is not None:
         var["feature_name"] = genes.names
-    adata = ad.AnnData(X=sp.csr_matrix(counts.astype(np.int32)), obs=obs, var=var)
+    adata = ad.AnnData(X=sp.csr_matrix(counts, dtype=np.int32), obs=obs, var=var)
     adata.uns["generation"] = settings
     return adata
 
