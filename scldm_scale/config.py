@@ -112,6 +112,15 @@ class VAEConfig:
     fold_pooling: bool = False
     # NB negative log-likelihood over cells x genes: "torch" (eager) or "triton" (the fused kernel).
     nb_loss_backend: str = option("torch", choices=("torch", "triton"))
+    # Genes a VAE training step decodes: "all", or N (gene-subset training: the batch's expressed genes, up to
+    # N/2, plus unexpressed genes drawn uniformly, N in all, scored with the softmax and library size over
+    # them). Encoding latents, generation and evaluation always decode every gene.
+    decode_genes: str = "all"
+
+    @property
+    def decode_gene_count(self) -> int | None:
+        """model.decode_genes as a number of genes; None for every gene."""
+        return None if self.decode_genes == "all" else int(self.decode_genes)
     # Genes the decoder unpools at a time, each chunk recomputed in the backward pass, so that only the per-gene
     # logits are kept for all genes (models/vae.py). 0: automatic (the largest chunk whose cells x genes x
     # width activations fit a fixed budget, SetVAE.decode_chunk); N > 0: N genes; -1: all genes in one pass.
@@ -356,6 +365,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"prior.d_model={cfg.prior.d_model} must be divisible by prior.n_heads")
     if m.n_latent_tokens <= 0 or m.latent_dim <= 0 or m.n_layers < 0:
         raise ConfigError("model.n_latent_tokens and model.latent_dim must be positive, n_layers >= 0")
+    if m.decode_genes != "all" and not (m.decode_genes.isdigit() and int(m.decode_genes) > 0):
+        raise ConfigError(f"model.decode_genes must be 'all' or a positive number of genes, got {m.decode_genes!r}")
     if m.decode_chunk_genes < -1:
         raise ConfigError(f"model.decode_chunk_genes must be -1 (off), 0 (auto) or N > 0, got {m.decode_chunk_genes}")
     if cfg.data.path is not None and cfg.data.source != "h5ad":

@@ -5,6 +5,10 @@ per batch, with a boolean mask that is True on real tokens) chosen by a `TokenPo
 is the dense count vector over the decoded genes, zeros included. Condition labels enter as integer ids
 (`LabelEncoder`). `collate` takes any CSR block; `collate_csr` takes the raw arrays of a canonical one
 (`canonical_csr`), so the loaders collate row slices of a block read once without building matrices.
+
+Gene-subset training (`model.decode_genes: N`): a training batch may decode only some columns
+(`draw_decode_columns`: the batch's expressed genes, up to half of N, plus uniformly drawn unexpressed
+genes up to N); its target and library size are then the counts over those columns only.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ class CellBatch:
     mask: torch.Tensor  # (B, S) bool, True on real tokens
     target: torch.Tensor  # (B, G) float32, counts over the decoded genes
     decode_gene_ids: torch.Tensor  # (G,) long, the genes the decoder predicts
-    library_size: torch.Tensor  # (B,) float32, total counts of each cell
+    library_size: torch.Tensor  # (B,) float32, each cell's total counts over the decoded genes
     conditions: dict[str, torch.Tensor]  # key -> (B,) long label ids
 
     def to(self, device: torch.device | str) -> CellBatch:
@@ -127,6 +131,31 @@ def sample_zero_genes(expressed: np.ndarray, n_genes: int, n_zero_tokens: int, r
     return np.sort(rng.choice(zeros, size=min(n_zero_tokens, len(zeros)), replace=False))
 
 
+# At most this share of a decoded subset are the batch's expressed genes; the rest are drawn among the genes
+# no cell of the batch expresses. Those zeros are what push a gene's softmax mass down where it is absent:
+# were the expressed genes to fill every slot (a whole-transcriptome batch of 256 cells expresses 10k+
+# genes), a gene never expressed in a batch would never be decoded and its mass would drift unchecked.
+EXPRESSED_SHARE = 0.5
+
+
+def draw_decode_columns(expressed: np.ndarray, n_columns: int, n_decode: int, rng: np.random.Generator) -> np.ndarray:
+    """n_decode distinct columns of [0, n_columns) for a training step to decode, ascending.
+
+    `expressed` (sorted, unique) are the columns with a count in some cell of the batch: all of them are
+    kept when they are at most EXPRESSED_SHARE of n_decode (else that many, drawn uniformly among them), and
+    the rest are drawn uniformly among the unexpressed columns. n_decode >= n_columns decodes every column.
+    """
+    if n_decode >= n_columns:
+        return np.arange(n_columns)
+    unexpressed = np.setdiff1d(np.arange(n_columns), expressed, assume_unique=True)
+    cap = int(EXPRESSED_SHARE * n_decode)
+    # Above the cap only when the unexpressed columns cannot fill the rest.
+    n_expressed = min(len(expressed), max(cap, n_decode - len(unexpressed)))
+    kept = expressed if n_expressed == len(expressed) else rng.choice(expressed, size=n_expressed, replace=False)
+    drawn = rng.choice(unexpressed, size=n_decode - n_expressed, replace=False)
+    return np.sort(np.concatenate([kept, drawn]))
+
+
 def _token_columns(expressed: np.ndarray, n_genes: int, policy: TokenPolicy, rng: np.random.Generator) -> np.ndarray:
     if policy.mode == "dense":
         return np.arange(n_genes)
@@ -141,15 +170,29 @@ def collate(
     decode_gene_ids: np.ndarray | None = None,
     policy: TokenPolicy = EXPRESSED_ONLY,
     rng: np.random.Generator | None = None,
+    decode_columns: np.ndarray | None = None,
 ) -> CellBatch:
     """Build a CellBatch from a block of cells (rows) over genes (columns).
 
     Column j is vocabulary gene decode_gene_ids[j] (default: column j is gene j, the full vocabulary).
-    The encoder tokens of each cell follow `policy`; the target is always the dense row.
+    The encoder tokens of each cell follow `policy`; the target is the dense row over `decode_columns`
+    (sorted; default every column), and the library size the row's sum over them.
     """
     counts = canonical_csr(counts)
     n_genes = counts.shape[1]
-    return collate_csr(counts.data, counts.indices, counts.indptr, n_genes, conditions, decode_gene_ids, policy, rng)
+    return collate_csr(
+        counts.data, counts.indices, counts.indptr, n_genes, conditions, decode_gene_ids, policy, rng, decode_columns
+    )
+
+
+def _scatter(rows: np.ndarray, columns: np.ndarray, values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    out = np.zeros(shape, dtype=np.float32)
+    out.ravel()[rows * shape[1] + columns] = values  # 1-D scatter: faster than 2-D fancy indexing
+    return out
+
+
+def _row_sums(rows: np.ndarray, values: np.ndarray, n_rows: int) -> np.ndarray:
+    return np.bincount(rows, weights=values, minlength=n_rows).astype(np.float32)
 
 
 def collate_csr(
@@ -161,6 +204,7 @@ def collate_csr(
     decode_gene_ids: np.ndarray | None = None,
     policy: TokenPolicy = EXPRESSED_ONLY,
     rng: np.random.Generator | None = None,
+    decode_columns: np.ndarray | None = None,
 ) -> CellBatch:
     """`collate` on the raw arrays of a canonical CSR block (float32 data, sorted columns, no stored zeros);
     the loaders call it on row slices of a block read once, without building scipy matrices."""
@@ -168,8 +212,9 @@ def collate_csr(
     lengths = np.diff(indptr)
     indptr = indptr - indptr[0]  # a row slice of a larger block starts anywhere
     row_of_entry = np.repeat(np.arange(n_cells), lengths)
-    dense = np.zeros((n_cells, n_genes), dtype=np.float32)
-    dense.ravel()[row_of_entry * n_genes + indices] = data  # 1-D scatter: faster than 2-D fancy indexing
+    # The dense rows over every column, unless only a subset is decoded and the tokens are the expressed genes.
+    needs_dense = decode_columns is None or policy.mode != "expressed"
+    dense = _scatter(row_of_entry, indices, data, (n_cells, n_genes)) if needs_dense else None
     if policy.mode == "expressed":
         token_columns, token_values = indices, data
     else:
@@ -186,13 +231,22 @@ def collate_csr(
     values = np.zeros((n_cells, seq_len), dtype=np.float32)
     gene_ids[mask] = column_gene[token_columns]
     values[mask] = token_values
-    library_size = np.bincount(row_of_entry, weights=data, minlength=n_cells).astype(np.float32)
+    if decode_columns is None:
+        target, decoded, library_size = dense, column_gene.copy(), _row_sums(row_of_entry, data, n_cells)
+    else:
+        slot = np.full(n_genes, -1, dtype=np.int64)  # column -> its place in the subset, -1 outside it
+        slot[decode_columns] = np.arange(len(decode_columns))
+        keep = slot[indices] >= 0
+        rows, kept = row_of_entry[keep], data[keep]
+        target = _scatter(rows, slot[indices[keep]], kept, (n_cells, len(decode_columns)))  # (B, N)
+        decoded = column_gene[decode_columns]  # (N,)
+        library_size = _row_sums(rows, kept, n_cells)
     return CellBatch(
         gene_ids=torch.from_numpy(gene_ids),
         counts=torch.from_numpy(values),
         mask=torch.from_numpy(mask),
-        target=torch.from_numpy(dense),
-        decode_gene_ids=torch.from_numpy(column_gene.copy()),
+        target=torch.from_numpy(target),
+        decode_gene_ids=torch.from_numpy(decoded),
         library_size=torch.from_numpy(library_size),
         conditions={k: torch.from_numpy(v) for k, v in conditions.items()},
     )

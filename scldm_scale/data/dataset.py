@@ -18,7 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from scldm_scale.config import DataConfig
-from scldm_scale.data.batch import EXPRESSED_ONLY, CellBatch, LabelEncoder, TokenPolicy, collate
+from scldm_scale.data.batch import EXPRESSED_ONLY, CellBatch, LabelEncoder, TokenPolicy, collate, draw_decode_columns
 from scldm_scale.data.counts import DataError, load_builtin, read_counts, validate_counts
 from scldm_scale.data.split import stratified_split
 from scldm_scale.world import rank_and_world_size
@@ -56,10 +56,17 @@ class CellDataset:
             raise DataError(f"the {split!r} split is empty")
         return idx
 
-    def batch(self, idx: np.ndarray) -> CellBatch:
+    def batch(self, idx: np.ndarray, decode_genes: int | None = None, draw_key: tuple[int, ...] = ()) -> CellBatch:
+        """The rows `idx` as a CellBatch decoding every gene, or (training with decode_genes = N) a subset of N
+        genes drawn from (draw_key, idx): the same batch of the same stream position draws the same."""
+        rows = self.counts[idx]
         rng = np.random.default_rng(idx) if self.policy.mode == "expressed_plus_zeros" else None
         conditions = {k: v[idx] for k, v in self.condition_ids.items()}
-        return collate(self.counts[idx], conditions, policy=self.policy, rng=rng)
+        columns = None
+        if decode_genes is not None:
+            draw = np.random.default_rng([*draw_key, *idx.tolist()])
+            columns = draw_decode_columns(np.unique(rows.indices), self.n_genes, decode_genes, draw)
+        return collate(rows, conditions, policy=self.policy, rng=rng, decode_columns=columns)
 
     def library_sizes(self, idx: np.ndarray) -> np.ndarray:
         return np.asarray(self.counts[idx].sum(axis=1)).ravel()
@@ -113,8 +120,10 @@ class ShuffledBatches:
     With several ranks, each step takes a global batch of batch_size x world_size items from the
     permutation and rank r builds its slice r, so the global batches, the steps per epoch and the state
     do not depend on the number of ranks (a run resumes exactly on another number). `batch_fn(sorted
-    indices)` builds a batch. The last incomplete global batch of each epoch is dropped (fixed shapes,
-    equal steps on every rank); a set smaller than one global batch gives smaller batches.
+    indices, epoch)` builds a batch (the epoch keys any random draw of it, so a batch that recurs in
+    another epoch draws anew, and a resumed run draws the same). The last incomplete global batch of
+    each epoch is dropped (fixed shapes, equal steps on every rank); a set smaller than one global batch
+    gives smaller batches.
     rank / world_size default to this process's (`scldm_scale.world`).
     """
 
@@ -151,7 +160,7 @@ class ShuffledBatches:
         start = self.position + self.rank * self.batch_size
         chunk = self.idx[np.sort(order[start : start + self.batch_size])]
         self.position += step
-        return self.batch_fn(chunk)
+        return self.batch_fn(chunk, self.epoch)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}

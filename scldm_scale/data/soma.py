@@ -35,7 +35,14 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from scldm_scale.data.batch import EXPRESSED_ONLY, CellBatch, LabelEncoder, TokenPolicy, collate_csr
+from scldm_scale.data.batch import (
+    EXPRESSED_ONLY,
+    CellBatch,
+    LabelEncoder,
+    TokenPolicy,
+    collate_csr,
+    draw_decode_columns,
+)
 from scldm_scale.data.counts import DataError
 from scldm_scale.data.vocab import GeneVocabulary, align_genes
 from scldm_scale.world import rank_and_world_size
@@ -383,7 +390,7 @@ class _Stream(IterableDataset):
                     block = block[np.searchsorted(block_positions, np.concatenate(cells))]
                     start = 0
                     for (position, _), batch_cells in zip(current, cells, strict=True):
-                        yield (epoch, position), ld.make_batch(block, batch_cells, start)
+                        yield (epoch, position), ld.make_batch(block, batch_cells, start, epoch)
                         start += len(batch_cells)
                 for _ in range(pad):
                     yield (epoch, -1), None
@@ -407,8 +414,10 @@ class SomaBatches:
         rank: int | None = None,
         world_size: int | None = None,
         policy: TokenPolicy = EXPRESSED_ONLY,
+        decode_genes: int | None = None,
     ):
         self.policy = policy
+        self.decode_genes = decode_genes
         self.cells = cells
         self.encoders = encoders
         self.condition_ids = {k: enc.encode(cells.labels[k]) for k, enc in encoders.items()}
@@ -484,14 +493,23 @@ class SomaBatches:
         order = self.order(epoch)
         return len(self._remaining_units(epoch, order)) // self.world_size
 
-    def make_batch(self, block: sp.csr_matrix, positions: np.ndarray, start: int = 0) -> CellBatch:
+    def make_batch(
+        self, block: sp.csr_matrix, positions: np.ndarray, start: int = 0, epoch: int | None = None
+    ) -> CellBatch:
         """The batch of the cells at `positions` (sorted): rows [start, start + len(positions)) of a block
-        from SomaCells.read (canonical CSR)."""
+        from SomaCells.read (canonical CSR). A batch of the training stream passes its `epoch`: with
+        decode_genes set, it decodes a subset drawn from (seed, epoch, positions); without (reads in order,
+        for latents or library sizes) it decodes every gene."""
         conditions = {k: v[positions] for k, v in self.condition_ids.items()}
         # Sampled zero tokens depend on the cells of the batch and the seed only: reproducible on resume.
         rng = np.random.default_rng([self.seed, *positions.tolist()]) if self.policy.mode != "expressed" else None
         stop = start + len(positions)
         a, b = block.indptr[start], block.indptr[stop]
+        columns = None
+        if self.decode_genes is not None and epoch is not None:
+            draw = np.random.default_rng([self.seed, epoch, *positions.tolist()])
+            expressed = np.unique(block.indices[a:b])
+            columns = draw_decode_columns(expressed, block.shape[1], self.decode_genes, draw)
         return collate_csr(
             block.data[a:b],
             block.indices[a:b],
@@ -501,6 +519,7 @@ class SomaBatches:
             self.cells.decode_gene_ids,
             self.policy,
             rng,
+            columns,
         )
 
     def _epoch_stream(self) -> Iterator[CellBatch]:

@@ -7,6 +7,8 @@ Sources: `soma` (a local SOMA experiment, the default), `census` (the CELLxGENE 
 collection laid out like it), `h5ad` (in memory, for small data; also the built-in dataset).
 The cells of `data.holdout_combinations` are not training cells, whatever the source: SOMA never reads
 them (the obs value filter excludes them), the h5ad source drops their rows.
+With `decode_genes` (the VAE's `model.decode_genes: N`), each batch of the shuffled stream decodes a subset
+of N genes drawn from (seed, epoch, its cells); the ordered stream always decodes every gene.
 """
 
 from __future__ import annotations
@@ -88,11 +90,13 @@ def open_train_cells(
     seed: int,
     vocabulary: GeneVocabulary | list[str] | None = None,
     encoders: dict[str, LabelEncoder] | None = None,
+    decode_genes: int | None = None,
 ) -> TrainCells:
     """The train split's cells of the configured source; with `vocabulary` (a trained model's genes) the
-    data's genes are matched to it (`data.vocab`)."""
+    data's genes are matched to it (`data.vocab`); with `decode_genes` the shuffled batches decode a drawn
+    subset of that many genes (gene-subset training)."""
     if cfg.source == "h5ad":
-        return _h5ad_train_cells(cfg, batch_size, seed, vocabulary, encoders)
+        return _h5ad_train_cells(cfg, batch_size, seed, vocabulary, encoders, decode_genes)
     from scldm_scale.data.soma import SomaBatches, SomaCells
 
     split = "train" if _has_split_column(cfg) else None
@@ -112,6 +116,7 @@ def open_train_cells(
         cfg.buffer_chunks,
         cfg.num_workers,
         policy=TokenPolicy(cfg.gene_tokens, cfg.n_zero_tokens),
+        decode_genes=decode_genes,
     )
 
     def ordered() -> Iterator[CellBatch]:
@@ -151,7 +156,7 @@ def _check_soma_holdout(cfg: DataConfig, split: str | None, train_labels: dict[s
     check_holdout(combos, obs, in_train, train_labels, where)
 
 
-def _h5ad_train_cells(cfg, batch_size, seed, vocabulary, encoders) -> TrainCells:
+def _h5ad_train_cells(cfg, batch_size, seed, vocabulary, encoders, decode_genes) -> TrainCells:
     adata = load_anndata(cfg)
     where = cfg.path or f"built-in {cfg.builtin}"
     if vocabulary is not None:
@@ -179,8 +184,11 @@ def _h5ad_train_cells(cfg, batch_size, seed, vocabulary, encoders) -> TrainCells
             rows = idx[start : start + ORDERED_BATCH]
             yield dataset.batch(rows)
 
+    def shuffled(rows: np.ndarray, epoch: int) -> CellBatch:
+        return dataset.batch(rows, decode_genes, draw_key=(seed, epoch))
+
     return TrainCells(
-        batches=ShuffledBatches(dataset.batch, idx, batch_size, seed),
+        batches=ShuffledBatches(shuffled, idx, batch_size, seed),
         vocabulary=vocabulary if vocabulary is not None else GeneVocabulary.from_var(adata.var),
         encoders=dataset.encoders,
         labels={k: v[idx] for k, v in dataset.obs.items()},

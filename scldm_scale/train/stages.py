@@ -104,12 +104,13 @@ def _build_device(cfg: Config):
     return torch.device("meta") if cfg.train.init_on_meta else contextlib.nullcontext()
 
 
-def _vae_work(vae: SetVAE, n_genes: int):
-    """Tokens and training FLOPs of a VAE step on a batch (padded token count: what is computed)."""
+def _vae_work(vae: SetVAE):
+    """Tokens and training FLOPs of a VAE step on a batch (padded token count and decoded genes: what is
+    computed)."""
 
     def work(batch: CellBatch) -> tuple[int, float]:
         n_cells, padded = batch.mask.shape
-        per_cell = TRAIN_FLOPS_FACTOR * vae.forward_flops(padded, n_genes, n_cells)
+        per_cell = TRAIN_FLOPS_FACTOR * vae.forward_flops(padded, len(batch.decode_gene_ids), n_cells)
         return int(batch.mask.sum()), per_cell * n_cells
 
     return work
@@ -134,9 +135,12 @@ def _fit(trainer: Trainer, batches, tracker, on_step: Callable | None) -> list[d
 
 
 def train_vae(cfg: Config, dist_info: Dist, on_step: Callable | None = None) -> Path:
-    cells = open_train_cells(cfg.data, cfg.train.batch_size, cfg.seed)
+    decode_genes = cfg.model.decode_gene_count
+    cells = open_train_cells(cfg.data, cfg.train.batch_size, cfg.seed, decode_genes=decode_genes)
     n_genes = len(cells.gene_names)
     log.info("VAE: %d train cells x %d genes, conditions %s", cells.n_cells, n_genes, cfg.data.condition_keys)
+    if decode_genes is not None and decode_genes < n_genes:
+        log.info("VAE: each step decodes %d of the %d genes (model.decode_genes)", decode_genes, n_genes)
     with _build_device(cfg):
         vae = SetVAE(cfg.model, n_genes)
     skeleton = VAEArtifact(
@@ -157,7 +161,7 @@ def train_vae(cfg: Config, dist_info: Dist, on_step: Callable | None = None) -> 
         dist_info.device,
         desc="VAE",
         dist_info=dist_info,
-        work=_vae_work(vae, n_genes),
+        work=_vae_work(vae),
         tracker=tracker,
         export=artifact.to_parts(skeleton),
         **_run_checkpoints(cfg, "vae", ("model",)),
@@ -183,7 +187,7 @@ def train_ldm(cfg: Config, dist_info: Dist, on_step: Callable | None = None) -> 
     standardised = (latents - latent_mean) / latent_std
     conditions = {k: torch.from_numpy(v) for k, v in cells.condition_ids.items()}
 
-    def latent_batch(rows: np.ndarray) -> LatentBatch:
+    def latent_batch(rows: np.ndarray, _epoch: int) -> LatentBatch:
         return LatentBatch(standardised[rows], {k: v[rows] for k, v in conditions.items()})
 
     n_classes = {k: len(e.values) for k, e in encoders.items()}

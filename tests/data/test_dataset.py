@@ -124,7 +124,7 @@ def test_dataset_batch_selects_rows(counts_adata):
 
 def _stream(n_items: int = 23, batch_size: int = 5, seed: int = 7) -> ShuffledBatches:
     idx = np.arange(100, 100 + n_items)
-    return ShuffledBatches(lambda chunk: chunk.copy(), idx, batch_size, seed)
+    return ShuffledBatches(lambda chunk, _epoch: chunk.copy(), idx, batch_size, seed)
 
 
 def test_one_epoch_covers_every_item_at_most_once_dropping_the_last_partial_batch():
@@ -179,7 +179,7 @@ def test_state_dict_resumes_the_identical_stream():
 def test_batches_are_built_by_batch_fn(counts_adata):
     adata = counts_adata(n_cells=30, n_genes=12)
     ds = build_dataset(adata, _cfg())
-    stream = ShuffledBatches(ds.batch, ds.indices("train"), 8, seed=0)
+    stream = ShuffledBatches(lambda rows, _epoch: ds.batch(rows), ds.indices("train"), 8, seed=0)
     batch = next(stream)
     assert batch.size == 8
     assert batch.target.shape == (8, 12)
