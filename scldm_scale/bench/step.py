@@ -7,6 +7,11 @@ after `warmup` steps. On the CPU each case gets all cores (OMP_NUM_THREADS = cor
 is each rank's peak: CUDA memory allocated on a GPU, the process RSS on the CPU (which includes ~0.5-1 GB
 of Python and torch). The ratio column is cells/s over the `single` row of the same model. The prior
 (stage=ldm) needs a VAE checkpoint: a tiny one is trained first and not timed.
+
+`--genes 2000,8000,36000` sweeps the gene count instead (`run_gene_sweep`): for each VAE size and G, one
+training step (forward, backward, AdamW) on synthetic cells expressing 10% of G genes, with the decoder in
+chunks (model.decode_chunk_genes=0, automatic) and in one pass (-1), each case in a fresh process so that its
+peak memory is its own: the process's peak RSS on the CPU, CUDA max allocated on a GPU (bf16 autocast there).
 """
 
 from __future__ import annotations
@@ -14,13 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from scldm_scale.bench.records import machine, write_records
-from scldm_scale.config import CONFIG_DIR, ConfigError, comma_separated
+from scldm_scale.config import CONFIG_DIR, ConfigError, comma_separated, parse_ints
 
 SIZES = {
     # name: overrides of the stage's model section
@@ -29,6 +37,9 @@ SIZES = {
     "prior-S": ["prior.d_model=128", "prior.n_heads=4", "prior.n_layers=4"],
     "prior-M": ["prior.d_model=512", "prior.n_heads=8", "prior.n_layers=8"],
 }
+# The gene sweep's decoder settings: model.decode_chunk_genes.
+DECODERS = {"chunked": 0, "one pass": -1}
+EXPRESSED_FRACTION = 0.1
 STRATEGIES = {
     "single": [],
     "ddp": ["train.strategy=ddp"],
@@ -138,6 +149,112 @@ def _format(records, host, nproc, global_batch, steps, warmup, device) -> str:
     return "\n".join(lines)
 
 
+def gene_step(
+    overrides: list[str], n_genes: int, n_cells: int, steps: int, warmup: int, device: str
+) -> dict[str, float]:
+    """Train a SetVAE for warmup + steps steps on one synthetic batch; the median step time and peak memory.
+
+    Runs in the process that measures it (run_gene_sweep starts a fresh one per case).
+    """
+    import numpy as np
+    import scipy.sparse as sp
+    import torch
+
+    from scldm_scale.config import load_config
+    from scldm_scale.data.batch import collate
+    from scldm_scale.models.vae import SetVAE
+
+    cfg = load_config(None, overrides)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    counts = sp.random(n_cells, n_genes, density=EXPRESSED_FRACTION, format="csr", random_state=rng, dtype=np.float32)
+    counts.data = rng.integers(1, 20, counts.nnz).astype(np.float32)
+    on_gpu = device.startswith("cuda")
+    batch = collate(counts, {}).to(device)
+    model = SetVAE(cfg.model, n_genes).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu and cfg.train.precision != "fp32")
+    seconds = []
+    for _ in range(warmup + steps):
+        start = time.perf_counter()
+        with autocast:
+            loss, _ = model(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if on_gpu:
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if on_gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    step_s = statistics.median(seconds[warmup:])
+    chunk = model.decode_chunk(n_cells, n_genes)
+    return {"decode_chunk": chunk, "s_per_step": step_s, "cells_per_s": n_cells / step_s, "peak_mem_gb": peak / 1e9}
+
+
+def run_gene_sweep(
+    sizes: list[str],
+    genes: list[int],
+    n_cells: int,
+    steps: int,
+    warmup: int,
+    json_path: str | None,
+    device: str,
+    overrides: list[str] = (),
+) -> list[dict]:
+    """gene_step for each VAE size, gene count and decoder setting (DECODERS), each in a fresh process."""
+    unknown = [s for s in sizes if not s.startswith("vae") or s not in SIZES]
+    if unknown or not genes or min(genes) < 1:
+        raise ConfigError(
+            f"the gene sweep takes VAE sizes ({[s for s in SIZES if s.startswith('vae')]}), got "
+            f"{sizes}, and positive gene counts, got {genes}"
+        )
+    host = machine()
+    records = []
+    for size in sizes:
+        for n_genes in genes:
+            for decoder, setting in DECODERS.items():
+                print(f"bench step: {size}, {n_genes:,} genes, decoder {decoder}", file=sys.stderr, flush=True)
+                case = {
+                    "overrides": [*SIZES[size], *overrides, f"model.decode_chunk_genes={setting}"],
+                    "n_genes": n_genes,
+                    "n_cells": n_cells,
+                    "steps": steps,
+                    "warmup": warmup,
+                    "device": device,
+                }
+                code = "import json, sys; from scldm_scale.bench.step import gene_step; "
+                code += "print(json.dumps(gene_step(**json.loads(sys.argv[1]))))"
+                result = subprocess.run([sys.executable, "-c", code, json.dumps(case)], capture_output=True, text=True)
+                if result.returncode != 0:
+                    raise RuntimeError(f"gene step {size} {n_genes} {decoder} failed:\n{result.stderr[-4000:]}")
+                measured = json.loads(result.stdout.splitlines()[-1])
+                record = {"model": size, "n_genes": n_genes, "decoder": decoder, "cells": n_cells, **measured}
+                records.append({**record, "steps_measured": steps, "device": device, **host})
+    print(_format_genes(records, host, n_cells, steps, warmup, device))
+    write_records(records, json_path)
+    return records
+
+
+def _format_genes(records, host, n_cells, steps, warmup, device) -> str:
+    memory = "process peak RSS" if device == "cpu" else "CUDA max allocated"
+    lines = [
+        f"\ngene sweep: one VAE training step on {n_cells} synthetic cells ({EXPRESSED_FRACTION:.0%} of the genes "
+        f"expressed), median of {steps} steps after {warmup} warm-up, device {device}; {host['platform']}, "
+        f"{host['cpu_count']} CPUs, load {host['load_avg_1m']:.1f}, {host['date']}",
+        f"mem = {memory} (GB) of a fresh process per case; x first G = mem over the same decoder's smallest G\n",
+    ]
+    header = f"{'model':<6} {'genes':>7} {'decoder':<9} {'chunk':>6} {'cells/s':>9} {'s/step':>8} {'mem GB':>7} "
+    header += f"{'x first G':>9}"
+    lines += [header, "-" * len(header)]
+    for r in records:
+        first = next(b for b in records if b["model"] == r["model"] and b["decoder"] == r["decoder"])
+        lines.append(
+            f"{r['model']:<6} {r['n_genes']:>7,} {r['decoder']:<9} {r['decode_chunk']:>6,} {r['cells_per_s']:>9,.1f} "
+            f"{r['s_per_step']:>8.3f} {r['peak_mem_gb']:>7.2f} {r['peak_mem_gb'] / first['peak_mem_gb']:>9.2f}"
+        )
+    return "\n".join(lines)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`scldm-scale bench step`."""
     models_help = f"comma-separated, of {','.join(SIZES)}"
@@ -153,10 +270,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--json", default=None, help="write the records here")
     parser.add_argument("--dir", default=None, help="run folders (default: a temp dir)")
+    genes_help = "sweep these gene counts instead, e.g. 2000,8000,36000 (synthetic cells, chunked vs one-pass decoder)"
+    parser.add_argument("--genes", default=None, metavar="G,G", help=genes_help)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override of the gene sweep's model"
+    )
     parser.set_defaults(handle=handle)
 
 
 def handle(args: argparse.Namespace) -> None:
+    if args.genes is not None:
+        genes = parse_ints(args.genes, "--genes")
+        sizes = [s for s in args.models if s.startswith("vae")]
+        run_gene_sweep(sizes, genes, args.global_batch, args.steps, args.warmup, args.json, args.device, args.set)
+        return
     run_step_bench(
         sizes=args.models,
         strategies=args.strategies,
