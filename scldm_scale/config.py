@@ -77,6 +77,12 @@ class DataConfig:
     split_seed: int = 0
     # Only for data that is not raw counts (e.g. ambient-corrected): allow non-integer values.
     allow_non_integer: bool = False
+    # The VAE's vocabulary: "all" genes (foundation training), "hvg:N" (the N most variable by scanpy's
+    # seurat_v3 on the raw counts of up to 20,000 train cells) or the path of a file of gene ids, one a line.
+    genes: str = "all"
+    # Data on a trained model's genes (stage=ldm on another dataset) that lacks some of them: encode its cells
+    # without them (absent tokens; the model still decodes every gene) instead of refusing it.
+    allow_missing_genes: bool = False
     # Condition combinations kept out of training (both stages, every source), to evaluate generation for
     # combinations the model never saw, e.g. [{cell_line: line_B, perturbation: pert_2}]. A cell matching
     # any entry (all of its key: value pairs) is held out; keys are data.condition_keys, and each held-out
@@ -180,6 +186,9 @@ class TrainConfig:
     resume: str = "never"
     # The VAE model artifact (<ckpt_dir>/vae-model of stage=vae) the ldm stage encodes cells with.
     vae_checkpoint: str | None = None
+    # stage=vae: start from this vae or ldm model artifact's weights (fine-tuning), on data that may have
+    # another gene set: the genes both vocabularies hold keep their trained rows, new genes start fresh.
+    init_from: str | None = None
     metrics_file: str | None = None
     progress: bool = True
     # How the model is spread over processes: single | ddp | fsdp (FSDP2) | deepspeed (ZeRO).
@@ -409,6 +418,12 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"optim.{stage}.betas must have two values, got {list(o.betas)}")
         if o.warmup_frac + o.decay_frac > 1.0:
             raise ConfigError(f"optim.{stage}.warmup_frac + decay_frac must be <= 1")
+    if cfg.train.init_from and cfg.stage != "vae":
+        raise ConfigError(
+            "train.init_from fine-tunes a VAE (stage=vae); a prior on a trained VAE takes train.vae_checkpoint"
+        )
+    if cfg.train.init_from and cfg.train.init_on_meta:
+        raise ConfigError("train.init_from copies weights into a built model: drop train.init_on_meta=true")
     if cfg.stage == "ldm" and not cfg.train.vae_checkpoint:
         raise ConfigError("stage=ldm needs train.vae_checkpoint=PATH (the model stage=vae wrote: <ckpt_dir>/vae-model)")
     return cfg

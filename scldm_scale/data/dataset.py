@@ -27,7 +27,11 @@ log = logging.getLogger(__name__)
 
 
 class CellDataset:
-    """Counts (CSR, cells x vocabulary), condition ids and split of an in-memory AnnData."""
+    """Counts (CSR, cells x vocabulary), condition ids and split of an in-memory AnnData.
+
+    gene_positions: the vocabulary position of each column when the columns are a subset of a model's
+    vocabulary (data that lacks some of its genes); None when column j is gene j.
+    """
 
     def __init__(
         self,
@@ -37,8 +41,10 @@ class CellDataset:
         encoders: dict[str, LabelEncoder],
         split: np.ndarray,
         policy: TokenPolicy = EXPRESSED_ONLY,
+        gene_positions: np.ndarray | None = None,
     ):
         self.policy = policy
+        self.gene_positions = gene_positions
         self.counts = counts
         self.gene_names = gene_names
         self.obs = obs
@@ -66,7 +72,7 @@ class CellDataset:
         if decode_genes is not None:
             draw = np.random.default_rng([*draw_key, *idx.tolist()])
             columns = draw_decode_columns(np.unique(rows.indices), self.n_genes, decode_genes, draw)
-        return collate(rows, conditions, policy=self.policy, rng=rng, decode_columns=columns)
+        return collate(rows, conditions, self.gene_positions, self.policy, rng, decode_columns=columns)
 
     def library_sizes(self, idx: np.ndarray) -> np.ndarray:
         return np.asarray(self.counts[idx].sum(axis=1)).ravel()

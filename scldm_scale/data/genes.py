@@ -4,13 +4,14 @@
 - `hvg:N`: the N most variable genes by scanpy's `highly_variable_genes(flavor="seurat_v3")`, which ranks
   genes by the variance of their standardised raw counts against a loess fit of the mean-variance trend
   (hence raw counts, not log-normalised ones). It runs on at most `HVG_MAX_CELLS` cells drawn uniformly
-  without replacement (seeded): the ranking of the top genes is stable well before that many cells, and the
-  subsample is what bounds memory on data of millions of cells. The log says how many cells it used.
+  without replacement (seeded), which bounds its memory and time on data of millions of cells; the log says
+  how many cells it used, and how many of them have no count over the chosen genes (such a cell gives the
+  encoder no token: filter it out, or keep more genes).
 - a file: one gene per line (blank lines and `#` comments ignored), matched to the data's genes as
   `data.vocab` matches them: by id, else by name. Listed genes the data lacks are logged, not an error.
 
 The kept genes stay in the data's order. `prepare --genes` writes only them; `data.genes` selects them when
-training on a SOMA experiment.
+training a VAE (`soma_vocabulary` for a SOMA experiment or the Census).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from scldm_scale.data.vocab import GeneVocabulary, align_genes
 
 log = logging.getLogger(__name__)
 
-HVG_MAX_CELLS = 50_000
+HVG_MAX_CELLS = 20_000
 
 
 @dataclass(frozen=True)
@@ -127,4 +128,25 @@ def select_genes(
         n_cells,
         seed,
     )
-    return highly_variable(read_rows(rows), selection.n_top)
+    counts = read_rows(rows)
+    columns = highly_variable(counts, selection.n_top)
+    n_empty = int((np.diff(counts[:, columns].tocsr().indptr) == 0).sum())
+    if n_empty:
+        log.warning(
+            "%s: %d of the %d cells have no count over the %d genes kept", where, n_empty, len(rows), len(columns)
+        )
+    return columns
+
+
+def soma_vocabulary(spec, selection: str, seed: int) -> GeneVocabulary | None:
+    """The genes `selection` keeps of a SOMA experiment's (the cells of `spec`, a `data.soma.SomaSpec`), or
+    None for all of them."""
+    if selection == "all":
+        return None
+    from scldm_scale.data.soma import SomaCells
+
+    cells = SomaCells(spec)
+    genes = cells.vocabulary
+    columns = select_genes(selection, genes, len(cells), cells.read, seed, spec.uri or "the Census")
+    names = None if genes.names is None else [genes.names[c] for c in columns]
+    return GeneVocabulary([genes.ids[c] for c in columns], names)

@@ -13,19 +13,24 @@ of N genes drawn from (seed, epoch, its cells); the ordered stream always decode
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from scldm_scale.config import DataConfig
 from scldm_scale.data.batch import CellBatch, LabelEncoder, TokenPolicy
 from scldm_scale.data.counts import DataError
 from scldm_scale.data.dataset import ShuffledBatches, build_dataset, load_anndata
+from scldm_scale.data.genes import select_genes, soma_vocabulary
 from scldm_scale.data.holdout import check_holdout, exclusion_filter, holdout_mask, match_filter
-from scldm_scale.data.vocab import GeneVocabulary, MissingGenesError, align_var
+from scldm_scale.data.vocab import GeneAlignment, GeneVocabulary, MissingGenesError, align_var
+
+log = logging.getLogger(__name__)
 
 ORDERED_BATCH = 256
 
@@ -100,7 +105,12 @@ def open_train_cells(
     from scldm_scale.data.soma import SomaBatches, SomaCells
 
     split = "train" if _has_split_column(cfg) else None
-    cells = SomaCells(soma_spec(cfg, split, exclude_holdout=True), vocabulary=vocabulary)
+    spec = soma_spec(cfg, split, exclude_holdout=True)
+    selected = vocabulary is None and cfg.genes != "all"
+    if selected:
+        vocabulary = soma_vocabulary(spec, cfg.genes, seed)
+    cells = SomaCells(spec, vocabulary=vocabulary)
+    _check_missing(cells.alignment, spec.uri or "the Census", cfg.allow_missing_genes)
     if cfg.holdout_combinations:
         _check_soma_holdout(cfg, split, cells.labels)
     if encoders is None:
@@ -125,9 +135,9 @@ def open_train_cells(
             block = cells.read(positions)
             yield batches.make_batch(block, positions)
 
-    # obs n_counts / raw_sum total all genes; the model sees only the genes read, so with a var_filter
-    # the library-size fit must use the totals over those genes (one ordered pass over the train cells).
-    if cfg.var_filter:
+    # obs n_counts / raw_sum total all genes; the model sees only the genes read, so with a var_filter or a
+    # gene selection the library-size fit must use the totals over those genes (one ordered pass).
+    if cfg.var_filter or selected:
         library_sizes = np.concatenate([b.library_size.numpy() for b in ordered()]).astype(np.float64)
     else:
         library_sizes = cells.n_counts
@@ -140,6 +150,26 @@ def open_train_cells(
         library_sizes=library_sizes,
         ordered=ordered,
     )
+
+
+def _check_missing(alignment: GeneAlignment, where: str, allowed: bool) -> None:
+    """The model's genes the data lacks: refused unless data.allow_missing_genes, then logged (absent tokens)."""
+    missing = alignment.missing
+    if missing and not allowed:
+        raise MissingGenesError(
+            f"{where}: {len(missing)} genes of the model's vocabulary are missing from the data, e.g. "
+            f"{missing[:5]}; train on data with every gene of the model (absent ones as zero columns), or set "
+            "data.allow_missing_genes=true to encode its cells without them (absent tokens)",
+            missing,
+        )
+    if missing:
+        log.warning(
+            "%s: %d of the model's %d genes are missing from the data: absent tokens for the encoder (the model "
+            "still decodes every gene)",
+            where,
+            len(missing),
+            alignment.n_vocabulary,
+        )
 
 
 def _check_soma_holdout(cfg: DataConfig, split: str | None, train_labels: dict[str, np.ndarray]) -> None:
@@ -159,19 +189,20 @@ def _check_soma_holdout(cfg: DataConfig, split: str | None, train_labels: dict[s
 def _h5ad_train_cells(cfg, batch_size, seed, vocabulary, encoders, decode_genes) -> TrainCells:
     adata = load_anndata(cfg)
     where = cfg.path or f"built-in {cfg.builtin}"
+    positions = None
     if vocabulary is not None:
         vocabulary = GeneVocabulary.of(vocabulary)
         alignment = align_var(adata.var, vocabulary, where)
-        missing = alignment.missing
-        if missing:
-            raise MissingGenesError(
-                f"{where}: {len(missing)} genes of the model's vocabulary are missing from the data, e.g. "
-                f"{missing[:5]}; train on data with every gene of the model (absent ones as zero columns)",
-                missing,
-            )
+        _check_missing(alignment, where, cfg.allow_missing_genes)
         adata = adata[:, alignment.columns].copy()
-        adata.var_names = vocabulary.ids
+        adata.var_names = [vocabulary.ids[i] for i in alignment.positions]
+        positions = alignment.positions if alignment.missing else None
+    elif cfg.genes != "all":
+        genes = GeneVocabulary.from_var(adata.var)
+        columns = select_genes(cfg.genes, genes, adata.n_obs, lambda rows: sp.csr_matrix(adata.X[rows]), seed, where)
+        adata = adata[:, columns].copy()
     dataset = build_dataset(adata, cfg, encoders=encoders)
+    dataset.gene_positions = positions  # columns -> the model's genes, when the data lacks some of them
     idx = dataset.indices("train")
     if cfg.holdout_combinations:
         obs = pd.DataFrame(dataset.obs)

@@ -194,6 +194,7 @@ def classify(
         "split": split_how,
         "n_train": int(is_train.sum()),
         "n_test": int((~is_train).sum()),
+        "n_genes_missing": len(embedder.genes) - len(gene_ids),  # absent tokens (--allow-missing-genes)
         "train_cells_per_class": {str(c): int(n) for c, n in zip(*np.unique(y_train, return_counts=True), strict=True)},
         "features": {
             "scldm_pooled": "mean of the latent tokens (posterior mean)",

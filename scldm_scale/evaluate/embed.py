@@ -19,7 +19,8 @@ into its own obsm (`scldm_scale.embed_cells`).
 - The output holds the input's obs and no genes (n_vars = 0): the embedding is per cell, and a copy of X
   would double the input's size on disk for nothing (join on obs_names to get it back).
   obsm["X_scldm"]: (N, M*L) float32, token-major (column m*L + l is dimension l of latent token m);
-  obsm["X_scldm_pooled"]: (N, L) float32, the mean of the M tokens; uns["scldm_embed"]: the settings.
+  obsm["X_scldm_pooled"]: (N, L) float32, the mean of the M tokens; uns["scldm_embed"]: the settings, with
+  n_genes_vocabulary, n_genes_used and n_genes_missing (the model's genes the input lacks).
 """
 
 from __future__ import annotations
@@ -373,6 +374,7 @@ def embed(
         "gene_tokens": embedder.policy.mode,
         "n_genes_vocabulary": len(embedder.genes),
         "n_genes_used": int(len(source.gene_ids)),
+        "n_genes_missing": len(embedder.genes) - int(len(source.gene_ids)),
     }
     return out
 

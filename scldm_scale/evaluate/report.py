@@ -107,6 +107,8 @@ def render(context: dict, records: list[dict], figures: dict[str, str]) -> str:
             f"- NB negative log-likelihood per cell: {recon['nll_per_cell']:.2f}",
             f"- Pearson r, reconstructed vs observed log-normalised counts: {recon['pearson_lognorm']:.4f}",
         ]
+        if recon.get("n_genes_missing"):
+            out.append(f"- over the measured genes: {recon['n_genes_missing']:.0f} of the model's genes are missing")
     out += ["", "## Figures"] + [f"![{caption}]({name})" for name, caption in figures.items()]
     if context.get("skipped"):
         out += ["", "## Skipped"] + [f"- {s}" for s in context["skipped"]]

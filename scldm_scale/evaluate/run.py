@@ -164,7 +164,7 @@ def evaluate(
         recon = reconstruction_of(opts.vae_checkpoint, real, torch.device("cpu"))
         records += [
             {"metric": k, "condition": "all", "method": "reconstruction", "value": float(recon[k])}
-            for k in ("nll_per_cell", "pearson_lognorm")
+            for k in ("nll_per_cell", "pearson_lognorm", "n_genes_missing")
         ]
     (out / "metrics.json").write_text(json.dumps(records, indent=1))
     figures = _figures(out, real_set, methods, features, records, opts.seed) if opts.plots else {}

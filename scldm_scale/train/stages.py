@@ -34,6 +34,7 @@ from scldm_scale.models.vae import SetVAE
 from scldm_scale.train import distributed
 from scldm_scale.train.checkpoint import RunCheckpoints
 from scldm_scale.train.distributed import Dist
+from scldm_scale.train.finetune import init_from
 from scldm_scale.train.flops import TRAIN_FLOPS_FACTOR
 from scldm_scale.train.tracking import start_tracker
 from scldm_scale.train.trainer import Trainer, resolve_device
@@ -143,6 +144,8 @@ def train_vae(cfg: Config, dist_info: Dist, on_step: Callable | None = None) -> 
         log.info("VAE: each step decodes %d of the %d genes (model.decode_genes)", decode_genes, n_genes)
     with _build_device(cfg):
         vae = SetVAE(cfg.model, n_genes)
+    if cfg.train.init_from:
+        init_from(vae, cells.vocabulary, cfg.train.init_from)
     skeleton = VAEArtifact(
         config=cfg.model,
         genes=cells.vocabulary,
