@@ -34,7 +34,7 @@ from scldm_scale.data.batch import LabelEncoder, TokenPolicy
 from scldm_scale.data.vocab import GeneVocabulary
 from scldm_scale.models.library_size import LibrarySizeModel
 from scldm_scale.train.checkpoint import dcp_failure, load_step_state
-from scldm_scale.train.strategies import DEEPSPEED, EMA_FILE, WEIGHTS
+from scldm_scale.train.strategies import DEEPSPEED, EMA_FILE, WEIGHTS, ema_from_files
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,7 @@ def consolidated_weights(folder: Path) -> tuple[dict, dict | None]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         model = get_fp32_state_dict_from_zero_checkpoint(str(folder / DEEPSPEED), tag="state")
-        ema = None
-        if (folder / EMA_FILE).exists():
-            ema = torch.load(folder / EMA_FILE, map_location="cpu", weights_only=True)["shadow"]
-        return model, ema
+        return model, ema_from_files(folder) if (folder / EMA_FILE).exists() else None
     raise CheckpointError(f"{folder} holds no weights ({WEIGHTS}/ or {DEEPSPEED}/); is it a step folder?")
 
 

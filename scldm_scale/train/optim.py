@@ -57,26 +57,38 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> torch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg))
 
 
+def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What an EMA averages by default: the model's state dict, as this process holds it."""
+    return model.state_dict()
+
+
 class EMA:
-    """Exponential moving average of a model's parameters (fp32 shadow copies), used for sampling.
+    """Exponential moving average of a model's weights (fp32 shadow copies), used for sampling.
 
     The shadow starts equal to the weights; the effective decay is min(decay, (1 + n) / (10 + n)) so a
-    short run is not dominated by the initialisation.
+    short run is not dominated by the initialisation. It averages `tensors(model)` (default: the state
+    dict) as this process holds them, so it is partitioned like the weights: DTensor shards under FSDP,
+    each rank's flat partition of every parameter under ZeRO-3 (the strategy's `tensors`), never gathered
+    to be updated. One multi-tensor lerp (torch._foreach_lerp_) updates every floating-point tensor.
     """
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, tensors=state_tensors):
         self.decay = decay
         self.n_updates = 0
-        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+        self.tensors = tensors
+        self.shadow = {k: v.detach().float().clone() for k, v in tensors(model).items()}
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.n_updates += 1
         decay = min(self.decay, (1 + self.n_updates) / (10 + self.n_updates))
-        for key, value in model.state_dict().items():
-            if value.dtype.is_floating_point:
-                self.shadow[key].lerp_(value.float(), 1.0 - decay)
-            else:
+        current = self.tensors(model)
+        floats = [k for k, v in current.items() if v.dtype.is_floating_point]
+        # A DTensor's local shard: the foreach kernels run on plain tensors, each rank on what it holds.
+        shadows = [_local(self.shadow[k]) for k in floats]
+        torch._foreach_lerp_(shadows, [_local(current[k]).float() for k in floats], 1.0 - decay)
+        for key, value in current.items():
+            if not value.dtype.is_floating_point:
                 self.shadow[key].copy_(value)
 
     def state_dict(self) -> dict:
@@ -84,3 +96,7 @@ class EMA:
 
     def load_state_dict(self, state: dict) -> None:
         self.decay, self.n_updates, self.shadow = state["decay"], state["n_updates"], state["shadow"]
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor

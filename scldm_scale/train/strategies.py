@@ -23,13 +23,19 @@ Checkpoints (inside a step folder written by RunCheckpoints):
   parameter name, each rank writing its shards. DCP reshards on load, so a checkpoint written by N ranks
   loads on M ranks, under another of these three strategies, or in one process.
 - deepspeed: `deepspeed/`, DeepSpeed's own checkpoint (model and ZeRO-partitioned optimizer); it resumes on
-  the same number of ranks. The EMA (full copies on every rank) is stored by rank 0 in `ema.pt`.
+  the same number of ranks. The EMA is partitioned like the weights: under ZeRO-3 every rank keeps and
+  updates only its own flat partition of each parameter (`param.ds_tensor`), so no rank gathers the model
+  for it. Rank 0 writes `ema.pt` (decay, update count, the replicated tensors: every tensor under ZeRO-1/2,
+  the buffers under ZeRO-3, and the full shape of each partitioned one), and under ZeRO-3 each rank r its
+  partitions in `ema-rank{r}.pt`; `ema_from_files` joins them (export). Only `full_ema_state_dict` (the
+  exported artifact) gathers the EMA, onto rank 0.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import warnings
 from pathlib import Path
 
@@ -297,7 +303,7 @@ class DeepSpeedStrategy(Strategy):
         norm = self.engine.get_global_grad_norm()
         self.scheduler.step()
         if self.ema is not None:
-            self._ema_update()
+            self.ema.update(self.model)
         return torch.as_tensor(float(norm) if norm is not None else float("nan"))
 
     def _gathered(self):
@@ -309,17 +315,25 @@ class DeepSpeedStrategy(Strategy):
         return deepspeed.zero.GatheredParameters(list(self.model.parameters()))
 
     def build_ema(self) -> EMA:
-        with self._gathered():  # every rank keeps the full EMA
-            return EMA(self.model, self.cfg.ema_decay)
-
-    def _ema_update(self) -> None:
-        with self._gathered():
-            self.ema.update(self.model)
+        return EMA(self.model, self.cfg.ema_decay, tensors=held_tensors)
 
     def save(self, folder: Path) -> None:
         self.engine.save_checkpoint(str(folder / DEEPSPEED), tag="state")
-        if self.ema is not None and self.dist.is_main:
-            torch.save(self.ema.state_dict(), folder / EMA_FILE)
+        if self.ema is None:
+            return
+        shapes = partitioned_shapes(self.model)
+        shadow = self.ema.shadow
+        if self.dist.is_main:
+            replicated = {k: v for k, v in shadow.items() if k not in shapes}
+            state = {
+                **self.ema.state_dict(),
+                "shadow": replicated,
+                "full_shapes": shapes,
+                "ranks": self.dist.world_size,
+            }
+            torch.save(state, folder / EMA_FILE)
+        if shapes:
+            torch.save({k: shadow[k] for k in shapes}, folder / ema_rank_file(self.dist.rank))
 
     def check_resumable(self, folder: Path, saved_strategy: str, saved_world_size: int) -> None:
         """Only DeepSpeed's own checkpoints, on the number of ranks that wrote them (ZeRO partitions are per rank)."""
@@ -341,7 +355,37 @@ class DeepSpeedStrategy(Strategy):
         if path is None:
             raise CheckpointError(f"{folder / DEEPSPEED} holds no DeepSpeed checkpoint")
         if self.ema is not None:
-            self.ema.load_state_dict(torch.load(folder / EMA_FILE, map_location=self.dist.device, weights_only=False))
+            self._load_ema(folder)
+
+    def _load_ema(self, folder: Path) -> None:
+        state = torch.load(folder / EMA_FILE, map_location=self.dist.device, weights_only=True)
+        shadow = dict(state["shadow"])
+        if state.get("full_shapes"):
+            own = folder / ema_rank_file(self.dist.rank)
+            shadow.update(torch.load(own, map_location=self.dist.device, weights_only=True))
+        expected = {k: v.shape for k, v in self.ema.shadow.items()}
+        if {k: v.shape for k, v in shadow.items()} != expected:
+            raise CheckpointError(
+                f"the EMA in {folder} does not match this run's EMA tensors (written under another "
+                "train.zero_stage?); resume with the settings that wrote it"
+            )
+        self.ema.load_state_dict({**state, "shadow": {k: shadow[k] for k in expected}})
+
+    def full_ema_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole EMA on rank 0: the ZeRO-3 partitions are gathered there, one tensor at a time (a collective)."""
+        if self.ema is None:
+            return None
+        shapes = partitioned_shapes(self.model)
+        main = self.dist.is_main
+        state = {}
+        for key, value in self.ema.shadow.items():
+            if key in shapes:
+                parts = [torch.empty_like(value) for _ in range(self.dist.world_size)] if main else None
+                dist.gather(value, parts, dst=0)
+                value = unpartitioned(parts, shapes[key]) if main else value
+            if main:
+                state[key] = value.cpu()
+        return state if main else None
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         with self._gathered():
@@ -358,6 +402,45 @@ class DeepSpeedStrategy(Strategy):
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def held_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict's tensors as this rank holds them: under ZeRO-3 a parameter is its flat partition
+    (`ds_tensor`: elements [r * P, (r + 1) * P) of the flattened parameter on rank r, zero-padded at the end),
+    elsewhere the tensor itself."""
+    return {k: getattr(v, "ds_tensor", v) for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def partitioned_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """The full shape of every state-dict entry ZeRO-3 partitions (none under ZeRO-1/2)."""
+    return {
+        k: list(v.ds_shape)
+        for k, v in model.state_dict(keep_vars=True).items()
+        if getattr(v, "ds_tensor", None) is not None
+    }
+
+
+def unpartitioned(parts: list[torch.Tensor], shape: list[int]) -> torch.Tensor:
+    """A ZeRO-3 parameter from its flat partitions in rank order (the padding of the last ones dropped)."""
+    return torch.cat(parts)[: math.prod(shape)].view(shape)
+
+
+def ema_rank_file(rank: int) -> str:
+    return f"ema-rank{rank}.pt"
+
+
+def ema_from_files(folder: Path) -> dict[str, torch.Tensor]:
+    """The whole EMA of a DeepSpeed step folder, on the CPU: rank 0's tensors, and each ZeRO-3 partitioned
+    tensor joined from every rank's file."""
+    state = torch.load(folder / EMA_FILE, map_location="cpu", weights_only=True)
+    shapes = state.get("full_shapes") or {}
+    files = [folder / ema_rank_file(r) for r in range(state.get("ranks", 0) if shapes else 0)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{folder} lacks the EMA partitions {missing}; is the step folder complete?")
+    parts = [torch.load(path, map_location="cpu", weights_only=True) for path in files]
+    joined = {k: unpartitioned([part[k] for part in parts], shape) for k, shape in shapes.items()}
+    return {**state["shadow"], **joined}
 
 
 STRATEGIES = {s.name: s for s in (Strategy, DDPStrategy, FSDPStrategy, DeepSpeedStrategy)}

@@ -513,3 +513,99 @@ def test_the_1b_preset_builds_sharded_without_full_weights_on_any_rank(tmp_path)
     # torch and the interpreter is ~0.6 of that here.
     full_bytes = 4 * n_params
     assert all(r["peak_rss"] < 0.75 * full_bytes for r in ranks), [r["peak_rss"] / full_bytes for r in ranks]
+
+
+# --- the EMA, partitioned like the weights ----------------------------------------------------------------
+
+EMA_PARTITION = """
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from scldm_scale.config import OptimConfig, TrainConfig
+from scldm_scale.train import distributed
+from scldm_scale.train.strategies import build_strategy, ema_from_files
+
+out = Path(sys.argv[1])
+torch.manual_seed(0)
+initial = nn.Sequential(nn.Linear(37, 96), nn.LayerNorm(96), nn.GELU(), nn.Linear(96, 96), nn.Linear(96, 29))
+train_cfgs = {
+    "fsdp": TrainConfig(strategy="fsdp", device="cpu", batch_size=8, ema_decay=0.9),
+    "zero3": TrainConfig(strategy="deepspeed", zero_stage=3, device="cpu", batch_size=8, ema_decay=0.9),
+}
+dist_info = distributed.setup(train_cfgs["fsdp"], torch.device("cpu"))
+
+
+def local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def strategy_for(name):
+    return build_strategy(
+        copy.deepcopy(initial), OptimConfig(lr=1e-2), train_cfgs[name], dist_info=dist_info, amp_dtype=None, use_ema=True
+    )
+
+
+report = {}
+for name in train_cfgs:
+    strategy = strategy_for(name)
+    # The reference: an EMA of the whole weights (gathered every step, as before), lerp by lerp.
+    weights = strategy.full_state_dict()  # a collective
+    reference = {k: v.float().clone() for k, v in weights.items()} if dist_info.is_main else None
+    generator = torch.Generator().manual_seed(1 + dist_info.rank)
+    for n in range(1, 5):
+        x = torch.randn(8, 37, generator=generator)
+        strategy.zero_grad()
+        with strategy.no_sync(True):
+            strategy.backward(strategy.module(x).pow(2).mean())
+        strategy.step()
+        weights = strategy.full_state_dict()  # a collective
+        if dist_info.is_main:
+            decay = min(0.9, (1 + n) / (10 + n))
+            for k, v in weights.items():
+                reference[k].lerp_(v.float(), 1 - decay) if v.is_floating_point() else reference[k].copy_(v)
+    full_ema = strategy.full_ema_state_dict()  # a collective
+    folder = out / name
+    folder.mkdir(exist_ok=True)
+    distributed.barrier()
+    strategy.save(folder)
+    distributed.barrier()
+    resumed = strategy_for(name)
+    resumed.load(folder)
+    row = {
+        "ema_bytes": sum(local(v).nbytes for v in strategy.ema.shadow.values()),
+        "resumed_equal": resumed.ema.shadow.keys() == strategy.ema.shadow.keys()
+        and all(torch.equal(local(resumed.ema.shadow[k]), local(v)) for k, v in strategy.ema.shadow.items()),
+    }
+    if dist_info.is_main:
+        row["full_bytes"] = sum(v.nbytes for v in reference.values())
+        row["equals_reference"] = full_ema.keys() == reference.keys() and all(
+            torch.equal(full_ema[k], v) for k, v in reference.items()
+        )
+        if name == "zero3":
+            files = ema_from_files(folder)  # what `scldm-scale export` reads, in one process
+            row["files_equal"] = files.keys() == full_ema.keys() and all(torch.equal(files[k], v) for k, v in full_ema.items())
+    report[name] = row
+(out / f"rank{dist_info.rank}.json").write_text(json.dumps(report))
+distributed.teardown(True)
+"""
+
+
+def test_the_ema_is_partitioned_like_the_weights_under_fsdp_and_zero3(tmp_path):
+    script = tmp_path / "ema_partition.py"
+    script.write_text(EMA_PARTITION)
+    _run([*_torchrun(script=script), str(tmp_path)], tmp_path / "log.txt")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for name in ("fsdp", "zero3"):
+        main_rank = ranks[0][name]
+        # Partitions of the whole-model EMA, updated in place: exactly the EMA of the gathered weights.
+        assert main_rank["equals_reference"], name
+        assert all(r[name]["resumed_equal"] for r in ranks), name
+        # Each rank holds half (ZeRO-3 pads each parameter to a multiple of 2 elements).
+        for r in ranks:
+            assert 0.45 < r[name]["ema_bytes"] / main_rank["full_bytes"] < 0.55, (name, r[name]["ema_bytes"])
+    assert ranks[0]["zero3"]["files_equal"]
