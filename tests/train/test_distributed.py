@@ -545,9 +545,12 @@ def local(t):
 
 
 def strategy_for(name):
-    return build_strategy(
-        copy.deepcopy(initial), OptimConfig(lr=1e-2), train_cfgs[name], dist_info=dist_info, amp_dtype=None, use_ema=True
-    )
+    model, optim_cfg = copy.deepcopy(initial), OptimConfig(lr=1e-2)
+    return build_strategy(model, optim_cfg, train_cfgs[name], dist_info=dist_info, amp_dtype=None, use_ema=True)
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(local(a[k]), local(v)) for k, v in b.items())
 
 
 report = {}
@@ -578,17 +581,13 @@ for name in train_cfgs:
     resumed.load(folder)
     row = {
         "ema_bytes": sum(local(v).nbytes for v in strategy.ema.shadow.values()),
-        "resumed_equal": resumed.ema.shadow.keys() == strategy.ema.shadow.keys()
-        and all(torch.equal(local(resumed.ema.shadow[k]), local(v)) for k, v in strategy.ema.shadow.items()),
+        "resumed_equal": same(resumed.ema.shadow, strategy.ema.shadow),
     }
     if dist_info.is_main:
         row["full_bytes"] = sum(v.nbytes for v in reference.values())
-        row["equals_reference"] = full_ema.keys() == reference.keys() and all(
-            torch.equal(full_ema[k], v) for k, v in reference.items()
-        )
+        row["equals_reference"] = same(full_ema, reference)
         if name == "zero3":
-            files = ema_from_files(folder)  # what `scldm-scale export` reads, in one process
-            row["files_equal"] = files.keys() == full_ema.keys() and all(torch.equal(files[k], v) for k, v in full_ema.items())
+            row["files_equal"] = same(ema_from_files(folder), full_ema)  # what `scldm-scale export` reads
     report[name] = row
 (out / f"rank{dist_info.rank}.json").write_text(json.dumps(report))
 distributed.teardown(True)
