@@ -68,9 +68,15 @@ def highly_variable(counts: sp.csr_matrix, n_top: int) -> np.ndarray:
     """Columns (ascending) of the n_top most variable genes of raw counts (cells x genes), Seurat v3."""
     import scanpy as sc
 
-    table = sc.pp.highly_variable_genes(
-        ad.AnnData(X=sp.csr_matrix(counts, dtype=np.float32)), flavor="seurat_v3", n_top_genes=n_top, inplace=False
-    )
+    try:
+        table = sc.pp.highly_variable_genes(
+            ad.AnnData(X=sp.csr_matrix(counts, dtype=np.float32)), flavor="seurat_v3", n_top_genes=n_top, inplace=False
+        )
+    except ValueError as err:  # scikit-misc's loess on too few genes or cells: "near singularities"
+        raise DataError(
+            f"hvg:{n_top}: seurat_v3 cannot fit its mean-variance trend on {counts.shape[0]} cells x "
+            f"{counts.shape[1]} genes ({err}); keep all genes, or list the genes in a file"
+        ) from None
     return np.flatnonzero(table["highly_variable"].to_numpy())
 
 

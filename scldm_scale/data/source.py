@@ -200,7 +200,10 @@ def _h5ad_train_cells(cfg, batch_size, seed, vocabulary, encoders, decode_genes)
     elif cfg.genes != "all":
         genes = GeneVocabulary.from_var(adata.var)
         columns = select_genes(cfg.genes, genes, adata.n_obs, lambda rows: sp.csr_matrix(adata.X[rows]), seed, where)
-        adata = adata[:, columns].copy()
+        expressed = np.asarray(adata.X[:, columns].sum(axis=1)).ravel() > 0
+        if not expressed.all():
+            log.warning("%s: dropping %d cells with no counts over the kept genes", where, int((~expressed).sum()))
+        adata = adata[expressed][:, columns].copy()
     dataset = build_dataset(adata, cfg, encoders=encoders)
     dataset.gene_positions = positions  # columns -> the model's genes, when the data lacks some of them
     idx = dataset.indices("train")

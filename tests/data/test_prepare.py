@@ -563,3 +563,20 @@ def test_a_gene_file_keeps_its_genes_by_id_or_by_name_in_data_order(counts_adata
     assert back.var["feature_name"].tolist() == ["SYM1", "SYM4"]
     with pytest.raises(DataError, match="neither all, hvg:N nor an existing file"):
         prepare(tmp_path / "cells.h5ad", tmp_path / "bad.soma", genes="hvg")
+
+
+def test_cli_flags_choose_the_counts_genes_and_gene_columns(counts_adata, tmp_path, capsys):
+    from scldm_scale.cli import main
+
+    source = counts_adata(n_cells=30, n_genes=40)
+    source.layers["umis"] = source.X.copy()
+    source.X = _log_normalised(source)
+    source.var["symbol"] = [f"SYM{j}" for j in range(40)]
+    source.write_h5ad(tmp_path / "cells.h5ad")
+    argv = ["prepare", str(tmp_path / "cells.h5ad"), "--out", str(tmp_path / "cells.soma"), "--layer", "umis"]
+    argv += ["--genes", "hvg:4", "--gene-id-column", "index", "--gene-name-column", "symbol"]
+    assert main(argv) == 0
+    back = _read_back(tmp_path / "cells.soma")
+    assert back.n_vars == 4 and back.var["feature_name"].str.startswith("SYM").all()
+    assert main(["prepare", str(tmp_path / "cells.h5ad"), "--out", str(tmp_path / "none.soma")]) == 2
+    assert "(['umis'] not tried). Pass --layer NAME" in capsys.readouterr().err
