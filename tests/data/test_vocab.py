@@ -2,12 +2,15 @@
 genes, reordering, and the errors."""
 
 import json
+import logging
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from scldm_scale.config import DataConfig
 from scldm_scale.data.counts import DataError
+from scldm_scale.data.source import open_train_cells
 from scldm_scale.data.vocab import GeneVocabulary, MissingGenesError, align_genes, align_var
 
 VOCAB = GeneVocabulary(
@@ -128,3 +131,20 @@ def test_align_var_prefers_var_names_on_a_tie():
     var = pd.DataFrame({"gene_id": ["ENSG02", "ENSG01"]}, index=["ENSG01", "ENSG02"])
     assert align_var(var, VOCAB).columns.tolist() == [0, 1]
     np.testing.assert_array_equal(align_var(var, VOCAB.ids).positions, [0, 1])
+
+
+def test_soma_training_on_a_model_vocabulary_lacking_genes_is_refused_unless_allowed(soma_experiment, caplog):
+    exp = soma_experiment
+    vocabulary = ["absent_0", *exp.gene_ids[::-1], "absent_1"]  # missing genes, and another order
+    cfg = DataConfig(source="soma", uri=exp.uri, condition_keys=["cell_type"])
+    with pytest.raises(MissingGenesError, match=r"2 genes of the model's vocabulary.*data.allow_missing_genes=true"):
+        open_train_cells(cfg, batch_size=16, seed=0, vocabulary=vocabulary)
+    cfg.allow_missing_genes = True
+    with caplog.at_level(logging.WARNING, logger="scldm_scale.data.source"):
+        cells = open_train_cells(cfg, batch_size=16, seed=0, vocabulary=vocabulary)
+    assert "2 of the model's 43 genes are missing from the data: absent tokens" in caplog.text
+    batch = next(iter(cells.ordered()))
+    # Columns are the present genes at their model positions (1..41, reversed data order).
+    np.testing.assert_array_equal(batch.decode_gene_ids.numpy(), np.arange(1, 42))
+    train = exp.counts[exp.split == "train"][: len(batch.target)]
+    np.testing.assert_array_equal(batch.target.numpy(), train[:, ::-1])

@@ -9,9 +9,10 @@ import torch
 from scldm_test_helpers import synthetic_vae_args
 
 from scldm_scale import artifact
-from scldm_scale.artifact import CheckpointError
-from scldm_scale.config import ConfigError, load_config
+from scldm_scale.artifact import CheckpointError, LDMArtifact
+from scldm_scale.config import ConfigError, PriorConfig, load_config
 from scldm_scale.data.vocab import GeneVocabulary
+from scldm_scale.models.dit import DiT
 from scldm_scale.models.vae import SetVAE
 from scldm_scale.train.finetune import init_from, per_gene_parameters
 from scldm_scale.train.stages import run_training
@@ -85,3 +86,25 @@ def test_another_architecture_or_stage_is_refused(trained, other_genes_h5ad, tin
         run_training(load_config(None, [*overrides, f"train.init_from={trained}", "model.d_model=32"]))
     with pytest.raises(ConfigError, match="train.init_from fine-tunes a VAE"):
         load_config(None, [*overrides, "stage=ldm", f"train.vae_checkpoint={trained}", f"train.init_from={trained}"])
+
+
+def test_an_ldm_model_gives_its_vae(trained, other_genes_h5ad, tmp_path):
+    model = artifact.load(trained)
+    m, latent_dim = model.config.n_latent_tokens, model.config.latent_dim
+    prior = PriorConfig(d_model=16, n_heads=2, n_layers=1)
+    ldm = LDMArtifact(
+        vae=model,
+        prior_config=prior,
+        n_classes={"cell_type": 3},
+        latent_mean=torch.zeros(m, latent_dim),
+        latent_std=torch.ones(m, latent_dim),
+        prior_weights=DiT(prior, m, latent_dim, {"cell_type": 3}).state_dict(),
+        prior_ema_weights={},
+    ).save(tmp_path / "ldm-model")
+    genes = GeneVocabulary(ad.read_h5ad(other_genes_h5ad, backed="r").var_names.tolist())
+    from_vae, from_ldm = SetVAE(model.config, len(genes)), SetVAE(model.config, len(genes))
+    from_ldm.load_state_dict(from_vae.state_dict())
+    init_from(from_vae, genes, trained)
+    init_from(from_ldm, genes, ldm)
+    for name, tensor in from_vae.state_dict().items():
+        torch.testing.assert_close(from_ldm.state_dict()[name], tensor, rtol=0, atol=0)
