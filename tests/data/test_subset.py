@@ -174,6 +174,9 @@ def test_soma_stream_decodes_a_reproducible_subset_of_the_same_batches(soma_expe
         torch.testing.assert_close(c.decode_gene_ids, b.decode_gene_ids, rtol=0, atol=0)
     block = cells.read(np.arange(6))
     assert subset.make_batch(block, np.arange(6)).decode_gene_ids.tolist() == list(range(41))  # ordered reads
+    train = open_train_cells(DataConfig(uri=soma_experiment.uri, condition_keys=["cell_type"]), 6, 0, decode_genes=16)
+    assert len(next(train.batches).decode_gene_ids) == 16
+    assert len(next(train.ordered()).decode_gene_ids) == 41
 
 
 # --- training -------------------------------------------------------------------------------------------
