@@ -29,6 +29,10 @@ COMMANDS = {
         "scldm_scale.data.prepare:add_arguments",
         "ingest .h5ad / 10x .h5 / Matrix Market folder / CSV into a SOMA experiment",
     ),
+    "synthetic-census": (
+        "scldm_scale.data.census:add_arguments",
+        "write a synthetic experiment laid out like the CELLxGENE Census (scale checks)",
+    ),
     "train": (
         "scldm_scale.train.stages:add_arguments",
         "train one stage: scldm-scale train CONFIG.yaml [PRESET.yaml] stage=vae key=value",

@@ -18,6 +18,10 @@ What is unusual here:
   our chunk_size (64, also its default) and its default io_batch_size (65,536 cells per read, shuffled
   together). Forcing io_batch_size down to our 512-cell buffer makes it several times slower (one full
   gc.collect and a small read per IO batch), so that would not be the baseline users see.
+- `--uri` measures an existing experiment instead: a SOMA experiment (`scldm-scale prepare`, X layer
+  `counts`) or a Census-shaped collection (`scldm-scale synthetic-census`, X layer `raw`; ours reads it
+  through the census source, tiledbsoma-ml opens its `census_data/homo_sapiens` experiment), at its full
+  gene vocabulary, with its obs `cell_type` as the shuffle label.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from tqdm.auto import tqdm
 
 from scldm_scale.bench.records import machine, write_records
 from scldm_scale.config import DataConfig, parse_ints
+from scldm_scale.data.soma import SomaSpec
 
 MEASUREMENT = "RNA"
 X_LAYER = "counts"
@@ -174,22 +179,58 @@ def build_experiment(uri: str | Path, n_cells: int, n_genes: int, seed: int) -> 
     return uri
 
 
-def read_cell_types(uri: str | Path) -> np.ndarray:
-    """Cell-type code (index into type_names()) of every cell, indexed by soma_joinid."""
+@dataclass(frozen=True)
+class BenchData:
+    """Where both loaders read: `spec` for ours, the Experiment at `experiment_uri` for tiledbsoma-ml."""
+
+    spec: SomaSpec
+    experiment_uri: str
+    type_names: tuple[str, ...]  # the LABEL values, in code order
+
+    @property
+    def layer(self) -> str:
+        return self.spec.layer
+
+
+def synthetic_data(uri: str | Path) -> BenchData:
+    return BenchData(SomaSpec(str(uri), X_LAYER, condition_keys=[LABEL]), str(uri), tuple(type_names()))
+
+
+def existing_data(uri: str | Path) -> BenchData:
+    """An experiment of `prepare`, or a Census-shaped collection (it has census_data/homo_sapiens)."""
     import tiledbsoma
 
-    with tiledbsoma.Experiment.open(str(uri)) as exp:
+    census = (Path(uri) / "census_data").is_dir()
+    spec = SomaSpec(str(uri), "raw" if census else X_LAYER, census=census, condition_keys=[LABEL])
+    experiment_uri = str(Path(uri) / "census_data" / spec.organism) if census else str(uri)
+    with tiledbsoma.Experiment.open(experiment_uri) as exp:
+        labels = exp.obs.read(column_names=[LABEL]).concat().column(LABEL).to_pandas()
+    return BenchData(spec, experiment_uri, tuple(sorted(labels.astype(str).unique())))
+
+
+def read_cell_types(data: BenchData) -> np.ndarray:
+    """Cell-type code (index into data.type_names) of every cell, indexed by soma_joinid."""
+    import tiledbsoma
+
+    with tiledbsoma.Experiment.open(data.experiment_uri) as exp:
         obs = exp.obs.read(column_names=["soma_joinid", LABEL]).concat().to_pandas()
     codes = np.full(int(obs["soma_joinid"].max()) + 1, -1, dtype=np.int64)
-    codes[obs["soma_joinid"].to_numpy()] = pd.Categorical(obs[LABEL].astype(str), categories=type_names()).codes
+    codes[obs["soma_joinid"].to_numpy()] = pd.Categorical(obs[LABEL].astype(str), categories=data.type_names).codes
     return codes
+
+
+def experiment_shape(data: BenchData) -> tuple[int, int]:
+    import tiledbsoma
+
+    with tiledbsoma.Experiment.open(data.experiment_uri) as exp:
+        return exp.obs.count, exp.ms[MEASUREMENT].var.count
 
 
 # --- shuffle quality --------------------------------------------------------------------------------------
 
 
-def type_counts(codes: np.ndarray) -> np.ndarray:
-    return np.bincount(codes, minlength=N_CELL_TYPES)
+def type_counts(codes: np.ndarray, n_types: int = N_CELL_TYPES) -> np.ndarray:
+    return np.bincount(codes, minlength=n_types)
 
 
 def shuffle_score(batch_type_counts: np.ndarray, global_fraction: np.ndarray) -> float:
@@ -198,23 +239,23 @@ def shuffle_score(batch_type_counts: np.ndarray, global_fraction: np.ndarray) ->
     return float(0.5 * np.abs(fractions - global_fraction).sum(axis=1).mean())
 
 
-def random_permutation_counts(codes: np.ndarray, batch_size: int, seed: int) -> np.ndarray:
+def random_permutation_counts(codes: np.ndarray, batch_size: int, seed: int, n_types: int = N_CELL_TYPES) -> np.ndarray:
     """(B, T) cell-type counts of the full batches of one uniformly random permutation of all cells."""
     order = np.random.default_rng([seed, 2]).permutation(len(codes))
     n_batches = len(codes) // batch_size
     batches = codes[order[: n_batches * batch_size]].reshape(n_batches, batch_size)  # (B, batch_size)
-    return np.stack([type_counts(b) for b in batches])
+    return np.stack([type_counts(b, n_types) for b in batches])
 
 
 # --- the loaders, each as a stream of (cell-type codes, epoch) per batch ----------------------------------
 
 
-def _ours(uri: str, batch_size: int, seed: int, num_workers: int) -> Iterator[tuple[np.ndarray, int]]:
+def _ours(data: BenchData, batch_size: int, seed: int, num_workers: int) -> Iterator[tuple[np.ndarray, int]]:
     from scldm_scale.data.batch import LabelEncoder
-    from scldm_scale.data.soma import SomaBatches, SomaCells, SomaSpec
+    from scldm_scale.data.soma import SomaBatches, SomaCells
 
-    cells = SomaCells(SomaSpec(uri, condition_keys=[LABEL]))
-    encoders = {LABEL: LabelEncoder(LABEL, type_names())}  # ids are then type codes
+    cells = SomaCells(data.spec)
+    encoders = {LABEL: LabelEncoder(LABEL, list(data.type_names))}  # ids are then type codes
     batches = SomaBatches(
         cells,
         encoders,
@@ -231,14 +272,14 @@ def _ours(uri: str, batch_size: int, seed: int, num_workers: int) -> Iterator[tu
 
 
 def _tiledbsoma_ml(
-    uri: str, batch_size: int, seed: int, num_workers: int, codes_by_joinid: np.ndarray
+    data: BenchData, batch_size: int, seed: int, num_workers: int, codes_by_joinid: np.ndarray
 ) -> Iterator[tuple[np.ndarray, int]]:
     import tiledbsoma
     import tiledbsoma_ml
 
-    with tiledbsoma.Experiment.open(uri) as exp, exp.axis_query(MEASUREMENT) as query:
+    with tiledbsoma.Experiment.open(data.experiment_uri) as exp, exp.axis_query(MEASUREMENT) as query:
         dataset = tiledbsoma_ml.ExperimentDataset(
-            query, layer_name=X_LAYER, batch_size=batch_size, shuffle=True, shuffle_chunk_size=CHUNK_SIZE, seed=seed
+            query, layer_name=data.layer, batch_size=batch_size, shuffle=True, shuffle_chunk_size=CHUNK_SIZE, seed=seed
         )
     loader = tiledbsoma_ml.experiment_dataloader(dataset, num_workers=num_workers)
     for epoch in itertools.count():
@@ -318,21 +359,28 @@ class WorkerRssSampler:
 
 
 def measure(
-    loader: str, uri: str, batch_size: int, seed: int, num_workers: int, timing: Timing, codes_by_joinid: np.ndarray
+    loader: str,
+    data: BenchData,
+    batch_size: int,
+    seed: int,
+    num_workers: int,
+    timing: Timing,
+    codes_by_joinid: np.ndarray,
 ) -> dict:
     """Run one loader in this process: cells/s after warm-up, per-batch cell-type counts, peak RSS."""
+    n_types = len(data.type_names)
     with WorkerRssSampler() as workers_rss:
         if loader == OURS:
-            stream = _ours(uri, batch_size, seed, num_workers)
+            stream = _ours(data, batch_size, seed, num_workers)
         else:
-            stream = _tiledbsoma_ml(uri, batch_size, seed, num_workers, codes_by_joinid)
+            stream = _tiledbsoma_ml(data, batch_size, seed, num_workers, codes_by_joinid)
         for _ in range(timing.warmup_batches):
             next(stream)
         counts, epochs = [], []
         start = time.perf_counter()
         while True:
             codes, epoch = next(stream)
-            counts.append(type_counts(codes))
+            counts.append(type_counts(codes, n_types))
             epochs.append(epoch)
             elapsed = time.perf_counter() - start
             if elapsed >= timing.measure_s or len(counts) >= timing.max_batches:
@@ -389,8 +437,10 @@ def run_loader_bench(
     seed: int,
     timing: Timing | None = None,
     isolate: bool = True,
+    uri: str | None = None,
 ) -> list[dict]:
-    """Build (or reuse) the synthetic experiment, measure every (loader, workers) case, print the table.
+    """Build (or reuse) the synthetic experiment, or read the existing one at `uri` (n_cells and n_genes are
+    then its own), measure every (loader, workers) case, print the table.
 
     isolate=False measures in this process (saves a process start and numba JIT per case, for tests); the
     main peak RSS is then the whole run's, not a case's own.
@@ -398,15 +448,21 @@ def run_loader_bench(
     timing = timing or Timing()
     run_case = _measure_in_fresh_process if isolate else measure
     host = machine()
-    temp_dir = tempfile.mkdtemp(prefix="scldm_bench_loader_") if work_dir is None else None
+    temp_dir = tempfile.mkdtemp(prefix="scldm_bench_loader_") if work_dir is None and uri is None else None
     try:
-        uri = str(
-            build_experiment(experiment_uri(work_dir or temp_dir, n_cells, n_genes, seed), n_cells, n_genes, seed)
-        )
-        codes_by_joinid = read_cell_types(uri)
-        global_fraction = type_counts(codes_by_joinid) / len(codes_by_joinid)
+        if uri is None:
+            synthetic = experiment_uri(work_dir or temp_dir, n_cells, n_genes, seed)
+            data = synthetic_data(build_experiment(synthetic, n_cells, n_genes, seed))
+        else:
+            data = existing_data(uri)
+            n_cells, n_genes = experiment_shape(data)
+        n_types = len(data.type_names)
+        codes_by_joinid = read_cell_types(data)
+        global_fraction = type_counts(codes_by_joinid, n_types) / len(codes_by_joinid)
         common = {
             **host,
+            "experiment": data.spec.uri if uri else "synthetic",
+            "x_layer": data.layer,
             "n_cells": n_cells,
             "n_genes": n_genes,
             "batch_size": batch_size,
@@ -424,7 +480,7 @@ def run_loader_bench(
         cases = [(w, loader) for w in workers for loader in (BASELINE, OURS)]
         records = []
         for num_workers, loader in tqdm(cases, desc="measure loaders", unit="case"):
-            result = run_case(loader, uri, batch_size, seed, num_workers, timing, codes_by_joinid)
+            result = run_case(loader, data, batch_size, seed, num_workers, timing, codes_by_joinid)
             records.append(
                 {
                     "loader": loader,
@@ -444,7 +500,7 @@ def run_loader_bench(
         for r in records:
             if r["loader"] == OURS:
                 r["ratio_vs_tiledbsoma_ml"] = r["cells_per_s"] / baseline[r["num_workers"]]
-        reference = random_permutation_counts(codes_by_joinid, batch_size, seed)
+        reference = random_permutation_counts(codes_by_joinid, batch_size, seed, n_types)
         records.append(
             {
                 "loader": RANDOM,
@@ -462,7 +518,8 @@ def run_loader_bench(
 
     load = "n/a" if host["load_avg_1m"] is None else f"{host['load_avg_1m']:.2f}"
     print(
-        f"\nloader benchmark: {n_cells:,} cells x {n_genes:,} genes, batch {batch_size}, shuffle chunks of "
+        f"\nloader benchmark ({uri or 'synthetic experiment'}, X layer {data.layer}): {n_cells:,} cells x "
+        f"{n_genes:,} genes, batch {batch_size}, shuffle chunks of "
         f"{CHUNK_SIZE} cells; {host['platform']}, {host['cpu_count']} CPUs, load average {load} at start, "
         f"{host['date']}"
     )
@@ -495,9 +552,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="write the records here")
     parser.add_argument("--dir", default=None, help="where to build the experiment (default: a temp dir)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic cells and the shuffling")
+    uri_help = "measure this experiment instead (prepare's, or a Census-shaped one from synthetic-census)"
+    parser.add_argument("--uri", default=None, help=uri_help)
     parser.set_defaults(handle=handle)
 
 
 def handle(args: argparse.Namespace) -> None:
     workers = parse_ints(args.workers, "--workers")
-    run_loader_bench(args.cells, args.genes, args.batch_size, workers, args.json, args.dir, args.seed)
+    run_loader_bench(args.cells, args.genes, args.batch_size, workers, args.json, args.dir, args.seed, uri=args.uri)

@@ -69,3 +69,18 @@ def test_random_permutation_keeps_every_cell_once_per_full_batch():
     counts = random_permutation_counts(codes, batch_size=64, seed=0)
     assert counts.shape == (400 // 64, N_CELL_TYPES)
     assert (counts.sum(axis=1) == 64).all()
+
+
+def test_loader_bench_reads_a_census_shaped_experiment_at_its_full_vocabulary(tmp_path):
+    pytest.importorskip("tiledbsoma_ml")
+    from scldm_scale.data.census import write_synthetic_census
+
+    root = tmp_path / "census"
+    write_synthetic_census(root, n_cells=600, n_genes=300, n_datasets=3, median_library=200)
+    timing = Timing(warmup_batches=1, measure_s=0.5, max_batches=4)
+    records = run_loader_bench(0, 0, 32, [0], None, None, 0, timing=timing, isolate=False, uri=str(root))
+    by_loader = {r["loader"]: r for r in records}
+    for r in records:
+        assert (r["experiment"], r["x_layer"], r["n_cells"], r["n_genes"]) == (str(root), "raw", 600, 300)
+    for name in ("scldm_scale", "tiledbsoma_ml"):
+        assert by_loader[name]["n_batches_measured"] >= 1 and 0.0 <= by_loader[name]["shuffle_score"] <= 1.0

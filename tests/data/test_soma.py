@@ -23,6 +23,7 @@ import torch
 import scldm_scale.data.soma as soma
 from scldm_scale.config import ConfigError, DataConfig, load_config
 from scldm_scale.data.batch import LabelEncoder, collate
+from scldm_scale.data.census import census_collection, experiment_path, link_experiment
 from scldm_scale.data.counts import DataError
 from scldm_scale.data.soma import EpochOrder, SomaBatches, SomaCells, SomaSpec, epoch_chunks, rank_units, units_left
 from scldm_scale.data.source import open_train_cells
@@ -453,14 +454,9 @@ def local_census(marked_counts_adata, tmp_path):
     adata.var["feature_id"] = adata.var_names.to_numpy()
     adata.var["feature_name"] = [f"SYM{j}" for j in range(adata.n_vars)]
     root = tmp_path / "census"
-    with tiledbsoma.Collection.create(str(root)) as census:
-        census.add_new_collection("census_info")
-        census.add_new_collection("census_data")
-    experiment = str(root / "census_data" / "homo_sapiens")
-    tiledbsoma.io.from_anndata(experiment, adata, "RNA", X_layer_name="raw")
-    with tiledbsoma.Collection.open(str(root / "census_data"), "w") as data:
-        with tiledbsoma.Experiment.open(experiment) as exp:
-            data.set("homo_sapiens", exp, use_relative_uri=True)
+    census_collection(root)
+    tiledbsoma.io.from_anndata(str(experiment_path(root)), adata, "RNA", X_layer_name="raw")
+    link_experiment(root)
     return root, adata
 
 
