@@ -11,6 +11,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 import torch  # noqa: E402
+from scldm_test_helpers import saved_tensor_bytes  # noqa: E402
 
 from scldm_scale.config import VAEConfig  # noqa: E402
 from scldm_scale.data.batch import collate  # noqa: E402
@@ -157,35 +158,18 @@ def test_automatic_chunk_fits_the_budget_and_respects_the_settings():
     assert SetVAE(VAEConfig(**d64, decode_chunk_genes=500), 40).decode_chunk(32, 32_000) == 500
 
 
-def _saved_bytes(fn, exclude: set[int]) -> int:
-    """Bytes of the distinct storages autograd saves while fn runs, the storages in `exclude` left out."""
-    saved: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in exclude:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        out = fn()
-    del out
-    return sum(saved.values())
-
-
 def test_activation_profile_counts_the_kept_outputs_and_one_chunk():
     """What the forward pass saves is the profile with the unpooling at its input (the keys), and a chunk's
     recomputation saves the rest of its block: within 15% each, as tests/train/test_plan.py measures."""
     n_genes, chunk, n_cells = 400, 64, 8
     whole, chunked = _pair(chunk, n_genes=n_genes, d_model=32, n_latent_tokens=8)
-    params = {p.untyped_storage().data_ptr() for p in chunked.parameters()}
     batch = _batch(n_cells=n_cells, n_genes=n_genes, expressed=(0.05, 0.15))  # as in scRNA-seq
     profile = chunked.activation_profile(batch.gene_ids.shape[1], n_genes, n_cells)
     kept = (sum(profile.block_full[:-1]) + profile.block_input[-1] + profile.outside) * 4 + profile.outside_fp32 * 4
-    assert n_cells * kept == pytest.approx(_saved_bytes(lambda: chunked(batch)[0], params), rel=0.15)
+    assert n_cells * kept == pytest.approx(saved_tensor_bytes(chunked, lambda: chunked(batch)[0]), rel=0.15)
     z, _ = chunked.encode(batch.gene_ids, batch.counts, batch.mask)
     h = chunked.decode_latents(z).detach().requires_grad_()
     queries = chunked.decoder_gene_embedding(batch.decode_gene_ids[:chunk])
-    recomputed = _saved_bytes(lambda: chunked._head_outputs(h, queries, batch.decode_gene_ids[:chunk]), params)
+    recomputed = saved_tensor_bytes(chunked, lambda: chunked._head_outputs(h, queries, batch.decode_gene_ids[:chunk]))
     working_set = (profile.block_full[-1] - profile.block_input[-1]) * 4
     assert n_cells * working_set == pytest.approx(recomputed, rel=0.15)

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from scldm_test_helpers import saved_tensor_bytes
 
 from scldm_scale.cli import build_parser, main
 from scldm_scale.config import CONFIG_DIR, ConfigError, load_config, split_config_args
@@ -134,23 +135,6 @@ def test_bf16_offload_and_kept_gathered_params():
     assert rows["fsdp"]["optimizer_cpu"] == 0  # offload is DeepSpeed's
     assert rows["fsdp"]["other"] == pytest.approx(2 * p + 2 * unit)  # all params stay gathered (bf16)
     assert rows["zero3"]["other"] == pytest.approx(4 * unit)
-
-
-def saved_tensor_bytes(model: torch.nn.Module, loss_fn) -> int:
-    """Bytes of the distinct storages autograd saves for the backward pass, parameters excluded."""
-    parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameter_storages:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = loss_fn()
-    del loss
-    return sum(saved.values())
 
 
 # The estimate leaves out small tensors (LayerNorm statistics, attention log-sum-exp, the mask) and
