@@ -1,8 +1,13 @@
-"""`scldm-scale quickstart`: the whole pipeline on a built-in dataset, end to end.
+"""`scldm-scale quickstart`: the whole pipeline on a built-in dataset or on your own cells, end to end.
 
-prepare (the built-in cells into SOMA, fixed stratified split) -> train VAE -> train DiT prior ->
-generate as many cells of each condition combination as the real cells hold -> `evaluate` them beside
-the baselines -> report.json, metrics.json, report.md and the figures.
+prepare (the cells into SOMA, fixed stratified split) -> train VAE -> train DiT prior -> generate as many
+cells of each condition combination as the real cells hold -> `evaluate` them beside the baselines ->
+report.json, metrics.json, report.md and the figures.
+
+`--data cells.h5ad [--labels cell_type,donor]`: your raw counts (any input `prepare` reads), every gene
+kept; the labels become the conditions (none: an unconditional prior). The run is sized to the data and
+the machine (`size_run`: batch sizes from the memory a step needs, steps from its FLOPs and a time
+budget) and prints what it chose and why; dot-list overrides still win.
 
 The real cells are the test split plus every cell of a held-out combination (`data.holdout_combinations`,
 never trained on); the training cells are the rest. configs/quickstart.yaml is the PBMC default;
@@ -14,8 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
@@ -23,9 +30,17 @@ import pandas as pd
 import torch
 
 from scldm_scale.artifact import record_evaluation
-from scldm_scale.config import CONFIG_DIR, EvalConfig, HoldoutConfig, load_config
+from scldm_scale.config import (
+    CONFIG_DIR,
+    Config,
+    ConfigError,
+    EvalConfig,
+    HoldoutConfig,
+    comma_separated,
+    load_config,
+)
 from scldm_scale.data.counts import load_builtin
-from scldm_scale.data.prepare import prepare
+from scldm_scale.data.prepare import MEASUREMENT, X_LAYER, prepare
 from scldm_scale.data.soma import read_anndata
 from scldm_scale.data.source import soma_spec
 from scldm_scale.evaluate.run import evaluate, split_real
@@ -34,6 +49,149 @@ from scldm_scale.train.stages import run_training
 
 log = logging.getLogger(__name__)
 QUICKSTART_CONFIG = CONFIG_DIR / "quickstart.yaml"
+
+# --data: the minutes of training both stages are sized for, VAE_SHARE of them for the VAE, the rest for the prior.
+DEFAULT_MINUTES = 8.0
+VAE_SHARE = 0.7
+# What one CPU core sustains, measured on the 2-core CI machine (December 2026, under load, so on the safe
+# side). A VAE step's time is elementwise work more than matmuls: per cell, its padded encoder tokens and its
+# decoded genes (the NB likelihood, the softmax over genes, the decoder's recomputed chunks) set it. The
+# prior's steps are matmuls: its FLOPs (as the model counts them) set it.
+VAE_TOKENS_PER_CORE_S = 40_000
+VAE_GENES_PER_CORE_S = 80_000
+PRIOR_FLOPS_PER_CORE_S = 15e9
+# A training step's activations may take this share of the machine's memory, at most MAX_ACTIVATIONS.
+ACTIVATION_SHARE = 0.25
+MAX_ACTIVATIONS = 1.5 * 2**30
+# Cells per VAE step: on a CPU a larger batch is no faster per cell, and more steps train a small model better.
+BATCH_RANGE = (8, 32)
+# The fewest steps that train anything; the most are the config's optim.<stage>.max_steps.
+MIN_STEPS = 50
+# Gene-subset training (model.decode_genes) decodes a multiple of this many genes, never fewer.
+DECODE_GENES_STEP = 1024
+# Generation decodes every gene of the cells of one ODE solve at once (forward only: a few (cells, genes,
+# width) tensors at a time).
+SAMPLE_BATCH_RANGE = (16, 1024)
+# The padded encoder length of a batch is its cell with the most expressed genes, about twice the mean.
+PADDED_TOKENS_PER_EXPRESSED = 2.0
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What sizing needs to know of the cells: how many, over how many genes, how many non-zero counts."""
+
+    n_cells: int
+    n_genes: int
+    nnz: int
+
+    @classmethod
+    def of_experiment(cls, uri: str | Path) -> DataShape:
+        import tiledbsoma
+
+        with tiledbsoma.Experiment.open(str(uri)) as exp:
+            ms = exp.ms[MEASUREMENT]
+            return cls(int(exp.obs.count), int(ms.var.count), int(ms.X[X_LAYER].nnz))
+
+    @property
+    def expressed_per_cell(self) -> float:
+        return self.nnz / self.n_cells
+
+
+@dataclass(frozen=True)
+class Machine:
+    cores: int
+    memory_bytes: int
+
+    @classmethod
+    def this_one(cls) -> Machine:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return cls(cores, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+@dataclass
+class Sizing:
+    """Overrides per stage ("vae"; "ldm", which generation reads too) and the reasons they were chosen."""
+
+    overrides: dict[str, list[str]]
+    reasons: list[str]
+
+    def describe(self) -> str:
+        return "\n".join(f"  {line}" for line in self.reasons)
+
+
+def _clamp(value: float, low: int, high: int) -> int:
+    return int(max(low, min(high, value)))
+
+
+def size_run(cfg: Config, data: DataShape, machine: Machine, minutes: float = DEFAULT_MINUTES) -> Sizing:
+    """Batch sizes from the memory a step needs; the VAE's decoded genes per step and both stages' steps from
+    the time a step takes on `machine` and `minutes` of training.
+
+    The VAE trains with the config's optim.vae.max_steps when decoding every gene fits the time; otherwise
+    each step decodes a subset of genes (model.decode_genes), as many as keep those steps within the time,
+    and fewer steps only when the smallest subset still does not fit. The models count their own FLOPs
+    and saved activations (models/cost.py); the decoder runs in automatic chunks (model.decode_chunk_genes),
+    so no step holds a (cells, genes, width) tensor.
+    """
+    from scldm_scale.plan import build_prior, build_vae
+    from scldm_scale.train.flops import TRAIN_FLOPS_FACTOR
+
+    n_train = max(1, round(data.n_cells * (1.0 - cfg.data.test_fraction)))
+    tokens = _clamp(PADDED_TOKENS_PER_EXPRESSED * data.expressed_per_cell, 1, data.n_genes)
+    budget = min(ACTIVATION_SHARE * machine.memory_bytes, MAX_ACTIVATIONS)
+    vae_seconds, ldm_seconds = 60.0 * minutes * VAE_SHARE, 60.0 * minutes * (1.0 - VAE_SHARE)
+    reasons = [
+        f"data: {data.n_cells:,} cells ({n_train:,} to train on) x {data.n_genes:,} genes, "
+        f"{data.nnz / (data.n_cells * data.n_genes):.1%} non-zero ({data.expressed_per_cell:,.0f} genes a cell)",
+        f"machine: {machine.cores} cores, {machine.memory_bytes / GIB:.1f} GiB; activations up to "
+        f"{budget / GIB:.2f} GiB a step; {minutes:g} minutes of training",
+    ]
+
+    vae = build_vae(cfg, data.n_genes)
+    vae_batch = min(BATCH_RANGE[1], n_train)
+    while True:  # the decoder's chunk, and so the memory a cell needs, depends on the batch
+        per_cell = vae.activation_profile(tokens, data.n_genes, vae_batch).bytes_per_cell(4, checkpointing=False)
+        if vae_batch * per_cell <= budget or vae_batch <= BATCH_RANGE[0]:
+            break
+        vae_batch = max(BATCH_RANGE[0], min(vae_batch // 2, int(budget // per_cell)))
+
+    def step_seconds(n_decoded: int) -> float:
+        return vae_batch * (tokens / VAE_TOKENS_PER_CORE_S + n_decoded / VAE_GENES_PER_CORE_S) / machine.cores
+
+    target = cfg.optim.vae.max_steps
+    per_step = vae_seconds / target
+    fitting = (per_step - step_seconds(0)) / (step_seconds(1) - step_seconds(0))
+    n_decoded = min(data.n_genes, max(DECODE_GENES_STEP, int(fitting // DECODE_GENES_STEP * DECODE_GENES_STEP)))
+    vae_steps = _clamp(vae_seconds / step_seconds(n_decoded), min(MIN_STEPS, target), target)
+    decode = "all" if n_decoded == data.n_genes else str(n_decoded)
+    decoded = f"all {data.n_genes:,} genes" if decode == "all" else f"{n_decoded:,} of the {data.n_genes:,} genes"
+    reasons.append(
+        f"VAE: batch {vae_batch} ({per_cell / 2**20:,.1f} MiB of activations a cell), {vae_steps} steps "
+        f"(optim.vae.max_steps={target}) decoding {decoded} a step (model.decode_genes={decode}), "
+        f"~{step_seconds(n_decoded):.2f} s a step"
+    )
+
+    prior = build_prior(cfg)
+    ldm_batch = min(cfg.train.batch_size, n_train)
+    ldm_step = TRAIN_FLOPS_FACTOR * prior.forward_flops() * ldm_batch / (machine.cores * PRIOR_FLOPS_PER_CORE_S)
+    ldm_steps = _clamp(ldm_seconds / ldm_step, min(MIN_STEPS, cfg.optim.ldm.max_steps), cfg.optim.ldm.max_steps)
+    reasons.append(
+        f"prior: batch {ldm_batch}, {ldm_steps} steps (optim.ldm.max_steps={cfg.optim.ldm.max_steps}), "
+        f"~{ldm_step:.2f} s a step"
+    )
+
+    # Forward only: the unpooling's (cells, genes, width) output and its MLP's hidden layer, fp32.
+    decode_bytes = data.n_genes * cfg.model.d_model * (2.0 + cfg.model.mlp_ratio) * 4
+    sample_batch = _clamp(budget // decode_bytes, *SAMPLE_BATCH_RANGE)
+    reasons.append(f"generation: {sample_batch} cells per ODE solve ({decode_bytes / 2**20:,.1f} MiB a cell to decode)")
+    vae_overrides = [
+        f"train.batch_size={vae_batch}",
+        f"optim.vae.max_steps={vae_steps}",
+        f"model.decode_genes={decode}",
+    ]
+    ldm_overrides = [f"train.batch_size={ldm_batch}", f"optim.ldm.max_steps={ldm_steps}"]
+    return Sizing({"vae": vae_overrides, "ldm": [*ldm_overrides, f"sample.batch_size={sample_batch}"]}, reasons)
 
 
 def prepare_builtin(out_dir: Path, overrides: list[str], config: Path = QUICKSTART_CONFIG) -> Path:
@@ -53,31 +211,59 @@ def prepare_builtin(out_dir: Path, overrides: list[str], config: Path = QUICKSTA
     )
 
 
-def run_quickstart(out_dir: str | Path, overrides: list[str] = (), config: str | Path | None = None) -> dict:
+def prepare_own(data: str | Path, out_dir: Path, labels: list[str], cfg: Config) -> Path:
+    """Ingest the user's cells (every gene) with the quickstart's stratified split (by the first label)."""
+    return prepare(
+        data,
+        out_dir / "data" / "cells.soma",
+        labels=labels,
+        test_fraction=cfg.data.test_fraction,
+        val_fraction=0.0,
+        seed=cfg.data.split_seed,
+        overwrite=True,
+    )
+
+
+def run_quickstart(
+    out_dir: str | Path,
+    overrides: list[str] = (),
+    config: str | Path | None = None,
+    data: str | Path | None = None,
+    labels: list[str] = (),
+    minutes: float = DEFAULT_MINUTES,
+) -> dict:
+    """The built-in dataset of `config`, or with `data` the user's cells conditioned on `labels` (none: an
+    unconditional prior), sized by `size_run` for `minutes` of training; `overrides` win over everything."""
     config = Path(config) if config else QUICKSTART_CONFIG
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    data_uri = prepare_builtin(out, list(overrides), config)
-    common = [f"data.uri={data_uri}", f"train.ckpt_dir={out / 'checkpoints'}", *overrides]
+    sizing = None
+    if data is None:
+        data_uri = prepare_builtin(out, list(overrides), config)
+        chosen: list[str] = []
+        sized: dict[str, list[str]] = {"vae": [], "ldm": []}
+    else:
+        chosen = [f"data.condition_keys={json.dumps(list(labels))}"]
+        base = load_config(config, [*chosen, *overrides])
+        data_uri = prepare_own(data, out, list(labels), base)
+        sizing = size_run(base, DataShape.of_experiment(data_uri), Machine.this_one(), minutes)
+        log.info("quickstart sized to the data and the machine (dot-list overrides win):\n%s", sizing.describe())
+        sized = sizing.overrides
     timings["prepare_s"] = time.perf_counter() - t0
 
+    def stage_config(stage: str, *extra: str) -> Config:
+        run = [f"data.uri={data_uri}", f"train.ckpt_dir={out / 'checkpoints'}", *chosen, *sized[stage]]
+        metrics = f"train.metrics_file={out / f'{stage}_metrics.jsonl'}"
+        return load_config(config, [f"stage={stage}", *run, metrics, *extra, *overrides])
+
     t = time.perf_counter()
-    vae_cfg = load_config(config, ["stage=vae", *common, f"train.metrics_file={out / 'vae_metrics.jsonl'}"])
-    vae_path = run_training(vae_cfg)
+    vae_path = run_training(stage_config("vae"))
     timings["train_vae_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    ldm_cfg = load_config(
-        config,
-        [
-            "stage=ldm",
-            *common,
-            f"train.vae_checkpoint={vae_path}",
-            f"train.metrics_file={out / 'ldm_metrics.jsonl'}",
-        ],
-    )
+    ldm_cfg = stage_config("ldm", f"train.vae_checkpoint={vae_path}")
     ldm_path = run_training(ldm_cfg)
     timings["train_ldm_s"] = time.perf_counter() - t
 
@@ -104,11 +290,12 @@ def run_quickstart(out_dir: str | Path, overrides: list[str] = (), config: str |
         vae_checkpoint=str(vae_path),
     )
     records = evaluate(real, generated, out, opts, train=train)
-    _record_on_model_cards(records, vae_path, ldm_path, ldm_cfg.data.builtin, int(real.n_obs))
+    dataset = ldm_cfg.data.builtin if data is None else Path(data).name
+    _record_on_model_cards(records, vae_path, ldm_path, dataset, int(real.n_obs))
     timings["evaluate_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     report = {
-        "dataset": ldm_cfg.data.builtin,
+        "dataset": dataset,
         "condition_keys": keys,
         "holdout_combinations": opts.holdout.combinations,
         "n_train_cells": int(train.n_obs),
@@ -119,9 +306,13 @@ def run_quickstart(out_dir: str | Path, overrides: list[str] = (), config: str |
         "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
         "checkpoints": {"vae": str(vae_path), "ldm": str(ldm_path)},
     }
+    if sizing is not None:
+        report["sizing"] = {"overrides": sizing.overrides, "reasons": sizing.reasons}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     with open(out / "report.md", "a") as md:
         md.write(_timing_markdown(timings))
+        if sizing is not None:
+            md.write("\n## Sizing\n" + "".join(f"- {line}\n" for line in sizing.reasons))
     return report
 
 
@@ -145,7 +336,9 @@ def _evaluation_cells(cfg) -> tuple[ad.AnnData, ad.AnnData]:
 
 
 def _requests(real: ad.AnnData, keys: list[str]) -> list[tuple[dict[str, str], int]]:
-    """As many cells of each condition combination as the real cells hold."""
+    """As many cells of each condition combination as the real cells hold (unconditional: as many cells)."""
+    if not keys:
+        return [({}, int(real.n_obs))]
     table = _labels(real, keys).value_counts(sort=False).sort_index()
     return [(dict(zip(keys, combo, strict=True)), int(n)) for combo, n in table.items()]
 
@@ -166,12 +359,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="quickstart_out", help="folder for everything the run writes")
     config_help = "a demo config (default configs/quickstart.yaml; configs/perturbation.yaml)"
     parser.add_argument("--config", default=None, help=config_help)
-    parser.add_argument("overrides", nargs="*", help="dot-list overrides of the config")
+    data_help = "your raw counts (.h5ad, 10x .h5, Matrix Market folder, CSV) instead of the built-in dataset"
+    parser.add_argument("--data", default=None, help=data_help)
+    labels_help = "with --data: comma-separated obs columns to condition on (none: an unconditional prior)"
+    parser.add_argument("--labels", type=comma_separated, default=[], metavar="A,B", help=labels_help)
+    minutes_help = "with --data: minutes of training (both stages) to size the steps for"
+    parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help=minutes_help)
+    parser.add_argument("overrides", nargs="*", help="dot-list overrides of the config (they win over the sizing)")
     parser.set_defaults(handle=handle)
 
 
 def handle(args: argparse.Namespace) -> None:
-    report = run_quickstart(args.out, args.overrides, config=args.config)
+    if args.data is None and args.labels:
+        raise ConfigError("--labels names obs columns of --data; the built-in datasets have theirs in the config")
+    if args.minutes <= 0:
+        raise ConfigError(f"--minutes must be positive, got {args.minutes}")
+    report = run_quickstart(args.out, args.overrides, args.config, args.data, args.labels, args.minutes)
     print((Path(args.out) / "report.md").read_text())
     print(
         f"wrote {args.out}/generated.h5ad, metrics.json, report.md, report.json and the figures "

@@ -1,5 +1,6 @@
 """`synthetic_perturbation`: integer NB counts, determinism, the planted effects visible in the counts, the
-shared component carried across cell lines, and the `synthetic_perturbation` built-in."""
+shared component carried across cell lines, and the `synthetic_perturbation` built-in; `synthetic_transcriptome`
+and `scldm-scale synthetic`: a whole-transcriptome sample's ids, sparsity, library sizes and cell types."""
 
 import anndata as ad
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import scipy.sparse as sp
 
 from scldm_scale.data.counts import load_builtin
-from scldm_scale.data.synthetic import synthetic_perturbation
+from scldm_scale.data.synthetic import synthetic_perturbation, synthetic_transcriptome
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +100,37 @@ def test_builtin_is_the_default_synthetic_data_and_survives_h5ad(tmp_path, adata
     np.testing.assert_array_equal(
         back.uns["synthetic_truth"]["log_fold_change"], adata.uns["synthetic_truth"]["log_fold_change"]
     )
+
+
+def test_synthetic_transcriptome_looks_like_a_whole_transcriptome_sample():
+    adata = synthetic_transcriptome(n_cells=60, n_genes=33_000, seed=1)
+    assert adata.shape == (60, 33_000)
+    assert sp.isspmatrix_csr(adata.X) and adata.X.dtype == np.int32
+    assert 0.01 <= adata.X.nnz / np.prod(adata.shape) <= 0.03
+    library = np.asarray(adata.X.sum(axis=1)).ravel()
+    assert library.min() >= 500 and library.max() <= 25_000 and 1_500 <= np.median(library) <= 6_000
+    assert adata.var_names[0] == "ENSG00000000001" and adata.var_names.is_unique
+    assert adata.var["feature_name"].iloc[-1] == "SYN33000"
+    assert adata.obs["cell_type"].cat.categories.tolist() == [f"type_{t}" for t in range(6)]
+    assert adata.obs["donor"].cat.categories.tolist() == ["donor_0", "donor_1", "donor_2"]
+    again = synthetic_transcriptome(n_cells=60, n_genes=33_000, seed=1)
+    assert (adata.X != again.X).nnz == 0
+
+
+def test_synthetic_transcriptome_cell_types_differ_in_their_markers():
+    adata = synthetic_transcriptome(n_cells=400, n_genes=2_000, n_cell_types=2, n_donors=1, seed=2)
+    x = adata.X.toarray().astype(np.float64)
+    share = x / x.sum(axis=1, keepdims=True)
+    first = (adata.obs["cell_type"] == "type_0").to_numpy()
+    log_ratio = np.log((share[first].mean(0) + 1e-5) / (share[~first].mean(0) + 1e-5))  # (G,)
+    # 5% of the genes of each type are shifted by N(0, 1.5²): some genes differ more than 4-fold.
+    assert (np.abs(log_ratio) > np.log(4)).sum() > 20
+
+
+def test_cli_synthetic_writes_the_h5ad(tmp_path, capsys):
+    from scldm_scale.cli import main
+
+    out = tmp_path / "cells.h5ad"
+    assert main(["synthetic", "--out", str(out), "--cells", "30", "--genes", "500", "--seed", "4"]) == 0
+    assert "wrote 30 cells x 500 genes" in capsys.readouterr().out
+    assert (ad.read_h5ad(out).X != synthetic_transcriptome(30, 500, seed=4).X).nnz == 0
