@@ -69,8 +69,9 @@ def encode_latents(vae: SetVAE, batches: Iterator[CellBatch], device: torch.devi
 def _run_checkpoints(cfg: Config, stage: str, architecture: tuple[str, ...]) -> dict:
     """Training checkpoints under ckpt_dir/<stage>/, tagged with what a resume must match."""
     resolved = to_dict(cfg)
-    # Kernel backends compute the same function: a run may resume with another one.
-    for key in ("attention_backend", "nb_loss_backend", "fold_pooling"):
+    # Kernel backends compute the same function, and decode_genes only picks the genes a step scores: a run
+    # may resume with another one (e.g. finish a run trained on gene subsets with every gene).
+    for key in ("attention_backend", "nb_loss_backend", "fold_pooling", "decode_genes"):
         resolved["model"].pop(key, None)
     meta = {"stage": stage, **{section: resolved[section] for section in architecture}}
     return {"checkpoints": RunCheckpoints(Path(cfg.train.ckpt_dir) / stage, cfg.train.keep_last), "run_meta": meta}
