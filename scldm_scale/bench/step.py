@@ -29,6 +29,7 @@ from pathlib import Path
 
 from scldm_scale.bench.records import machine, write_records
 from scldm_scale.config import CONFIG_DIR, ConfigError, comma_separated, parse_ints
+from scldm_scale.host_memory import fix_mmap_threshold
 
 SIZES = {
     # name: overrides of the stage's model section
@@ -154,8 +155,10 @@ def gene_step(
 ) -> dict[str, float]:
     """Train a SetVAE for warmup + steps steps on one synthetic batch; the median step time and peak memory.
 
-    Runs in the process that measures it (run_gene_sweep starts a fresh one per case).
+    Runs in the process that measures it (run_gene_sweep starts a fresh one per case), with host memory set up
+    as the CLI sets it for `scldm-scale train` (host_memory.py).
     """
+    fix_mmap_threshold()
     import numpy as np
     import scipy.sparse as sp
     import torch
