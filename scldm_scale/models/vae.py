@@ -12,7 +12,9 @@ Unusual here:
   genes): each chunk's unpooling, decoder norm and head run under torch.utils.checkpoint (recomputed in the
   backward pass) and leave only the head's per-gene outputs, so the whole decode keeps (B, G) scalars and one
   chunk's (B, chunk, E) working set, never a (B, G, E) tensor. The softmax over genes and the loss then see
-  all the genes at once: chunked and unchunked give the same loss and gradients.
+  all the genes at once: chunked and unchunked give the same loss and gradients. Under
+  train.activation_checkpointing the unpooling block's own checkpoint nests inside the chunk's (same result
+  and memory; the chunk's unpooling then runs three times per step instead of two).
 - The model reports its own cost: `transformer_blocks()` (the units of FSDP sharding, activation
   checkpointing and compile), `forward_flops` and `activation_profile` per cell (conventions in cost.py).
 """
