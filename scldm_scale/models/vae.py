@@ -224,7 +224,8 @@ class SetVAE(nn.Module):
             *(block.activations(m) for block in [*self.encoder_blocks, *self.decoder_blocks]),
             (unpool_full, unpool_input),
         ]
-        # token embedding (S, E) and counts (S); encoder norm and latent projections (M, 2E + 4L)
+        # token embedding (S, E) and counts (S); encoder norm and latent projections (M, 2E + 4L); a one-pass
+        # decoder's norm and head input (G, 2E)
         outside = n_tokens * (e + 1) + m * (2 * e + 4 * latent) + norm_and_head
         return ActivationProfile.from_blocks(blocks, outside, self.head.SAVED_FP32_PER_GENE * n_genes)
 
