@@ -6,8 +6,8 @@ report.json, metrics.json, report.md and the figures.
 
 `--data cells.h5ad [--labels cell_type,donor]`: your raw counts (any input `prepare` reads), every gene
 kept; the labels become the conditions (none: an unconditional prior). The run is sized to the data and
-the machine (`size_run`: batch sizes from the memory a step needs, steps from its FLOPs and a time
-budget) and prints what it chose and why; dot-list overrides still win.
+the machine (`size_run`: batch sizes from the memory a step needs, decoded genes and steps from the
+measured time of a step and a time budget) and prints what it chose and why; dot-list overrides still win.
 
 The real cells are the test split plus every cell of a held-out combination (`data.holdout_combinations`,
 never trained on); the training cells are the rest. configs/quickstart.yaml is the PBMC default;
@@ -22,10 +22,12 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
+import numpy as np
 import pandas as pd
 import torch
 
@@ -53,13 +55,10 @@ QUICKSTART_CONFIG = CONFIG_DIR / "quickstart.yaml"
 # --data: the minutes of training both stages are sized for, VAE_SHARE of them for the VAE, the rest for the prior.
 DEFAULT_MINUTES = 8.0
 VAE_SHARE = 0.7
-# What one CPU core sustains, measured on the 2-core CI machine (December 2026, under load, so on the safe
-# side). A VAE step's time is elementwise work more than matmuls: per cell, its padded encoder tokens and its
-# decoded genes (the NB likelihood, the softmax over genes, the decoder's recomputed chunks) set it. The
-# prior's steps are matmuls: its FLOPs (as the model counts them) set it.
-VAE_TOKENS_PER_CORE_S = 40_000
-VAE_GENES_PER_CORE_S = 80_000
-PRIOR_FLOPS_PER_CORE_S = 15e9
+# The machine's speed is measured, not assumed: a few forward and backward passes of each model at the sizes
+# the run will train (random inputs), PROBE_STEPS timed after a warm-up, the median taken (another process
+# may share the cores). A VAE step is timed decoding two numbers of genes, for its time as a line in them.
+PROBE_STEPS = 2
 # A training step's activations may take this share of the machine's memory, at most MAX_ACTIVATIONS.
 ACTIVATION_SHARE = 0.25
 MAX_ACTIVATIONS = 1.5 * 2**30
@@ -120,22 +119,86 @@ class Sizing:
         return "\n".join(f"  {line}" for line in self.reasons)
 
 
+@dataclass(frozen=True)
+class StepTimes:
+    """Seconds of one training step: the VAE's as fixed + per_gene x decoded genes, and the prior's."""
+
+    vae_fixed: float
+    vae_per_gene: float
+    prior: float
+
+    def vae(self, n_decoded: int) -> float:
+        return self.vae_fixed + self.vae_per_gene * n_decoded
+
+
+def _timed(loss: Callable[[], torch.Tensor]) -> float:
+    """Median seconds of a forward and backward pass over PROBE_STEPS, after one untimed warm-up."""
+    loss().backward()
+    seconds = []
+    for _ in range(PROBE_STEPS):
+        start = time.perf_counter()
+        loss().backward()
+        seconds.append(time.perf_counter() - start)
+    return float(np.median(seconds))
+
+
+def measure_steps(cfg: Config, n_genes: int, tokens: int, vae_batch: int, ldm_batch: int) -> StepTimes:
+    """StepTimes of the config's models on this machine, now: VAE steps of vae_batch cells with `tokens` encoder
+    tokens each, decoding min(n_genes, 1,024) and min(n_genes, 4,096) genes; prior steps of ldm_batch cells."""
+    from scldm_scale.data.batch import CellBatch
+    from scldm_scale.models.dit import DiT
+    from scldm_scale.models.prior import FlowMatchingPrior, LatentBatch
+    from scldm_scale.models.vae import SetVAE
+
+    torch.manual_seed(0)
+    vae = SetVAE(cfg.model, n_genes)
+
+    def vae_step(n_decoded: int) -> float:
+        shape = (vae_batch, tokens)
+        batch = CellBatch(
+            gene_ids=torch.randint(0, n_genes, shape),
+            counts=torch.ones(shape),
+            mask=torch.ones(shape, dtype=torch.bool),
+            target=torch.ones(vae_batch, n_decoded),
+            decode_gene_ids=torch.arange(n_decoded),
+            library_size=torch.full((vae_batch,), float(n_decoded)),
+            conditions={},
+        )
+        return _timed(lambda: vae(batch)[0])
+
+    few, more = min(n_genes, DECODE_GENES_STEP), min(n_genes, 4 * DECODE_GENES_STEP)
+    t_few = vae_step(few)
+    per_gene = max(0.0, (vae_step(more) - t_few) / (more - few)) if more > few else t_few / few
+    m, latent_dim = cfg.model.n_latent_tokens, cfg.model.latent_dim
+    n_classes = {key: 2 for key in cfg.data.condition_keys}
+    prior = FlowMatchingPrior(
+        DiT(cfg.prior, m, latent_dim, n_classes), cfg.prior.cond_drop_prob, cfg.prior.cond_dropout
+    )
+    latents = LatentBatch(
+        torch.randn(ldm_batch, m, latent_dim), {k: torch.zeros(ldm_batch, dtype=torch.long) for k in n_classes}
+    )
+    prior_s = _timed(lambda: prior(latents)[0])
+    return StepTimes(vae_fixed=max(0.0, t_few - per_gene * few), vae_per_gene=per_gene, prior=prior_s)
+
+
 def _clamp(value: float, low: int, high: int) -> int:
     return int(max(low, min(high, value)))
 
 
-def size_run(cfg: Config, data: DataShape, machine: Machine, minutes: float = DEFAULT_MINUTES) -> Sizing:
+def size_run(
+    cfg: Config, data: DataShape, machine: Machine, minutes: float = DEFAULT_MINUTES, times: StepTimes | None = None
+) -> Sizing:
     """Batch sizes from the memory a step needs; the VAE's decoded genes per step and both stages' steps from
-    the time a step takes on `machine` and `minutes` of training.
+    the time a step takes on `machine` (`times`, measured by `measure_steps` unless given) and `minutes` of
+    training.
 
     The VAE trains with the config's optim.vae.max_steps when decoding every gene fits the time; otherwise
     each step decodes a subset of genes (model.decode_genes), as many as keep those steps within the time,
-    and fewer steps only when the smallest subset still does not fit. The models count their own FLOPs
-    and saved activations (models/cost.py); the decoder runs in automatic chunks (model.decode_chunk_genes),
-    so no step holds a (cells, genes, width) tensor.
+    and fewer steps only when the smallest subset still does not fit. The VAE counts its own saved
+    activations (models/cost.py); its decoder runs in automatic chunks (model.decode_chunk_genes), so no
+    step holds a (cells, genes, width) tensor.
     """
-    from scldm_scale.plan import build_prior, build_vae
-    from scldm_scale.train.flops import TRAIN_FLOPS_FACTOR
+    from scldm_scale.plan import build_vae
 
     n_train = max(1, round(data.n_cells * (1.0 - cfg.data.test_fraction)))
     tokens = _clamp(PADDED_TOKENS_PER_EXPRESSED * data.expressed_per_cell, 1, data.n_genes)
@@ -156,29 +219,25 @@ def size_run(cfg: Config, data: DataShape, machine: Machine, minutes: float = DE
             break
         vae_batch = max(BATCH_RANGE[0], min(vae_batch // 2, int(budget // per_cell)))
 
-    def step_seconds(n_decoded: int) -> float:
-        return vae_batch * (tokens / VAE_TOKENS_PER_CORE_S + n_decoded / VAE_GENES_PER_CORE_S) / machine.cores
-
+    ldm_batch = min(cfg.train.batch_size, n_train)
+    times = times or measure_steps(cfg, data.n_genes, tokens, vae_batch, ldm_batch)
     target = cfg.optim.vae.max_steps
     per_step = vae_seconds / target
-    fitting = (per_step - step_seconds(0)) / (step_seconds(1) - step_seconds(0))
+    fitting = (per_step - times.vae_fixed) / times.vae_per_gene if times.vae_per_gene > 0 else data.n_genes
     n_decoded = min(data.n_genes, max(DECODE_GENES_STEP, int(fitting // DECODE_GENES_STEP * DECODE_GENES_STEP)))
-    vae_steps = _clamp(vae_seconds / step_seconds(n_decoded), min(MIN_STEPS, target), target)
+    vae_steps = _clamp(vae_seconds / times.vae(n_decoded), min(MIN_STEPS, target), target)
     decode = "all" if n_decoded == data.n_genes else str(n_decoded)
     decoded = f"all {data.n_genes:,} genes" if decode == "all" else f"{n_decoded:,} of the {data.n_genes:,} genes"
     reasons.append(
         f"VAE: batch {vae_batch} ({per_cell / 2**20:,.1f} MiB of activations a cell), {vae_steps} steps "
         f"(optim.vae.max_steps={target}) decoding {decoded} a step (model.decode_genes={decode}), "
-        f"~{step_seconds(n_decoded):.2f} s a step"
+        f"{times.vae(n_decoded):.2f} s a step (measured)"
     )
 
-    prior = build_prior(cfg)
-    ldm_batch = min(cfg.train.batch_size, n_train)
-    ldm_step = TRAIN_FLOPS_FACTOR * prior.forward_flops() * ldm_batch / (machine.cores * PRIOR_FLOPS_PER_CORE_S)
-    ldm_steps = _clamp(ldm_seconds / ldm_step, min(MIN_STEPS, cfg.optim.ldm.max_steps), cfg.optim.ldm.max_steps)
+    ldm_steps = _clamp(ldm_seconds / times.prior, min(MIN_STEPS, cfg.optim.ldm.max_steps), cfg.optim.ldm.max_steps)
     reasons.append(
         f"prior: batch {ldm_batch}, {ldm_steps} steps (optim.ldm.max_steps={cfg.optim.ldm.max_steps}), "
-        f"~{ldm_step:.2f} s a step"
+        f"{times.prior:.2f} s a step (measured)"
     )
 
     # Forward only: the unpooling's (cells, genes, width) output and its MLP's hidden layer, fp32.
