@@ -22,6 +22,8 @@ What is unusual here:
   `counts`) or a Census-shaped collection (`scldm-scale synthetic-census`, X layer `raw`; ours reads it
   through the census source, tiledbsoma-ml opens its `census_data/homo_sapiens` experiment), at its full
   gene vocabulary, with its obs `cell_type` as the shuffle label.
+- `--cells-per-read N` sets both loaders' read size (our buffer, tiledbsoma-ml's io_batch_size) to N cells:
+  at the Census's ~1.5k non-zeros per cell a 65,536-cell read is ~100M non-zeros (GBs per process).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from scldm_scale.bench.records import machine, write_records
-from scldm_scale.config import DataConfig, parse_ints
+from scldm_scale.config import ConfigError, DataConfig, parse_ints
 from scldm_scale.data.soma import SomaSpec
 
 MEASUREMENT = "RNA"
@@ -250,7 +252,9 @@ def random_permutation_counts(codes: np.ndarray, batch_size: int, seed: int, n_t
 # --- the loaders, each as a stream of (cell-type codes, epoch) per batch ----------------------------------
 
 
-def _ours(data: BenchData, batch_size: int, seed: int, num_workers: int) -> Iterator[tuple[np.ndarray, int]]:
+def _ours(
+    data: BenchData, batch_size: int, seed: int, num_workers: int, cells_per_read: int
+) -> Iterator[tuple[np.ndarray, int]]:
     from scldm_scale.data.batch import LabelEncoder
     from scldm_scale.data.soma import SomaBatches, SomaCells
 
@@ -262,7 +266,7 @@ def _ours(data: BenchData, batch_size: int, seed: int, num_workers: int) -> Iter
         batch_size,
         seed,
         chunk_size=CHUNK_SIZE,
-        buffer_chunks=BUFFER_CHUNKS,
+        buffer_chunks=cells_per_read // CHUNK_SIZE,
         num_workers=num_workers,
         rank=0,
         world_size=1,
@@ -272,14 +276,20 @@ def _ours(data: BenchData, batch_size: int, seed: int, num_workers: int) -> Iter
 
 
 def _tiledbsoma_ml(
-    data: BenchData, batch_size: int, seed: int, num_workers: int, codes_by_joinid: np.ndarray
+    data: BenchData, batch_size: int, seed: int, num_workers: int, cells_per_read: int, codes_by_joinid: np.ndarray
 ) -> Iterator[tuple[np.ndarray, int]]:
     import tiledbsoma
     import tiledbsoma_ml
 
     with tiledbsoma.Experiment.open(data.experiment_uri) as exp, exp.axis_query(MEASUREMENT) as query:
         dataset = tiledbsoma_ml.ExperimentDataset(
-            query, layer_name=data.layer, batch_size=batch_size, shuffle=True, shuffle_chunk_size=CHUNK_SIZE, seed=seed
+            query,
+            layer_name=data.layer,
+            batch_size=batch_size,
+            io_batch_size=cells_per_read,
+            shuffle=True,
+            shuffle_chunk_size=CHUNK_SIZE,
+            seed=seed,
         )
     loader = tiledbsoma_ml.experiment_dataloader(dataset, num_workers=num_workers)
     for epoch in itertools.count():
@@ -366,14 +376,15 @@ def measure(
     num_workers: int,
     timing: Timing,
     codes_by_joinid: np.ndarray,
+    cells_per_read: dict[str, int],
 ) -> dict:
     """Run one loader in this process: cells/s after warm-up, per-batch cell-type counts, peak RSS."""
     n_types = len(data.type_names)
     with WorkerRssSampler() as workers_rss:
         if loader == OURS:
-            stream = _ours(data, batch_size, seed, num_workers)
+            stream = _ours(data, batch_size, seed, num_workers, cells_per_read[OURS])
         else:
-            stream = _tiledbsoma_ml(data, batch_size, seed, num_workers, codes_by_joinid)
+            stream = _tiledbsoma_ml(data, batch_size, seed, num_workers, cells_per_read[BASELINE], codes_by_joinid)
         for _ in range(timing.warmup_batches):
             next(stream)
         counts, epochs = [], []
@@ -438,13 +449,19 @@ def run_loader_bench(
     timing: Timing | None = None,
     isolate: bool = True,
     uri: str | None = None,
+    cells_per_read: int | None = None,
 ) -> list[dict]:
     """Build (or reuse) the synthetic experiment, or read the existing one at `uri` (n_cells and n_genes are
-    then its own), measure every (loader, workers) case, print the table.
+    then its own), measure every (loader, workers) case, print the table. `cells_per_read` sets both
+    loaders' read size (default: ours CHUNK_SIZE x BUFFER_CHUNKS, tiledbsoma-ml its io_batch_size).
 
     isolate=False measures in this process (saves a process start and numba JIT per case, for tests); the
     main peak RSS is then the whole run's, not a case's own.
     """
+    if cells_per_read is not None and (cells_per_read < CHUNK_SIZE or cells_per_read % CHUNK_SIZE):
+        raise ConfigError(
+            f"--cells-per-read must be a positive multiple of {CHUNK_SIZE} (the shuffle chunk), got {cells_per_read}"
+        )
     timing = timing or Timing()
     run_case = _measure_in_fresh_process if isolate else measure
     host = machine()
@@ -473,14 +490,18 @@ def run_loader_bench(
                 + f"; workers_peak_rss_mb: peak of the DataLoader workers' summed VmRSS, sampled every {RSS_SAMPLE_S} s"
             ),
         }
+        reads = {
+            OURS: cells_per_read or CHUNK_SIZE * BUFFER_CHUNKS,
+            BASELINE: cells_per_read or TILEDBSOMA_ML_IO_BATCH,
+        }
         settings = {
-            OURS: {"buffer_chunks": BUFFER_CHUNKS, "cells_per_read": CHUNK_SIZE * BUFFER_CHUNKS},
-            BASELINE: {"io_batch_size": TILEDBSOMA_ML_IO_BATCH, "cells_per_read": TILEDBSOMA_ML_IO_BATCH},
+            OURS: {"buffer_chunks": reads[OURS] // CHUNK_SIZE, "cells_per_read": reads[OURS]},
+            BASELINE: {"io_batch_size": reads[BASELINE], "cells_per_read": reads[BASELINE]},
         }
         cases = [(w, loader) for w in workers for loader in (BASELINE, OURS)]
         records = []
         for num_workers, loader in tqdm(cases, desc="measure loaders", unit="case"):
-            result = run_case(loader, data, batch_size, seed, num_workers, timing, codes_by_joinid)
+            result = run_case(loader, data, batch_size, seed, num_workers, timing, codes_by_joinid, reads)
             records.append(
                 {
                     "loader": loader,
@@ -529,8 +550,8 @@ def run_loader_bench(
         "batch that arrives late stretches it); epoch ends = epochs started inside it (each restarts the workers)"
     )
     print(
-        f"scldm_scale reads {CHUNK_SIZE * BUFFER_CHUNKS} cells at a time ({BUFFER_CHUNKS} chunks), tiledbsoma_ml "
-        f"up to {TILEDBSOMA_ML_IO_BATCH:,} (its default io_batch_size)"
+        f"scldm_scale reads {reads[OURS]:,} cells at a time ({reads[OURS] // CHUNK_SIZE} chunks), tiledbsoma_ml "
+        f"up to {reads[BASELINE]:,} (io_batch_size)"
     )
     print(
         "RSS main = peak (VmHWM) of the measuring process; RSS workers = peak of its DataLoader workers' summed "
@@ -554,9 +575,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic cells and the shuffling")
     uri_help = "measure this experiment instead (prepare's, or a Census-shaped one from synthetic-census)"
     parser.add_argument("--uri", default=None, help=uri_help)
+    read_help = (
+        f"cells per read of both loaders (default: ours {CHUNK_SIZE * BUFFER_CHUNKS:,}, tiledbsoma-ml's default)"
+    )
+    parser.add_argument("--cells-per-read", type=int, default=None, help=read_help)
     parser.set_defaults(handle=handle)
 
 
 def handle(args: argparse.Namespace) -> None:
     workers = parse_ints(args.workers, "--workers")
-    run_loader_bench(args.cells, args.genes, args.batch_size, workers, args.json, args.dir, args.seed, uri=args.uri)
+    run_loader_bench(
+        args.cells,
+        args.genes,
+        args.batch_size,
+        workers,
+        args.json,
+        args.dir,
+        args.seed,
+        uri=args.uri,
+        cells_per_read=args.cells_per_read,
+    )

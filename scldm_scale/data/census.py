@@ -15,7 +15,8 @@ What is unusual here:
   not O(genes), so 36,000 genes cost no more than 2,000, and the heavy-tailed gene distribution gives
   ~1-2k expressed genes per cell at a median library size of 2,000.
 - It is written in blocks of `ROWS_PER_WRITE` cells (one TileDB fragment per block and array), so the
-  memory stays bounded whatever the number of cells; var (with the per-gene nnz) is written last.
+  memory stays bounded whatever the number of cells (peak RSS 2.0 GB for 200,000 x 36,000, 1.8 GB for
+  20,000 x 36,000); var (with the per-gene nnz) is written last.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 ORGANISM = "homo_sapiens"
 MEASUREMENT = "RNA"
 LAYER = "raw"
-ROWS_PER_WRITE = 10_000  # cells per fragment: ~1.5k non-zeros each, ~0.3 GB of Arrow buffers at most
+ROWS_PER_WRITE = 10_000  # cells per fragment: ~15M non-zeros at ~1.5k per cell
 ROWS_PER_DRAW = 1_000  # cells whose counts are drawn at once: bounds the draw buffers (~library x 1,000)
 CELL_TYPES = (
     ("T cell", "CL:0000084"),

@@ -14,6 +14,7 @@ from scldm_scale.bench.loader import (
     run_loader_bench,
     shuffle_score,
 )
+from scldm_scale.config import ConfigError
 
 MACHINE_KEYS = {"platform", "cpu_count", "date"}
 
@@ -78,9 +79,14 @@ def test_loader_bench_reads_a_census_shaped_experiment_at_its_full_vocabulary(tm
     root = tmp_path / "census"
     write_synthetic_census(root, n_cells=600, n_genes=300, n_datasets=3, median_library=200)
     timing = Timing(warmup_batches=1, measure_s=0.5, max_batches=4)
-    records = run_loader_bench(0, 0, 32, [0], None, None, 0, timing=timing, isolate=False, uri=str(root))
+    bench = {"timing": timing, "isolate": False, "uri": str(root), "cells_per_read": 256}
+    records = run_loader_bench(0, 0, 32, [0], None, None, 0, **bench)
     by_loader = {r["loader"]: r for r in records}
     for r in records:
         assert (r["experiment"], r["x_layer"], r["n_cells"], r["n_genes"]) == (str(root), "raw", 600, 300)
     for name in ("scldm_scale", "tiledbsoma_ml"):
         assert by_loader[name]["n_batches_measured"] >= 1 and 0.0 <= by_loader[name]["shuffle_score"] <= 1.0
+        assert by_loader[name]["cells_per_read"] == 256
+    assert by_loader["scldm_scale"]["buffer_chunks"] == 4 and by_loader["tiledbsoma_ml"]["io_batch_size"] == 256
+    with pytest.raises(ConfigError, match="--cells-per-read must be a positive multiple of 64"):
+        run_loader_bench(0, 0, 32, [0], None, None, 0, **{**bench, "cells_per_read": 100})
