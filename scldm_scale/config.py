@@ -122,15 +122,15 @@ class VAEConfig:
     # N/2, plus unexpressed genes drawn uniformly, N in all, scored with the softmax and library size over
     # them). Encoding latents, generation and evaluation always decode every gene.
     decode_genes: str = "all"
+    # Genes the decoder unpools at a time, each chunk recomputed in the backward pass, so that only the per-gene
+    # logits are kept for all genes (models/vae.py). 0: automatic (the largest chunk whose cells x genes x
+    # width activations fit a fixed budget, SetVAE.decode_chunk); N > 0: N genes; -1: all genes in one pass.
+    decode_chunk_genes: int = 0
 
     @property
     def decode_gene_count(self) -> int | None:
         """model.decode_genes as a number of genes; None for every gene."""
         return None if self.decode_genes == "all" else int(self.decode_genes)
-    # Genes the decoder unpools at a time, each chunk recomputed in the backward pass, so that only the per-gene
-    # logits are kept for all genes (models/vae.py). 0: automatic (the largest chunk whose cells x genes x
-    # width activations fit a fixed budget, SetVAE.decode_chunk); N > 0: N genes; -1: all genes in one pass.
-    decode_chunk_genes: int = 0
 
 
 @dataclass
