@@ -2,7 +2,8 @@
 `synthetic_perturbation` built-in), and a whole-transcriptome sample (`synthetic_transcriptome`, 33,000 genes,
 cell types and donors; `scldm-scale synthetic` writes it as an .h5ad).
 
-The perturbation data's generative model, per cell line l, perturbation p and gene g (all draws from one seeded generator):
+The perturbation data's generative model, per cell line l, perturbation p and gene g (all draws from one
+seeded generator):
 - baseline log mean   b[l, g] = b0[g] + d[l, g],  b0 ~ N(0, gene_log_sd²) (log-normal gene means: a few
   genes dominate, many are rarely detected, as in real data), d ~ N(0, line_log_sd²) (each line its own
   profile);
