@@ -206,8 +206,10 @@ def make_plan(
     vae = build_vae(cfg, n_genes)
     if cfg.stage == "vae":
         model, frozen_params = vae, 0
-        forward = vae.forward_flops(tokens, n_genes, cfg.train.batch_size)
-        profile = vae.activation_profile(tokens, n_genes, cfg.train.batch_size)
+        # A training step decodes model.decode_genes of the vocabulary's genes (all by default).
+        decoded = min(cfg.model.decode_gene_count or n_genes, n_genes)
+        forward = vae.forward_flops(tokens, decoded, cfg.train.batch_size)
+        profile = vae.activation_profile(tokens, decoded, cfg.train.batch_size)
     else:
         prior = build_prior(cfg)
         model, frozen_params = prior.dit, count_parameters(vae)
@@ -231,6 +233,7 @@ def make_plan(
         "largest_unit_parameters": largest_unit,
         "frozen_vae_parameters": frozen_params,
         "n_genes": n_genes,
+        "decoded_genes_per_step": decoded if cfg.stage == "vae" else None,
         "tokens_per_cell": tokens,
         "decode_chunk_genes": vae.decode_chunk(batch, n_genes) if cfg.stage == "vae" else None,
         "latent_shape": [cfg.model.n_latent_tokens, cfg.model.latent_dim],

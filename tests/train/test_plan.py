@@ -219,3 +219,17 @@ def test_plan_cli_errors_are_one_line(capsys):
     assert "nope.yaml does not exist" in capsys.readouterr().err
     assert main(["plan", str(QUICKSTART), "--tokens-per-cell", "5000"]) == 2
     assert "--tokens-per-cell" in capsys.readouterr().err
+
+
+def test_a_gene_subset_step_is_planned_on_the_genes_it_decodes():
+    full = make_plan(load_plan_config([QUICKSTART], ["train.batch_size=4"]), world_size=1, n_genes=3000)
+    subset = make_plan(
+        load_plan_config([QUICKSTART], ["train.batch_size=4", "model.decode_genes=500"]), world_size=1, n_genes=3000
+    )
+    same = make_plan(
+        load_plan_config([QUICKSTART], ["train.batch_size=4", "model.decode_genes=5000"]), world_size=1, n_genes=3000
+    )
+    flops = "flops_per_cell_forward"
+    assert subset[flops] < full[flops] and same[flops] == full[flops]
+    assert (subset["decoded_genes_per_step"], same["decoded_genes_per_step"]) == (500, 3000)
+    assert subset["parameters"] == full["parameters"]  # the vocabulary is the same; only the step decodes less
