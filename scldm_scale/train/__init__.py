@@ -10,5 +10,6 @@
   `distributed.py` (the process group), `flops.py` (MFU from the models' own FLOP counts),
   `tracking.py` (W&B).
 - `stages.py`: the VAE and LDM stages as functions of a Config, each ending in a model artifact;
+  `finetune.py`: `train.init_from`, a VAE's weights onto another gene vocabulary;
   `export.py`: a step folder (or a 0.1 `.pt`) -> an artifact.
 """
