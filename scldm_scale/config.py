@@ -585,12 +585,15 @@ def from_flags(section: type, args: argparse.Namespace, **values: Any) -> Any:
 
 
 def parse_pairs(items: Sequence[str], flag: str, cast: Callable[[str], Any] = str) -> dict[str, Any]:
-    """['k=v', ...] from a repeatable flag -> {k: cast(v)}; a malformed item is a ConfigError naming `flag`."""
+    """['k=v', ...] from a repeatable flag -> {k: cast(v)}; a malformed item or a key given twice is a
+    ConfigError naming `flag`."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"{flag} expects KEY=VALUE, got {item!r}")
+        if key in out:  # the last one would silently win
+            raise ConfigError(f"{flag} gives {key!r} twice; give each key once (run once per value for several)")
         try:
             out[key] = cast(value)
         except ValueError:

@@ -28,6 +28,7 @@ from scldm_scale.models.dit import DiT
 from scldm_scale.models.library_size import LibrarySizeModel
 from scldm_scale.models.sampling import integrate, make_guided_velocity_fn
 from scldm_scale.models.vae import SetVAE
+from scldm_scale.world import resolve_device
 
 
 @dataclass
@@ -50,7 +51,7 @@ class Generator:
         model = artifact.load(model, kind="ldm") if isinstance(model, str | Path) else model
         if not isinstance(model, LDMArtifact):
             raise CheckpointError("generation needs an ldm model (`scldm-scale train ... stage=ldm`); got a VAE")
-        device_ = torch.device(device)
+        device_ = resolve_device(device)
         return cls(
             vae=model.build_vae(device_),
             dit=model.build_prior(device_, use_ema=use_ema),

@@ -40,8 +40,7 @@ from scldm_scale.config import (
     split_config_args,
 )
 from scldm_scale.train.stages import run_training
-from scldm_scale.train.trainer import resolve_device
-from scldm_scale.world import get_rank, get_world_size
+from scldm_scale.world import get_rank, get_world_size, resolve_device
 
 
 def _activities(device: torch.device) -> list[ProfilerActivity]:

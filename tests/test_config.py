@@ -259,3 +259,9 @@ def test_command_line_values_are_parsed_with_errors_naming_the_flag():
     assert parse_ints("2048,8192,", "--genes") == [2048, 8192]
     with pytest.raises(ConfigError, match="--genes expects comma-separated integers"):
         parse_ints("2k", "--genes")
+
+
+def test_a_key_given_twice_to_a_repeatable_flag_is_refused():
+    assert parse_pairs(["cell_type=A", "tissue=lung"], "--condition") == {"cell_type": "A", "tissue": "lung"}
+    with pytest.raises(ConfigError, match="--condition gives 'cell_type' twice"):
+        parse_pairs(["cell_type=A", "cell_type=B"], "--condition")

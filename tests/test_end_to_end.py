@@ -134,6 +134,13 @@ def test_cli_generate_unknown_condition_value_lists_the_known_ones(synthetic_run
         (["--cfg", "cell_type=2.0"], "without a --condition value"),
         (["--condition", "cell_type=type_0", "--cfg", "cell_type=strong"], "is not a number"),
         (["--condition", "cell_type"], "expects KEY=VALUE"),
+        (["--condition", "cell_type=type_0", "--condition", "cell_type=type_1"], "gives 'cell_type' twice"),
+        pytest.param(
+            ["--device", "cuda"],
+            "CUDA is not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine can use --device cuda"),
+        ),
+        (["--device", "tpu9"], "is not a torch device name"),
     ],
 )
 def test_cli_generate_request_errors_exit_2(synthetic_run, tmp_path, capsys, extra, message):

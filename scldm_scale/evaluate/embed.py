@@ -45,6 +45,7 @@ from scldm_scale.data.batch import EXPRESSED_ONLY, TokenPolicy, canonical_csr, c
 from scldm_scale.data.counts import DataError, validate_counts
 from scldm_scale.data.vocab import GeneAlignment, GeneVocabulary, align_var
 from scldm_scale.models.vae import SetVAE
+from scldm_scale.world import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class Embedder:
     ) -> Embedder:
         """From a vae or ldm artifact (the latter's VAE), or the folder of one."""
         model = artifact.load(model) if isinstance(model, str | Path) else model
-        device_ = torch.device(device)
+        device_ = resolve_device(device)
         vae = model.vae
         return cls(
             vae=vae.build_vae(device_),

@@ -37,8 +37,8 @@ from scldm_scale.train.distributed import Dist
 from scldm_scale.train.finetune import init_from
 from scldm_scale.train.flops import TRAIN_FLOPS_FACTOR
 from scldm_scale.train.tracking import start_tracker
-from scldm_scale.train.trainer import Trainer, resolve_device
-from scldm_scale.world import get_rank
+from scldm_scale.train.trainer import Trainer
+from scldm_scale.world import get_rank, resolve_device
 
 log = logging.getLogger(__name__)
 

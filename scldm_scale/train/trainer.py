@@ -37,15 +37,6 @@ from scldm_scale.world import StopRequested
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name} but CUDA is not available; use train.device=cpu or auto")
-    return device
-
-
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """bf16 autocast on CUDA devices with bf16 (precision=auto), or wherever precision=bf16 asks."""
     if precision == "bf16":

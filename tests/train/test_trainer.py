@@ -11,7 +11,8 @@ from torch import nn
 
 from scldm_scale.config import OptimConfig, TrainConfig
 from scldm_scale.train.optim import lr_multiplier
-from scldm_scale.train.trainer import Trainer, autocast_dtype, resolve_device
+from scldm_scale.train.trainer import Trainer, autocast_dtype
+from scldm_scale.world import resolve_device
 
 
 @dataclass
