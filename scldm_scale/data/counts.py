@@ -40,6 +40,20 @@ def validate_counts(x: sp.csr_matrix | np.ndarray, where: str, allow_non_integer
     raise DataError(f"{where}: {problem}")
 
 
+def validate_labels(obs, keys, where: str) -> None:
+    """Refuse missing values (NaN / None) in the label columns `keys` of an obs table: as text they would
+    become a class called "nan" that a model conditions on."""
+    for key in keys:
+        missing = obs[key].isna().to_numpy()
+        if missing.any():
+            first = obs.index[np.flatnonzero(missing)[0]]
+            raise DataError(
+                f"{where}: label column {key!r} has {int(missing.sum())} missing values (first: cell {first}); "
+                f"fill them (e.g. obs[{key!r}] = obs[{key!r}].astype(str).where(obs[{key!r}].notna(), 'unknown')) "
+                "or drop those cells"
+            )
+
+
 def count_problem(x: sp.csr_matrix | np.ndarray, allow_non_integer: bool = False) -> str | None:
     """What keeps a block of cells from being raw counts (NaN/inf, negative or non-integer values, the first
     bad cell named), or None when it is counts."""

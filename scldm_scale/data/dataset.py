@@ -19,7 +19,7 @@ import scipy.sparse as sp
 
 from scldm_scale.config import DataConfig
 from scldm_scale.data.batch import EXPRESSED_ONLY, CellBatch, LabelEncoder, TokenPolicy, collate, draw_decode_columns
-from scldm_scale.data.counts import DataError, load_builtin, read_counts, validate_counts
+from scldm_scale.data.counts import DataError, load_builtin, read_counts, validate_counts, validate_labels
 from scldm_scale.data.split import stratified_split
 from scldm_scale.world import rank_and_world_size
 
@@ -99,6 +99,7 @@ def build_dataset(
     missing = [k for k in cfg.condition_keys if k not in adata.obs]
     if missing:
         raise DataError(f"{where}: condition keys {missing} are not obs columns; obs has {list(adata.obs)}")
+    validate_labels(adata.obs, cfg.condition_keys, where)
     obs = {k: adata.obs[k].astype(str).to_numpy() for k in cfg.condition_keys}
     if encoders is None:
         encoders = {k: LabelEncoder.fit(k, obs[k]) for k in cfg.condition_keys}

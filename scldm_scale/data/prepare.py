@@ -41,7 +41,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from scldm_scale.config import PrepareConfig, add_options, from_flags
-from scldm_scale.data.counts import DataError, count_problem, validate_counts
+from scldm_scale.data.counts import DataError, count_problem, validate_counts, validate_labels
 from scldm_scale.data.genes import select_genes
 from scldm_scale.data.split import stratified_split
 from scldm_scale.data.vocab import GENE_ID_COLUMNS, GENE_NAME_COLUMNS, GeneVocabulary
@@ -368,6 +368,7 @@ def prepare(
     missing = [k for k in labels if k not in adata.obs]
     if missing:
         raise DataError(f"{where}: label columns {missing} are not in obs; obs has {list(adata.obs)}")
+    validate_labels(adata.obs, labels, where)
     counts = find_counts(adata, layer, where, allow_non_integer)
     var = gene_schema(counts.var, where, gene_id_column, gene_name_column)
     if not var.index.is_unique:

@@ -95,6 +95,15 @@ def test_missing_condition_key_is_rejected(counts_adata):
         build_dataset(adata, _cfg(condition_keys=["cell_type", "donor"]))
 
 
+def test_a_missing_label_is_not_a_class_called_nan(counts_adata):
+    adata = counts_adata(n_cells=10, n_genes=5)
+    labels = adata.obs["cell_type"].astype(object)
+    labels.iloc[4] = None
+    adata.obs["cell_type"] = labels
+    with pytest.raises(DataError, match=r"label column 'cell_type' has 1 missing values \(first: cell "):
+        build_dataset(adata, _cfg())
+
+
 def test_bad_split_values_are_rejected(counts_adata):
     adata = counts_adata(n_cells=10, n_genes=5)
     adata.obs["split"] = ["train"] * 5 + ["val"] * 3 + ["TEST"] * 2

@@ -273,6 +273,13 @@ def _duplicate_gene(adata: ad.AnnData) -> dict:
     return {}
 
 
+def _missing_labels(adata: ad.AnnData) -> dict:
+    labels = adata.obs["cell_type"].astype(object)
+    labels.iloc[[5, 9]] = np.nan
+    adata.obs["cell_type"] = labels
+    return {"labels": ["cell_type"]}
+
+
 def _zero_cells(adata: ad.AnnData) -> dict:
     x = adata.X.toarray()
     x[[3, 7]] = 0
@@ -288,6 +295,7 @@ REFUSALS = {
     "duplicate_gene_ids": (_duplicate_gene, "duplicate gene ids, e.g. \\['gene_0'\\]"),
     "missing_label": (lambda adata: {"labels": ["tissue"]}, "label columns \\['tissue'\\] are not in obs"),
     "zero_cells_refused": (_zero_cells, "2 cells have zero counts"),
+    "missing_label_values": (_missing_labels, "label column 'cell_type' has 2 missing values \\(first: cell "),
     "missing_layer": (lambda adata: {"layer": "counts"}, "no layer 'counts'"),
     "unknown_zero_cells_choice": (lambda adata: {"zero_cells": "keep"}, "zero_cells must be 'drop' or 'refuse'"),
     "fractions_over_one": (lambda adata: {"test_fraction": 0.6, "val_fraction": 0.5}, "sum to less than 1"),
