@@ -6,15 +6,21 @@ module of the command being run is imported. Options that mirror a config field 
 (`config.add_option`), so `--help` shows the schema's defaults.
 
 Errors at this boundary (ConfigError, DataError, CheckpointError, raised where the problem is found)
-print one clear line (what is wrong and how to fix it) and exit with status 2, without a traceback.
+print one clear line (what is wrong and how to fix it) and exit with status 2, without a traceback; so
+does a file operation the system refuses (a full disk, a read-only file system, a missing permission).
+Ctrl-C prints one line and exits with 130. Anything else is a bug of scldm-scale: its traceback is
+printed, followed by one line asking to report it. `--debug` (before or after the command) shows the
+traceback of every error, refusals included.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
+import traceback
 
 from scldm_scale.artifact import CheckpointError
 from scldm_scale.config import ConfigError
@@ -23,6 +29,10 @@ from scldm_scale.host_memory import fix_mmap_threshold
 from scldm_scale.world import StopRequested, get_rank, get_world_size
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
+# File operations the system refuses for reasons outside scldm-scale: reported in one line, not as a bug.
+SYSTEM_REFUSALS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+REPORT_TO = "the scldm-scale issue tracker (the repository's Issues page)"
+DEBUG_HELP = "show the full traceback of any error, refusals included"
 
 # "command" or "group command": (the function that declares its arguments, its one-line help)
 COMMANDS = {
@@ -79,6 +89,7 @@ COMMANDS = {
         "scldm_scale.bench.kernels:add_arguments",
         "Triton kernels vs SDPA backends, FlexAttention and eager NB loss",
     ),
+    "bench gpu": ("scldm_scale.bench.gpu:add_arguments", "the GPU check: kernel correctness, kernels, steps, curves"),
     "profile-kernels": (
         "scldm_scale.profile:add_kernels_arguments",
         "torch.profiler trace and time table of the Triton kernels",
@@ -109,6 +120,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of every command; given `command` (the first word of a command line), only that command
     declares its arguments, so that running it imports its own module and no other."""
     parser = argparse.ArgumentParser(prog="scldm-scale", description="Single-cell latent diffusion at scale.")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     groups = {
         name: sub.add_parser(name, help=text).add_subparsers(dest=name, required=True) for name, text in GROUPS.items()
@@ -116,6 +128,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name, (target, text) in COMMANDS.items():
         group, _, leaf = name.rpartition(" ")
         p = (groups[group] if group else sub).add_parser(leaf, help=text, formatter_class=HelpFormatter)
+        # Also after the command; SUPPRESS keeps a --debug given before it.
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
         if command in (None, name.split()[0]):
             _declare(p, target)
     return parser
@@ -135,13 +149,43 @@ def main(argv: list[str] | None = None) -> int:
         args.configs += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    name = f"{args.command} {getattr(args, args.command)}" if args.command in GROUPS else args.command
     try:
         args.handle(args)
-    except USER_ERRORS as err:
-        print(f"scldm-scale {args.command}: {tag}error: {err}", file=sys.stderr)
-        return 2
     except StopRequested as stop:
         if get_rank() == 0:
-            print(f"scldm-scale {args.command}: {stop}", file=sys.stderr)
+            print(f"scldm-scale {name}: {stop}", file=sys.stderr)
         return stop.exit_code
+    except SystemExit:
+        raise
+    except BaseException as err:  # the boundary: every error ends in one line, or in a report
+        return _report(err, f"scldm-scale {name}: {tag}", args.debug)
     return 0
+
+
+def _report(err: BaseException, prefix: str, debug: bool) -> int:
+    """Print what went wrong, with the traceback for a bug (or any error under --debug); the exit status."""
+    if isinstance(err, KeyboardInterrupt):
+        if debug:
+            traceback.print_exception(err)
+        print(f"{prefix}interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
+    refused = isinstance(err, USER_ERRORS) or (isinstance(err, OSError) and err.errno in SYSTEM_REFUSALS)
+    if debug or not refused:
+        traceback.print_exception(err)
+    if isinstance(err, USER_ERRORS):
+        print(f"{prefix}error: {err}", file=sys.stderr)
+        return 2
+    if refused:
+        print(
+            f"{prefix}error: the system refused a file operation: {err}; free space or fix permissions, or "
+            "write elsewhere",
+            file=sys.stderr,
+        )
+        return 2
+    print(
+        f"{prefix}internal error: {type(err).__name__}: {err} — this is a bug in scldm-scale; please report it "
+        f"to {REPORT_TO} with the traceback above",
+        file=sys.stderr,
+    )
+    return 1

@@ -3,6 +3,8 @@ import` is ambiguous once tests/kernels/conftest.py is collected too)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -30,3 +32,10 @@ def saved_tensor_bytes(model: torch.nn.Module, loss_fn) -> int:
         loss = loss_fn()
     del loss
     return sum(saved.values())
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited and been reaped (the owner of a partial left by a kill -9)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid

@@ -9,12 +9,13 @@ recovered exactly as round(expm1(raw.X) * n_counts / 1e4), and the recovery is c
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from scldm_scale.data.synthetic import synthetic_perturbation
+if TYPE_CHECKING:  # imported where used: DataError and validate_counts serve code that runs without anndata
+    import anndata as ad
 
 BUILTIN_DATASETS = ("pbmc68k_reduced", "synthetic_perturbation")
 # raw.X of pbmc68k_reduced is stored with 3 decimals, so a recovered count x carries a relative error
@@ -25,6 +26,25 @@ _PBMC_REL_TOLERANCE = 6e-4
 
 class DataError(ValueError):
     """Input data that cannot be trained on; the message says what, where and how to fix it."""
+
+
+def unreadable_h5ad(path: str | Path, err: BaseException) -> DataError:
+    """The refusal of an .h5ad that h5py or anndata cannot read (truncated, not HDF5, not an AnnData)."""
+    detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return DataError(
+        f"{path}: cannot read as an .h5ad ({detail}); the file is damaged (e.g. truncated by an interrupted copy "
+        "or download) or is not an AnnData file: copy it again, or write it again with anndata's write_h5ad"
+    )
+
+
+def read_h5ad(path: str | Path, backed: str | None = None) -> ad.AnnData:
+    """anndata.read_h5ad (in `backed` mode if given), with an unreadable file refused by `unreadable_h5ad`."""
+    import anndata as ad
+
+    try:
+        return ad.read_h5ad(path, backed=backed)
+    except Exception as err:  # h5py's OSError, anndata's KeyError/ValueError/AnnDataReadError on a foreign file
+        raise unreadable_h5ad(path, err) from err
 
 
 def validate_counts(x: sp.csr_matrix | np.ndarray, where: str, allow_non_integer: bool = False) -> None:
@@ -88,7 +108,10 @@ def load_builtin(name: str) -> ad.AnnData:
     if name not in BUILTIN_DATASETS:
         raise DataError(f"unknown built-in dataset {name!r}; available: {', '.join(BUILTIN_DATASETS)}")
     if name == "synthetic_perturbation":
+        from scldm_scale.data.synthetic import synthetic_perturbation
+
         return synthetic_perturbation()
+    import anndata as ad
     import scanpy as sc
 
     src = sc.datasets.pbmc68k_reduced()
@@ -112,12 +135,14 @@ def load_builtin(name: str) -> ad.AnnData:
 
 def read_counts(path: str | Path, layer: str | None = None) -> ad.AnnData:
     """Read an .h5ad and return an AnnData whose X is the CSR count matrix (layer moved into X)."""
+    import anndata as ad
+
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path} does not exist")
     if path.suffix != ".h5ad":
         raise DataError(f"{path}: expected an .h5ad file")
-    adata = ad.read_h5ad(path)
+    adata = read_h5ad(path)
     if layer is not None:
         if layer not in adata.layers:
             raise DataError(f"{path}: no layer {layer!r}; layers are {list(adata.layers)} (null means X)")

@@ -19,8 +19,9 @@ gene ids, a missing label column, cells with zero counts (dropped with a count s
 chunks with progress bars, so the whole matrix is never in memory (10x and CSV inputs are read whole by
 their readers). Of a 10x input only the Gene Expression features are kept: antibody, CRISPR guide and custom
 features are not genes, and are dropped with their number logged. The experiment is written into a
-temporary sibling folder and renamed onto URI at the end, so an interrupted ingestion leaves nothing
-half-written at URI.
+hidden sibling folder and renamed onto URI at the end (outputs.staged), so an interrupted ingestion leaves
+nothing half-written at URI, and a partial left by a killed one is removed by the next `prepare` to URI.
+URI is checked for writability before the input is read.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import argparse
 import logging
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,10 +41,11 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from scldm_scale.config import PrepareConfig, add_options, from_flags
-from scldm_scale.data.counts import DataError, count_problem, validate_counts, validate_labels
+from scldm_scale.data.counts import DataError, count_problem, read_h5ad, validate_counts, validate_labels
 from scldm_scale.data.genes import select_genes
 from scldm_scale.data.split import stratified_split
 from scldm_scale.data.vocab import GENE_ID_COLUMNS, GENE_NAME_COLUMNS, GeneVocabulary
+from scldm_scale.outputs import claim_output, staged
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def read_input(path: str | Path) -> ad.AnnData:
             raise DataError(f"{path} is a folder without matrix.mtx(.gz): expected a 10x Matrix Market folder")
         adata = _gene_expression_only(sc.read_10x_mtx(path, var_names="gene_ids", gex_only=False), path)
     elif path.suffix == ".h5ad":
-        adata = ad.read_h5ad(path, backed="r")
+        adata = read_h5ad(path, backed="r")
     elif path.suffix == ".h5":
         adata = _gene_expression_only(_read_10x_h5(path), path)
     elif path.suffix in (".csv", ".gz") and path.name.endswith((".csv", ".csv.gz")):
@@ -351,8 +352,8 @@ def prepare(
         raise DataError("--append and --overwrite exclude each other")
     if append and not out.exists():
         raise DataError(f"{out} does not exist: there is no experiment to append to (drop --append to create it)")
-    if out.exists() and not (overwrite or append):
-        raise DataError(f"{out} already exists; choose another --out, pass --overwrite, or --append to add cells")
+    also = ", or --append to add these cells to it"
+    claim_output(out, "the SOMA experiment", "--out", overwrite or append, folder=True, also=also)
     if append and sorted(_existing_labels(out)) != sorted(labels):
         raise DataError(
             f"{out} has label columns {_existing_labels(out)}; appended data must bring the same (--labels)"
@@ -408,17 +409,12 @@ def prepare(
     strata = obs[labels[0]].to_numpy() if labels else np.zeros(len(rows), dtype=str)
     obs[SPLIT_COLUMN] = stratified_split(strata, test_fraction, seed, val_fraction).astype(str)
     obs.index = obs.index.astype(str)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        if append:
-            shutil.copytree(out, staging / "exp")
-        _write_experiment(staging / "exp", obs, var, x, rows, columns, allow_non_integer, append)
-        if out.exists():
-            out.rename(staging / "previous")  # moved aside, deleted with the staging folder
-        (staging / "exp").rename(out)
+        with staged(out) as exp:
+            if append:
+                shutil.copytree(out, exp)
+            _write_experiment(exp, obs, var, x, rows, columns, allow_non_integer, append)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
         if getattr(adata, "isbacked", False):
             adata.file.close()
     log.info("%s %d cells x %d genes to %s", "appended" if append else "wrote", len(rows), len(var), out)

@@ -42,7 +42,7 @@ from scldm_scale import artifact
 from scldm_scale.artifact import Artifact
 from scldm_scale.config import ConfigError, EmbedConfig, add_options
 from scldm_scale.data.batch import EXPRESSED_ONLY, TokenPolicy, canonical_csr, collate_csr, sample_zero_genes
-from scldm_scale.data.counts import DataError, validate_counts
+from scldm_scale.data.counts import DataError, unreadable_h5ad, validate_counts
 from scldm_scale.data.vocab import GeneAlignment, GeneVocabulary, align_var
 from scldm_scale.models.vae import SetVAE
 from scldm_scale.world import resolve_device
@@ -221,7 +221,7 @@ def open_h5ad(
     try:
         f = h5py.File(path, "r")
     except OSError as err:
-        raise DataError(f"{path}: cannot open as an .h5ad (HDF5) file ({err})") from None
+        raise unreadable_h5ad(path, err) from err
     try:
         if layer is not None and ("layers" not in f or layer not in f["layers"]):
             layers = list(f["layers"]) if "layers" in f else []
@@ -230,7 +230,10 @@ def open_h5ad(
             raise DataError(f"{path}: X is empty; pass --layer with the layer of raw counts")
         matrix = f["layers"][layer] if layer is not None else f["X"]
         x = ad.io.sparse_dataset(matrix) if isinstance(matrix, h5py.Group) else matrix
-        obs, var = ad.io.read_elem(f["obs"]), ad.io.read_elem(f["var"])
+        try:
+            obs, var = ad.io.read_elem(f["obs"]), ad.io.read_elem(f["var"])
+        except Exception as err:  # a damaged file or an HDF5 file that is not an AnnData
+            raise unreadable_h5ad(path, err) from err
         return MatrixCounts(x, obs, var, str(path), vocabulary, allow_missing_genes, allow_non_integer, f.close)
     except BaseException:
         f.close()

@@ -4,6 +4,7 @@ nothing."""
 import gzip
 import io
 import logging
+import socket
 from pathlib import Path
 
 import anndata as ad
@@ -16,7 +17,9 @@ import scipy.io
 import scipy.sparse as sp
 import tiledbsoma
 import tiledbsoma.io
+from scldm_test_helpers import dead_pid
 
+from scldm_scale.config import ConfigError
 from scldm_scale.data.counts import DataError
 from scldm_scale.data.prepare import prepare
 from scldm_scale.data.soma import SomaSpec, read_anndata
@@ -349,7 +352,7 @@ def test_existing_output_is_refused_without_overwrite_and_replaced_with_it(count
     out = tmp_path / "cells.soma"
     out.mkdir()
     (out / "keep.txt").write_text("earlier work")
-    with pytest.raises(DataError, match="already exists; choose another --out, pass --overwrite, or --append"):
+    with pytest.raises(ConfigError, match="already exists .*; choose another --out, pass --overwrite .*--append"):
         prepare(tmp_path / "cells.h5ad", out)
     assert _entries(out) == ["keep.txt"]
     assert _entries(tmp_path) == ["cells.h5ad", "cells.soma"]
@@ -381,6 +384,56 @@ def test_interrupted_ingestion_leaves_nothing_at_the_uri(counts_adata, tmp_path,
         prepare(tmp_path / "cells.h5ad", tmp_path / "cells.soma")
     assert len(given) == 1 and not Path(given[0]).exists()
     assert _entries(tmp_path) == ["cells.h5ad"]
+
+
+def test_interrupted_ingestion_into_new_folders_leaves_no_empty_folder(counts_adata, tmp_path, monkeypatch):
+    counts_adata(n_cells=30, n_genes=10).write_h5ad(tmp_path / "cells.h5ad")
+    _interrupted_ingestion(monkeypatch)
+    with pytest.raises(OSError, match="disk full"):
+        prepare(tmp_path / "cells.h5ad", tmp_path / "new" / "deeper" / "cells.soma")
+    assert _entries(tmp_path) == ["cells.h5ad"]
+
+
+def test_ctrl_c_during_ingestion_removes_the_partial(counts_adata, tmp_path, monkeypatch):
+    counts_adata(n_cells=30, n_genes=10).write_h5ad(tmp_path / "cells.h5ad")
+
+    def interrupted(uri, *args, **kwargs):
+        Path(uri).mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tiledbsoma.io, "from_anndata", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tmp_path / "cells.h5ad", tmp_path / "cells.soma")
+    assert _entries(tmp_path) == ["cells.h5ad"]
+
+
+def test_a_killed_ingestion_leaves_a_partial_that_the_next_prepare_removes(counts_adata, tmp_path, caplog):
+    source = counts_adata(n_cells=30, n_genes=10)
+    source.write_h5ad(tmp_path / "cells.h5ad")
+    stale = tmp_path / ".cells.soma.abc123.partial"  # as a kill -9 leaves it: the owner process is gone
+    (stale / "cells.soma").mkdir(parents=True)
+    (stale / "owner").write_text(f"{socket.gethostname()} {dead_pid()}\n")
+    with caplog.at_level("WARNING"):
+        prepare(tmp_path / "cells.h5ad", tmp_path / "cells.soma")
+    assert _entries(tmp_path) == ["cells.h5ad", "cells.soma"]
+    assert "left unfinished by an interrupted run" in caplog.text
+    np.testing.assert_array_equal(_read_back(tmp_path / "cells.soma").X.toarray(), source.X.toarray())
+
+
+def test_an_unwritable_out_is_refused_before_the_input_is_read(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ConfigError, match="a_file is a file, not a folder; choose another --out"):
+        prepare(tmp_path / "missing.h5ad", tmp_path / "a_file" / "cells.soma")
+    assert _entries(tmp_path) == ["a_file"]
+
+
+def test_a_damaged_h5ad_is_refused_with_the_fix(counts_adata, tmp_path):
+    counts_adata(n_cells=30, n_genes=10).write_h5ad(tmp_path / "cells.h5ad")
+    whole = (tmp_path / "cells.h5ad").read_bytes()
+    (tmp_path / "cut.h5ad").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match="cut.h5ad: cannot read as an .h5ad .*truncated.*copy it again"):
+        prepare(tmp_path / "cut.h5ad", tmp_path / "cells.soma")
+    assert not (tmp_path / "cells.soma").exists()
 
 
 def test_interrupted_overwrite_keeps_the_previous_experiment(counts_adata, tmp_path, monkeypatch):
