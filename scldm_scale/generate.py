@@ -11,8 +11,8 @@ import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -28,7 +28,11 @@ from scldm_scale.models.dit import DiT
 from scldm_scale.models.library_size import LibrarySizeModel
 from scldm_scale.models.sampling import integrate, make_guided_velocity_fn
 from scldm_scale.models.vae import SetVAE
+from scldm_scale.outputs import add_overwrite, claim_output, staged
 from scldm_scale.world import resolve_device
+
+if TYPE_CHECKING:  # imported in to_anndata: Generator.sample runs without anndata (bench gpu on a bare GPU machine)
+    import anndata as ad
 
 
 @dataclass
@@ -156,6 +160,8 @@ def _counted(velocity, bar):
 def to_anndata(
     counts: sp.csr_matrix | np.ndarray, labels: dict[str, list[str]], genes: GeneVocabulary, settings: dict
 ) -> ad.AnnData:
+    import anndata as ad
+
     obs = pd.DataFrame({k: pd.Categorical(v) for k, v in labels.items()})
     obs.index = [f"gen-{i}" for i in range(counts.shape[0])]
     var = pd.DataFrame(index=genes.ids)
@@ -211,6 +217,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, Config, "seed")
     parser.add_argument("--device", default="cpu", help="torch device of the models")
     parser.add_argument("--out", required=True, help="output .h5ad")
+    add_overwrite(parser, "the .h5ad at --out")
     parser.set_defaults(handle=handle)
 
 
@@ -219,9 +226,10 @@ def handle(args: argparse.Namespace) -> None:
     guidance = parse_pairs(args.cfg, "--cfg", float)
     if args.n_cells <= 0:
         raise ConfigError(f"--n-cells must be positive, got {args.n_cells}")
-    # Made before sampling, so a bad --out fails now rather than after the whole run.
-    Path(args.out).resolve().parent.mkdir(parents=True, exist_ok=True)
+    # Checked before sampling, so a bad --out fails now rather than after the whole run.
+    claim_output(args.out, "the generated .h5ad", "--out", args.overwrite, folder=False)
     sampler = from_flags(SampleConfig, args)
     adata = generate(args.checkpoint, [(condition, args.n_cells)], guidance, sampler, args.seed, args.device)
-    adata.write_h5ad(args.out)
+    with staged(args.out) as target:
+        adata.write_h5ad(target)
     print(f"wrote {adata.n_obs} cells x {adata.n_vars} genes to {args.out}")

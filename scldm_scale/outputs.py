@@ -97,20 +97,29 @@ def check_writable(path: str | Path, what: str, flag: str) -> None:
         raise _refusal(path, what, flag, _reason(err, folder)) from None
 
 
-def claim_output(path: str | Path, what: str, flag: str, overwrite: bool, folder: bool, also: str = "") -> None:
+def claim_output(
+    path: str | Path, what: str, flag: str, overwrite: bool, folder: bool, marker: str | None = None, also: str = ""
+) -> None:
     """Refuse (ConfigError) an output location that cannot be written (`check_writable`), that holds the
     other kind of thing (a file where a `folder` output goes, or a folder where a file goes), or that is
     not empty while `overwrite` is off (`also` adds to the fix, e.g. ", or --append to add to it").
-    Nothing is created or removed."""
+
+    A folder output replaces an existing folder whole, so `overwrite` replaces only a folder that holds
+    `marker` (a file every earlier output of the command holds, e.g. metrics.json): `--out . --overwrite`
+    never deletes a folder of other files. Nothing is created or removed here."""
     path = _absolute(path)
     check_writable(path, what, flag)
     if folder and _exists(path) and not path.is_dir():
         raise _refusal(path, what, flag, "a file of that name exists (this output is a folder)")
     if not folder and path.is_dir():
         raise _refusal(path, what, flag, f"it is a folder; give {flag} a file path inside it or elsewhere")
-    if overwrite:
-        return
-    if path.is_file() or (path.is_dir() and any(path.iterdir())):
+    non_empty = path.is_file() or (path.is_dir() and any(path.iterdir()))
+    if overwrite and non_empty and folder and marker is not None and not _exists(path / marker):
+        raise ConfigError(
+            f"{path} is not empty and is not {what} (it has no {marker}); --overwrite replaces only an earlier "
+            f"{what}: choose another {flag}, or empty that folder first"
+        )
+    if non_empty and not overwrite:
         kind = "folder" if path.is_dir() else "file"
         raise ConfigError(
             f"{what} {path} already exists (a non-empty {kind}); choose another {flag}, pass --overwrite "

@@ -51,6 +51,7 @@ from scldm_scale.config import Config, ConfigError, add_config_arguments, load_c
 from scldm_scale.models.dit import DiT
 from scldm_scale.models.prior import FlowMatchingPrior
 from scldm_scale.models.vae import SetVAE
+from scldm_scale.outputs import add_overwrite, claim_output
 from scldm_scale.train.flops import TRAIN_FLOPS_FACTOR
 
 # The vocabulary comes from the data; without data, plan assumes a typical highly-variable-gene panel.
@@ -334,9 +335,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tokens_help = "encoder tokens per cell (default: 10%% of the genes)"
     parser.add_argument("--tokens-per-cell", type=int, default=None, help=tokens_help)
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the plan here")
+    add_overwrite(parser, "the file at --json")
     parser.set_defaults(handle=handle)
 
 
 def handle(args: argparse.Namespace) -> None:
+    if args.json:
+        claim_output(args.json, "the plan", "--json", args.overwrite, folder=False)
     paths, overrides = split_config_args(args.configs)
     run_plan(paths, overrides, args.world_size, args.strategy, args.n_genes, args.tokens_per_cell, args.json)

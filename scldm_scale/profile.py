@@ -39,6 +39,7 @@ from scldm_scale.config import (
     load_config,
     split_config_args,
 )
+from scldm_scale.outputs import add_overwrite, claim_output
 from scldm_scale.train.stages import run_training
 from scldm_scale.world import get_rank, get_world_size, resolve_device
 
@@ -189,10 +190,12 @@ def add_kernels_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="profile_kernels", help=out_help)
     parser.add_argument("--reps", type=int, default=3, help="traced rounds of every kernel")
     parser.add_argument("--top", type=int, default=25, help="rows of the time table")
+    add_overwrite(parser, "the trace and table in the folder at --out")
     parser.set_defaults(handle=handle_kernels)
 
 
 def handle_kernels(args: argparse.Namespace) -> None:
+    claim_output(args.out, "a kernel profile", "--out", args.overwrite, folder=True)
     shape = asdict(from_flags(KernelShapeConfig, args))
     profile_kernels(args.out, genes=args.genes, reps=args.reps, top=args.top, **shape)
 
@@ -204,9 +207,11 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=5, help="traced training steps")
     parser.add_argument("--warmup", type=int, default=3, help="untraced training steps before them")
     parser.add_argument("--top", type=int, default=25, help="rows of the time table")
+    add_overwrite(parser, "the traces and tables in the folder at --out")
     parser.set_defaults(handle=handle_step)
 
 
 def handle_step(args: argparse.Namespace) -> None:
+    claim_output(args.out, "a training-step profile", "--out", args.overwrite, folder=True)
     paths, overrides = split_config_args(args.configs)
     profile_step(paths, overrides, args.out, steps=args.steps, warmup=args.warmup, top=args.top)

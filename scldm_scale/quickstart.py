@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from scldm_scale.data.soma import read_anndata
 from scldm_scale.data.source import soma_spec
 from scldm_scale.evaluate.run import evaluate, split_real
 from scldm_scale.generate import generate
+from scldm_scale.outputs import add_overwrite, claim_output
 from scldm_scale.train.stages import run_training
 
 log = logging.getLogger(__name__)
@@ -425,6 +427,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     minutes_help = "with --data: minutes of training (both stages) to size the steps for"
     parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help=minutes_help)
     parser.add_argument("overrides", nargs="*", help="dot-list overrides of the config (they win over the sizing)")
+    add_overwrite(parser, "an earlier quickstart's folder at --out")
     parser.set_defaults(handle=handle)
 
 
@@ -433,7 +436,15 @@ def handle(args: argparse.Namespace) -> None:
         raise ConfigError("--labels names obs columns of --data; the built-in datasets have theirs in the config")
     if args.minutes <= 0:
         raise ConfigError(f"--minutes must be positive, got {args.minutes}")
-    report = run_quickstart(args.out, args.overrides, args.config, args.data, args.labels, args.minutes)
+    out = Path(args.out)
+    claim_output(out, "a quickstart folder", "--out", args.overwrite, folder=True, marker="checkpoints")
+    if out.is_dir():
+        shutil.rmtree(out)  # empty, or an earlier quickstart under --overwrite (the run's configs name its paths)
+    try:
+        report = run_quickstart(out, args.overrides, args.config, args.data, args.labels, args.minutes)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # a quickstart cannot resume: leave no half-written folder
+        raise
     print((Path(args.out) / "report.md").read_text())
     print(
         f"wrote {args.out}/generated.h5ad, metrics.json, report.md, report.json and the figures "

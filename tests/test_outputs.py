@@ -10,8 +10,11 @@ import pytest
 from scldm_test_helpers import dead_pid
 
 from scldm_scale import cli, outputs
-from scldm_scale.config import ConfigError
+from scldm_scale.config import CONFIG_DIR, ConfigError
+from scldm_scale.data.counts import DataError
 from scldm_scale.outputs import check_writable, claim_output, remove_stale_partials, staged
+
+CONFIG = CONFIG_DIR / "quickstart.yaml"
 
 
 def _entries(folder: Path) -> list[str]:
@@ -211,3 +214,107 @@ def test_a_full_disk_is_one_line_not_a_bug(monkeypatch, capsys):
     assert cli.main(["synthetic", "--out", "x.h5ad"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "No space left on device; free space" in err
+
+
+# --- every command: outputs refused at the start, nothing created, existing files untouched ---------------
+
+
+def _refused(argv: list[str], message: str, capsys) -> str:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+    return err
+
+
+@pytest.fixture
+def desk(tmp_path) -> Path:
+    """A folder with a regular file (a path below it cannot be created) and an earlier output of each kind."""
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "old.h5ad").write_text("earlier cells")
+    (tmp_path / "old_report").mkdir()
+    (tmp_path / "old_report" / "metrics.json").write_text("[]")
+    (tmp_path / "old_report" / "classify.json").write_text("{}")
+    return tmp_path
+
+
+def _untouched(desk: Path) -> None:
+    assert _entries(desk) == ["notes.txt", "old.h5ad", "old_report"]
+    assert (desk / "old.h5ad").read_text() == "earlier cells"
+    assert _entries(desk / "old_report") == ["classify.json", "metrics.json"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # An existing output, refused before the model or the data is read (neither exists here).
+        (["generate", "MODEL", "--n-cells", "5", "--out", "{d}/old.h5ad"], "already exists (a non-empty file)"),
+        (["embed", "MODEL", "cells.h5ad", "--out", "{d}/old.h5ad"], "--out, pass --overwrite"),
+        (["synthetic", "--out", "{d}/old.h5ad", "--genes", "10"], "already exists"),
+        (["evaluate", "--real", "r.h5ad", "--generated", "g.h5ad", "--out", "{d}/old_report"], "already exists"),
+        (["classify", "MODEL", "cells.h5ad", "--label-key", "t", "--out", "{d}/old_report"], "already exists"),
+        (["export", "x.pt", "--from-legacy", "--out", "{d}/old_report"], "already exists"),
+        (["prepare", "cells.h5ad", "--out", "{d}/old_report"], "or --append to add these cells"),
+        (["quickstart", "--out", "{d}/old_report"], "already exists"),
+        (["synthetic-census", "--out", "{d}/old_report"], "already exists"),
+        (["plan", str(CONFIG), "--json", "{d}/old.h5ad"], "the plan"),
+        (["profile-kernels", "--out", "{d}/old_report"], "already exists"),
+        (["bench", "kernels", "--json", "{d}/old.h5ad"], "the records file"),
+        (["bench", "step", "--json", "{d}/old.h5ad"], "the records file"),
+        (["bench", "loader", "--json", "{d}/old.h5ad"], "the records file"),
+        # A path that cannot be created: a regular file on the way.
+        (["generate", "MODEL", "--n-cells", "5", "--out", "{d}/notes.txt/x.h5ad"], "notes.txt is a file, not a folder"),
+        (["evaluate", "--real", "r.h5ad", "--generated", "g.h5ad", "--out", "{d}/notes.txt/r"], "is a file, not a"),
+        (["prepare", "cells.h5ad", "--out", "{d}/notes.txt/cells.soma"], "is a file, not a folder"),
+        (["bench", "loader", "--json", "{d}/notes.txt/b.json"], "is a file, not a folder"),
+        (["train", str(CONFIG), "train.ckpt_dir={d}/notes.txt/run"], "cannot write the checkpoint folder"),
+        (["train", str(CONFIG), "train.metrics_file={d}/notes.txt/m.jsonl", "train.ckpt_dir={d}/run"], "metrics file"),
+        # The other kind of thing at the output.
+        (["generate", "MODEL", "--n-cells", "5", "--out", "{d}/old_report", "--overwrite"], "it is a folder"),
+        (
+            ["evaluate", "--real", "r", "--generated", "g", "--out", "{d}/old.h5ad", "--overwrite"],
+            "a file of that name",
+        ),
+        # --overwrite replaces only an earlier output of the same command, never a folder of other files.
+        (
+            ["prepare", "cells.h5ad", "--out", "{d}/old_report", "--overwrite"],
+            "is not a SOMA experiment (it has no ms)",
+        ),
+        (["export", "x.pt", "--from-legacy", "--out", "{d}/old_report", "--overwrite"], "has no config.json"),
+        (["quickstart", "--out", "{d}/old_report", "--overwrite"], "is not a quickstart folder"),
+    ],
+)
+def test_an_output_is_refused_before_any_work_and_nothing_changes(argv, message, desk, capsys):
+    _refused([arg.replace("{d}", str(desk)) for arg in argv], message, capsys)
+    _untouched(desk)
+
+
+def test_train_refuses_to_start_afresh_over_an_earlier_run(desk, capsys):
+    (desk / "run" / "vae-model").mkdir(parents=True)
+    (desk / "run" / "vae-model" / "config.json").write_text("{}")
+    argv = ["train", str(CONFIG), f"train.ckpt_dir={desk / 'run'}", "data.path=missing.h5ad", "data.source=h5ad"]
+    _refused(argv, "holds an earlier run's model", capsys)
+    assert "continue that run with train.resume=auto" in _refused(argv, "--overwrite to replace them", capsys)
+    # Resuming into it is the point of a run folder: it passes the check and reaches the (missing) data.
+    _refused([*argv, "train.resume=auto"], "missing.h5ad does not exist", capsys)
+
+
+def test_a_failure_after_the_check_leaves_no_output_and_no_folder(desk, capsys):
+    out = desk / "new" / "deeper" / "cells.h5ad"
+    _refused(["generate", str(desk / "no-model"), "--n-cells", "5", "--out", str(out)], "no-model", capsys)
+    _refused(
+        ["evaluate", "--real", str(desk / "old.h5ad"), "--generated", "g.h5ad", "--out", str(out)], "old.h5ad", capsys
+    )
+    _untouched(desk)
+
+
+def test_a_damaged_h5ad_is_one_line_in_evaluate_and_embed(desk, capsys):
+    from scldm_scale.evaluate.embed import open_counts
+
+    damaged = desk / "old.h5ad"  # text, not HDF5: as a truncated download reads
+    message = "cannot read as an .h5ad"
+    _refused(
+        ["evaluate", "--real", str(damaged), "--generated", str(damaged), "--out", str(desk / "r")], message, capsys
+    )
+    with pytest.raises(DataError, match="old.h5ad: cannot read as an .h5ad .*copy it again"):
+        open_counts(damaged, ["gene_0"])
+    _untouched(desk)

@@ -37,9 +37,10 @@ import torch
 
 from scldm_scale.bench.mcab_attention import bench_mcab_attention
 from scldm_scale.bench.nb_loss import bench_nb_loss
-from scldm_scale.bench.records import machine, write_records
+from scldm_scale.bench.records import claim_records, machine, write_records
 from scldm_scale.config import ConfigError, KernelShapeConfig, add_options, comma_separated, from_flags, parse_ints
 from scldm_scale.hardware import lookup_peak_memory_tbs, lookup_peak_tflops
+from scldm_scale.outputs import add_overwrite
 
 OPS = ("pooling", "unpooling", "nb_loss")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -285,10 +286,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls before the timed ones")
     parser.add_argument("--reps", type=int, default=20, help="timed calls")
     parser.add_argument("--json", default=None, metavar="OUT", help="write the records here")
+    add_overwrite(parser, "the records file at --json")
     parser.set_defaults(handle=handle)
 
 
 def handle(args: argparse.Namespace) -> None:
+    claim_records(args.json, args.overwrite)
     genes = parse_ints(args.genes, "--genes")
     shape = asdict(from_flags(KernelShapeConfig, args))
     run_kernel_bench(genes=genes, ops=tuple(args.ops), warmup=args.warmup, reps=args.reps, json_path=args.json, **shape)

@@ -48,9 +48,10 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from scldm_scale.bench.records import machine, write_records
+from scldm_scale.bench.records import claim_records, machine, write_records
 from scldm_scale.config import ConfigError, DataConfig, parse_ints
 from scldm_scale.data.soma import SomaSpec
+from scldm_scale.outputs import add_overwrite
 
 MEASUREMENT = "RNA"
 X_LAYER = "counts"
@@ -579,10 +580,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"cells per read of both loaders (default: ours {CHUNK_SIZE * BUFFER_CHUNKS:,}, tiledbsoma-ml's default)"
     )
     parser.add_argument("--cells-per-read", type=int, default=None, help=read_help)
+    add_overwrite(parser, "the records file at --json")
     parser.set_defaults(handle=handle)
 
 
 def handle(args: argparse.Namespace) -> None:
+    claim_records(args.json, args.overwrite)
     workers = parse_ints(args.workers, "--workers")
     run_loader_bench(
         args.cells,

@@ -6,7 +6,8 @@ import datetime
 import json
 import os
 import platform
-from pathlib import Path
+
+from scldm_scale.outputs import claim_output, staged
 
 
 def machine() -> dict:
@@ -19,9 +20,15 @@ def machine() -> dict:
     }
 
 
-def write_records(records: list[dict], json_path: str | None) -> None:
-    """Write the records as a JSON list when a path is given, and say so."""
+def claim_records(json_path: str | None, overwrite: bool) -> None:
+    """At a benchmark's start: refuse a --json that cannot be written, or that exists without --overwrite."""
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(records, indent=2) + "\n")
+        claim_output(json_path, "the records file", "--json", overwrite, folder=False)
+
+
+def write_records(records: list[dict], json_path: str | None) -> None:
+    """Write the records as a JSON list when a path is given (whole or not at all), and say so."""
+    if json_path:
+        with staged(json_path) as target:
+            target.write_text(json.dumps(records, indent=2) + "\n")
         print(f"\nwrote {len(records)} records to {json_path}")

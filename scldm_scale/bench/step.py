@@ -27,9 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from scldm_scale.bench.records import machine, write_records
+from scldm_scale.bench.records import claim_records, machine, write_records
 from scldm_scale.config import CONFIG_DIR, ConfigError, comma_separated, parse_ints
 from scldm_scale.host_memory import fix_mmap_threshold
+from scldm_scale.outputs import add_overwrite
 
 SIZES = {
     # name: overrides of the stage's model section
@@ -278,10 +279,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="config override of the gene sweep's model"
     )
+    add_overwrite(parser, "the records file at --json")
     parser.set_defaults(handle=handle)
 
 
 def handle(args: argparse.Namespace) -> None:
+    claim_records(args.json, args.overwrite)
     if args.genes is not None:
         genes = parse_ints(args.genes, "--genes")
         sizes = [s for s in args.models if s.startswith("vae")]

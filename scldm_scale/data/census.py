@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from scldm_scale.data.counts import DataError
+from scldm_scale.outputs import add_overwrite, claim_output, staged
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +287,8 @@ def write_synthetic_census(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`scldm-scale synthetic-census`."""
-    parser.add_argument("--out", required=True, help="the Census root folder to create (must not exist)")
+    parser.add_argument("--out", required=True, help="the Census root folder to create")
+    add_overwrite(parser, "the synthetic Census at --out")
     parser.add_argument("--cells", type=int, default=200_000, help="cells")
     parser.add_argument("--genes", type=int, default=36_000, help="genes (the Census has ~60k, its VAEs decode 36k)")
     parser.add_argument("--datasets", type=int, default=12, help="source datasets (contiguous blocks of cells)")
@@ -296,7 +298,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def handle(args: argparse.Namespace) -> None:
-    written = write_synthetic_census(args.out, args.cells, args.genes, args.datasets, args.median_library, args.seed)
+    claim_output(args.out, "a synthetic Census", "--out", args.overwrite, folder=True, marker="census_data")
+    with staged(args.out) as root:  # written whole, then renamed into place (its members' URIs are relative)
+        written = write_synthetic_census(root, args.cells, args.genes, args.datasets, args.median_library, args.seed)
+    written["uri"] = args.out
     print(
         f"wrote {written['uri']}: {written['n_cells']:,} cells x {written['n_genes']:,} genes from "
         f"{written['n_datasets']} datasets, {written['expressed_genes_per_cell']:,.0f} expressed genes per cell, "

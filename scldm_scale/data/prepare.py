@@ -353,7 +353,7 @@ def prepare(
     if append and not out.exists():
         raise DataError(f"{out} does not exist: there is no experiment to append to (drop --append to create it)")
     also = ", or --append to add these cells to it"
-    claim_output(out, "the SOMA experiment", "--out", overwrite or append, folder=True, also=also)
+    claim_output(out, "a SOMA experiment", "--out", overwrite or append, folder=True, marker="ms", also=also)
     if append and sorted(_existing_labels(out)) != sorted(labels):
         raise DataError(
             f"{out} has label columns {_existing_labels(out)}; appended data must bring the same (--labels)"

@@ -32,12 +32,13 @@ The planted truth is in `.uns["synthetic_truth"]`: `log_fold_change` (lines, per
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+from scldm_scale.outputs import add_overwrite, claim_output, staged
 
 CONTROL = "control"
 # Median NB inverse dispersion across genes: overdispersed, as UMI counts of variable genes are.
@@ -239,12 +240,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cell-types", type=int, default=6, help="cell types (obs cell_type)")
     parser.add_argument("--donors", type=int, default=3, help="donors (obs donor)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
+    add_overwrite(parser, "the .h5ad at --out")
     parser.set_defaults(handle=handle)
 
 
 def handle(args: argparse.Namespace) -> None:
+    claim_output(args.out, "the synthetic .h5ad", "--out", args.overwrite, folder=False)
     adata = synthetic_transcriptome(args.cells, args.genes, args.cell_types, args.donors, seed=args.seed)
-    Path(args.out).resolve().parent.mkdir(parents=True, exist_ok=True)
-    adata.write_h5ad(args.out)
+    with staged(args.out) as target:
+        adata.write_h5ad(target)
     share = adata.X.nnz / (adata.n_obs * adata.n_vars)
     print(f"wrote {adata.n_obs} cells x {adata.n_vars} genes ({share:.1%} non-zero) to {args.out}")

@@ -47,6 +47,7 @@ from scldm_scale.data.counts import DataError
 from scldm_scale.data.split import stratified_split
 from scldm_scale.evaluate.embed import Embedder, add_embed_options, check_embed_options, check_expressed, open_counts
 from scldm_scale.evaluate.metrics import PCAProjector, normalize_log1p
+from scldm_scale.outputs import add_overwrite, claim_output, staged
 
 log = logging.getLogger(__name__)
 
@@ -335,6 +336,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rare.add_argument("--rare-max-train", type=int, default=None, metavar="N", help=max_help)
     add_embed_options(parser)
     parser.add_argument("--out", required=True, help="folder for classify.json and classify.md")
+    add_overwrite(parser, "the folder at --out (one with a classify.json)")
     parser.set_defaults(handle=handle)
 
 
@@ -342,19 +344,21 @@ def handle(args: argparse.Namespace) -> None:
     check_embed_options(args)
     if args.rare_max_train is not None and args.rare_max_train < 1:
         raise ConfigError(f"--rare-max-train must be at least 1, got {args.rare_max_train}")
-    result = classify(
-        args.checkpoint,
-        args.data,
-        args.label_key,
-        args.out,
-        split_key=args.split_key,
-        generated=args.generated,
-        rare_classes=args.rare_classes or None,
-        rare_max_train=args.rare_max_train,
-        batch_size=args.batch_size,
-        device=args.device,
-        allow_missing_genes=args.allow_missing_genes,
-        layer=args.layer,
-    )
+    claim_output(args.out, "a classification folder", "--out", args.overwrite, folder=True, marker="classify.json")
+    with staged(args.out) as out:
+        result = classify(
+            args.checkpoint,
+            args.data,
+            args.label_key,
+            out,
+            split_key=args.split_key,
+            generated=args.generated,
+            rare_classes=args.rare_classes or None,
+            rare_max_train=args.rare_max_train,
+            batch_size=args.batch_size,
+            device=args.device,
+            allow_missing_genes=args.allow_missing_genes,
+            layer=args.layer,
+        )
     print((Path(args.out) / "classify.md").read_text())
     print(f"wrote {len(result['records'])} records to {args.out}/classify.json and classify.md")

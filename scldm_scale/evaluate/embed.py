@@ -45,6 +45,7 @@ from scldm_scale.data.batch import EXPRESSED_ONLY, TokenPolicy, canonical_csr, c
 from scldm_scale.data.counts import DataError, unreadable_h5ad, validate_counts
 from scldm_scale.data.vocab import GeneAlignment, GeneVocabulary, align_var
 from scldm_scale.models.vae import SetVAE
+from scldm_scale.outputs import add_overwrite, claim_output, staged
 from scldm_scale.world import resolve_device
 
 log = logging.getLogger(__name__)
@@ -399,13 +400,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help=".h5ad of raw counts, or a SOMA experiment URI")
     add_embed_options(parser)
     parser.add_argument("--out", required=True, help="output .h5ad: the input's obs, obsm X_scldm and X_scldm_pooled")
+    add_overwrite(parser, "the .h5ad at --out")
     parser.set_defaults(handle=handle)
 
 
 def handle(args: argparse.Namespace) -> None:
     check_embed_options(args)
-    Path(args.out).resolve().parent.mkdir(parents=True, exist_ok=True)
+    claim_output(args.out, "the embedding .h5ad", "--out", args.overwrite, folder=False)
     adata = embed(args.checkpoint, args.input, args.batch_size, args.device, args.allow_missing_genes, args.layer)
-    adata.write_h5ad(args.out)
+    with staged(args.out) as target:
+        adata.write_h5ad(target)
     shapes = f"obsm {EMBED_KEY} {adata.obsm[EMBED_KEY].shape}, {POOLED_KEY} {adata.obsm[POOLED_KEY].shape}"
     print(f"wrote {adata.n_obs} cells to {args.out}: {shapes}")

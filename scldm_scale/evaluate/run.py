@@ -34,6 +34,7 @@ from scldm_scale.evaluate.suite import (
     align_genes,
     compare,
 )
+from scldm_scale.outputs import add_overwrite, claim_output, staged
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,6 @@ def evaluate(
 ) -> list[dict]:
     """Every metric of the generated cells and the baselines against the real cells; writes the report."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     _check_options(opts, train is not None)
     named = {"real": real, GENERATED: generated} | ({"train": train} if train is not None else {})
     for name, adata in named.items():
@@ -166,6 +166,7 @@ def evaluate(
             {"metric": k, "condition": "all", "method": "reconstruction", "value": float(recon[k])}
             for k in ("nll_per_cell", "pearson_lognorm", "n_genes_missing")
         ]
+    out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(records, indent=1))
     figures = _figures(out, real_set, methods, features, records, opts.seed) if opts.plots else {}
     context = {
@@ -278,15 +279,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         add_option(parser, EvalConfig, name)
     add_option(parser, EvalConfig, "plots", "--no-plots")
     parser.add_argument("--out", required=True, help="folder for metrics.json, report.md and the figures")
+    add_overwrite(parser, "the evaluation folder at --out (one with a metrics.json)")
     parser.set_defaults(handle=handle)
 
 
 def handle(args: argparse.Namespace) -> None:
     combinations = [parse_pairs(c.split(","), "--holdout") for c in args.combinations]
     opts = from_flags(EvalConfig, args, holdout=from_flags(HoldoutConfig, args, combinations=combinations))
+    claim_output(args.out, "an evaluation folder", "--out", args.overwrite, folder=True, marker="metrics.json")
     real = read_cells(args.real, "real", args.layer)
     train = read_cells(args.train, "train", args.layer) if args.train else None
     if train is None and (parts := split_real(real, args.split_key, combinations)) is not None:
         train, real = parts
-    evaluate(real, read_cells(args.generated, "generated"), args.out, opts, train=train)
+    generated = read_cells(args.generated, "generated")
+    with staged(args.out) as out:
+        evaluate(real, generated, out, opts, train=train)
     print(f"wrote {args.out}/metrics.json, report.md and the figures")

@@ -33,6 +33,7 @@ from scldm_scale.config import ConfigError, PriorConfig, VAEConfig, section_from
 from scldm_scale.data.batch import LabelEncoder, TokenPolicy
 from scldm_scale.data.vocab import GeneVocabulary
 from scldm_scale.models.library_size import LibrarySizeModel
+from scldm_scale.outputs import add_overwrite, claim_output
 from scldm_scale.train.checkpoint import dcp_failure, load_step_state
 from scldm_scale.train.strategies import DEEPSPEED, EMA_FILE, WEIGHTS, ema_from_files
 
@@ -65,20 +66,23 @@ def consolidated_weights(folder: Path) -> tuple[dict, dict | None]:
     raise CheckpointError(f"{folder} holds no weights ({WEIGHTS}/ or {DEEPSPEED}/); is it a step folder?")
 
 
-def export(folder: str | Path, out: str | Path | None = None) -> Path:
+def export(folder: str | Path, out: str | Path | None = None, overwrite: bool = True) -> Path:
     """Write the stage's model artifact from a step folder; returns its path (default: beside the step
-    folders, `<ckpt_dir>/<kind>-model-step-N`)."""
+    folders, `<ckpt_dir>/<kind>-model-step-N`). An existing model at `out` is replaced only with
+    `overwrite`, and `out` is checked (outputs.claim_output) before the weights are consolidated."""
     folder = Path(folder)
     state = load_step_state(folder)
     parts = state.get("export")
     if parts is None:
         raise CheckpointError(f"{folder} has no export information (written by a trainer without a stage)")
-    model_state, ema_state = consolidated_weights(folder)
     if isinstance(parts[0], str):  # a scldm-scale 0.1 step folder: (kind, payload)
         kind, payload = parts
         skeleton = from_legacy_payload({"vae_state": {}, **payload, "kind": kind}, str(folder))
     else:
         skeleton = artifact.from_parts(*parts, where=str(folder))
+    out = Path(out) if out is not None else folder.parent.parent / f"{skeleton.kind}-model-{folder.name}"
+    claim_output(out, "a model artifact", "--out", overwrite, folder=True, marker=artifact.CONFIG_FILE)
+    model_state, ema_state = consolidated_weights(folder)
     config = skeleton.training["config"]
     trained = skeleton.trained(
         model_state,
@@ -88,14 +92,14 @@ def export(folder: str | Path, out: str | Path | None = None) -> Path:
     )
     # The weights must build the model they claim to be before anything is written.
     trained.build_prior() if isinstance(trained, LDMArtifact) else trained.build_vae()
-    out = Path(out) if out is not None else folder.parent.parent / f"{skeleton.kind}-model-{folder.name}"
     trained.save(out)
     log.info("exported %s (step %d, written by train.strategy=%s) to %s", folder, state["step"], state["strategy"], out)
     return out
 
 
-def convert_legacy(path: str | Path, out: str | Path) -> Path:
+def convert_legacy(path: str | Path, out: str | Path, overwrite: bool = True) -> Path:
     """A scldm-scale 0.1 single-file checkpoint (vae.pt / ldm.pt) -> an artifact folder; no pickle code runs."""
+    claim_output(out, "a model artifact", "--out", overwrite, folder=True, marker=artifact.CONFIG_FILE)
     return from_legacy(path).save(out)
 
 
@@ -164,6 +168,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="the artifact folder (default: <ckpt_dir>/<stage>-model-step-N)")
     legacy_help = "convert a single-file vae.pt / ldm.pt of scldm-scale 0.1 (read with torch's restricted unpickler)"
     parser.add_argument("--from-legacy", action="store_true", help=legacy_help)
+    add_overwrite(parser, "the model artifact at --out")
     parser.set_defaults(handle=handle)
 
 
@@ -171,7 +176,7 @@ def handle(args: argparse.Namespace) -> None:
     if args.from_legacy:
         if args.out is None:
             raise ConfigError("--from-legacy needs --out DIR, the artifact folder to write")
-        out = convert_legacy(args.source, args.out)
+        out = convert_legacy(args.source, args.out, args.overwrite)
     else:
-        out = export(args.source, args.out)
+        out = export(args.source, args.out, args.overwrite)
     print(f"model: {out}  (generate with: scldm-scale generate {out} ...)")

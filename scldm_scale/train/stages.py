@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import logging
 import random
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,7 +24,15 @@ import torch
 
 from scldm_scale import artifact
 from scldm_scale.artifact import CheckpointError, LDMArtifact, Provenance, VAEArtifact
-from scldm_scale.config import Config, add_config_arguments, load_config, split_config_args, stage_optim, to_dict
+from scldm_scale.config import (
+    Config,
+    ConfigError,
+    add_config_arguments,
+    load_config,
+    split_config_args,
+    stage_optim,
+    to_dict,
+)
 from scldm_scale.data.batch import CellBatch, TokenPolicy
 from scldm_scale.data.dataset import ShuffledBatches
 from scldm_scale.data.source import open_train_cells
@@ -31,6 +40,7 @@ from scldm_scale.models.dit import DiT
 from scldm_scale.models.library_size import LibrarySizeModel
 from scldm_scale.models.prior import FlowMatchingPrior, LatentBatch
 from scldm_scale.models.vae import SetVAE
+from scldm_scale.outputs import add_overwrite, check_writable
 from scldm_scale.train import distributed
 from scldm_scale.train.checkpoint import RunCheckpoints
 from scldm_scale.train.distributed import Dist
@@ -248,13 +258,50 @@ def run_training(cfg: Config, on_step: Callable | None = None) -> Path:
         distributed.teardown(ok)
 
 
+def preflight(cfg: Config, overwrite: bool) -> None:
+    """Before any data is read: every location the run writes can be written, and a fresh start
+    (train.resume=never) does not replace an earlier run of this stage in train.ckpt_dir (its checkpoints,
+    its model, its metrics file) unless `overwrite`, which deletes that stage's checkpoints at once (rank 0);
+    the earlier model is replaced only when the new one is written.
+
+    The checkpoint folder is the one output a command reuses on purpose: train.resume=auto continues the
+    run it holds (outputs.py)."""
+    root = Path(cfg.train.ckpt_dir)
+    check_writable(root, "the checkpoint folder", "train.ckpt_dir")
+    if cfg.logging.wandb.mode != "disabled":
+        check_writable(root / "wandb", "the W&B run folder", "train.ckpt_dir (or logging.wandb.mode=disabled)")
+    metrics = Path(cfg.train.metrics_file) if cfg.train.metrics_file else None
+    if metrics is not None:
+        check_writable(metrics, "the metrics file", "train.metrics_file")
+    if cfg.train.resume != "never":
+        return
+    checkpoints = RunCheckpoints(root / cfg.stage).latest()
+    earlier = [
+        *([f"checkpoints of stage={cfg.stage} ({checkpoints})"] if checkpoints is not None else []),
+        *([f"model {model_path(cfg, cfg.stage)}"] if model_path(cfg, cfg.stage).exists() else []),
+        *([f"metrics {metrics}"] if metrics is not None and metrics.is_file() and metrics.stat().st_size else []),
+    ]
+    if earlier and not overwrite:
+        raise ConfigError(
+            f"train.ckpt_dir={root} holds an earlier run's {' and '.join(earlier)}; continue that run with "
+            "train.resume=auto, start afresh in another train.ckpt_dir (and train.metrics_file), or pass "
+            "--overwrite to replace them"
+        )
+    if checkpoints is not None and get_rank() == 0:
+        shutil.rmtree(root / cfg.stage)  # a fresh run's step folders must not mix with the earlier run's
+        log.warning("--overwrite: deleted the checkpoints of stage=%s under %s", cfg.stage, root)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`scldm-scale train CONFIG [CONFIG ...] [key=value ...]`: the run is the config."""
+    """`scldm-scale train CONFIG [CONFIG ...] [key=value ...] [--overwrite]`: the run is the config."""
     add_config_arguments(parser)
+    add_overwrite(parser, "the checkpoints of an earlier run of the stage in train.ckpt_dir (train.resume=never)")
     parser.set_defaults(handle=handle)
 
 
 def handle(args: argparse.Namespace) -> None:
-    path = run_training(load_config(*split_config_args(args.configs)))
+    cfg = load_config(*split_config_args(args.configs))
+    preflight(cfg, args.overwrite)
+    path = run_training(cfg)
     if get_rank() == 0:
         print(f"checkpoint: {path}")

@@ -357,10 +357,17 @@ def test_existing_output_is_refused_without_overwrite_and_replaced_with_it(count
     assert _entries(out) == ["keep.txt"]
     assert _entries(tmp_path) == ["cells.h5ad", "cells.soma"]
 
-    prepare(tmp_path / "cells.h5ad", out, overwrite=True)
-    assert not (out / "keep.txt").exists()
-    np.testing.assert_array_equal(_read_back(out).X.toarray(), source.X.toarray())
-    assert _entries(tmp_path) == ["cells.h5ad", "cells.soma"]
+    with pytest.raises(ConfigError, match="is not empty and is not a SOMA experiment .*choose another --out"):
+        prepare(tmp_path / "cells.h5ad", out, overwrite=True)  # a folder of other files is never replaced
+    assert _entries(out) == ["keep.txt"]
+
+    (out / "keep.txt").unlink()
+    prepare(tmp_path / "cells.h5ad", out)
+    second = counts_adata(n_cells=30, n_genes=10, seed=3)
+    second.write_h5ad(tmp_path / "second.h5ad")
+    prepare(tmp_path / "second.h5ad", out, overwrite=True)
+    np.testing.assert_array_equal(_read_back(out).X.toarray(), second.X.toarray())
+    assert _entries(tmp_path) == ["cells.h5ad", "cells.soma", "second.h5ad"]
 
 
 def _interrupted_ingestion(monkeypatch) -> list[str]:
