@@ -117,8 +117,9 @@ def _declare(parser: argparse.ArgumentParser, target: str) -> None:
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser of every command; given `command` (the first word of a command line), only that command
-    declares its arguments, so that running it imports its own module and no other."""
+    """The parser of every command; given `command` (the first word of a command line, the first two for a
+    group's command: "bench gpu"), only that command declares its arguments, so that running it imports its
+    own module and no other (a group alone, "bench", declares all of the group's)."""
     parser = argparse.ArgumentParser(prog="scldm-scale", description="Single-cell latent diffusion at scale.")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,7 +131,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         p = (groups[group] if group else sub).add_parser(leaf, help=text, formatter_class=HelpFormatter)
         # Also after the command; SUPPRESS keeps a --debug given before it.
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
-        if command in (None, name.split()[0]):
+        if command in (None, name, name.split()[0]):
             _declare(p, target)
     return parser
 
@@ -142,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.INFO if get_rank() == 0 else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(next((word for word in argv if not word.startswith("-")), ""))
+    words = [word for word in argv if not word.startswith("-")]
+    # A group's command names two words: `bench gpu` declares (imports) its own module, not every benchmark's.
+    command = " ".join(words[:2]) if len(words) > 1 and words[0] in GROUPS else (words[0] if words else "")
+    parser = build_parser(command)
     args, extra = parser.parse_known_args(argv)
     # key=value overrides after an option (`plan CONFIG --world-size 8 key=value`) still belong to CONFIG.
     if extra and hasattr(args, "configs") and all("=" in item and not item.startswith("-") for item in extra):

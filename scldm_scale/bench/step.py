@@ -167,6 +167,7 @@ def gene_step(
     from scldm_scale.config import load_config
     from scldm_scale.data.batch import collate
     from scldm_scale.models.vae import SetVAE
+    from scldm_scale.train.flops import TRAIN_FLOPS_FACTOR, mfu, peak_tflops
 
     cfg = load_config(None, overrides)
     torch.manual_seed(0)
@@ -192,7 +193,26 @@ def gene_step(
     peak = torch.cuda.max_memory_allocated() if on_gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     step_s = statistics.median(seconds[warmup:])
     chunk = model.decode_chunk(n_cells, n_genes)
-    return {"decode_chunk": chunk, "s_per_step": step_s, "cells_per_s": n_cells / step_s, "peak_mem_gb": peak / 1e9}
+    # MFU as the trainer counts it (train/flops.py): 3x the forward FLOPs of the batch's padded token count.
+    flops_per_cell = TRAIN_FLOPS_FACTOR * model.forward_flops(batch.gene_ids.shape[1], n_genes, n_cells)
+    return {
+        "decode_chunk": chunk,
+        "s_per_step": step_s,
+        "cells_per_s": n_cells / step_s,
+        "peak_mem_gb": peak / 1e9,
+        "train_flops_per_cell": flops_per_cell,
+        "mfu": mfu(flops_per_cell * n_cells / step_s, peak_tflops(device)),
+    }
+
+
+def gene_step_in_fresh_process(case: dict) -> dict[str, float]:
+    """gene_step(**case) in a new Python process, so that its peak memory is its own; raises with its stderr."""
+    code = "import json, sys; from scldm_scale.bench.step import gene_step; "
+    code += "print(json.dumps(gene_step(**json.loads(sys.argv[1]))))"
+    result = subprocess.run([sys.executable, "-c", code, json.dumps(case)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"gene step {case} failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.splitlines()[-1])
 
 
 def run_gene_sweep(
@@ -226,12 +246,7 @@ def run_gene_sweep(
                     "warmup": warmup,
                     "device": device,
                 }
-                code = "import json, sys; from scldm_scale.bench.step import gene_step; "
-                code += "print(json.dumps(gene_step(**json.loads(sys.argv[1]))))"
-                result = subprocess.run([sys.executable, "-c", code, json.dumps(case)], capture_output=True, text=True)
-                if result.returncode != 0:
-                    raise RuntimeError(f"gene step {size} {n_genes} {decoder} failed:\n{result.stderr[-4000:]}")
-                measured = json.loads(result.stdout.splitlines()[-1])
+                measured = gene_step_in_fresh_process(case)
                 record = {"model": size, "n_genes": n_genes, "decoder": decoder, "cells": n_cells, **measured}
                 records.append({**record, "steps_measured": steps, "device": device, **host})
     print(_format_genes(records, host, n_cells, steps, warmup, device))
