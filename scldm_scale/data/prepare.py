@@ -30,6 +30,9 @@ import argparse
 import logging
 import re
 import shutil
+import signal
+import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -266,9 +269,10 @@ def _write_experiment(
     columns: np.ndarray | None,
     allow_non_integer: bool,
     append: bool,
+    between_chunks: Callable[[], None] = lambda: None,
 ) -> None:
     """obs/var via tiledbsoma.io, then X's `rows` x `columns` (None: all) written in row chunks (never the whole
-    matrix in memory).
+    matrix in memory); `between_chunks()` runs after obs/var and after each chunk.
 
     append: uri already holds an experiment; tiledbsoma's registration assigns the new cells joinids after
     the existing ones and the new genes joinids after the existing vocabulary (the union, new genes last).
@@ -294,6 +298,7 @@ def _write_experiment(
     else:
         tiledbsoma.io.from_anndata(str(uri), meta, MEASUREMENT, **ids)
         obs_joinids, var_joinids = np.arange(len(rows)), np.arange(len(var))
+    between_chunks()
     value_type = pa.float32() if allow_non_integer else pa.int32()
     with tiledbsoma.Experiment.open(str(uri), "w") as exp:
         if append:
@@ -317,6 +322,37 @@ def _write_experiment(
                 )
             )
             written += len(chunk_rows)
+            between_chunks()
+
+
+class DeferredInterrupt:
+    """Ctrl-C while tiledbsoma writes, turned into a KeyboardInterrupt between chunks (seen with tiledbsoma
+    2.3: a KeyboardInterrupt raised inside its native calls can crash the process with a segfault, leaving
+    the partial behind; once TileDB has installed its own SIGINT handler, Ctrl-C cancels the running query
+    with "Query cancelled" instead). Inside the block SIGINT is recorded, `check()` (between chunks) or the
+    block's end raises KeyboardInterrupt, and a query TileDB cancelled becomes one, so the staged output is
+    removed as after any other failure."""
+
+    def __enter__(self) -> DeferredInterrupt:
+        self.received = False
+        in_main = threading.current_thread() is threading.main_thread()
+        self.previous = signal.signal(signal.SIGINT, self._record) if in_main else None
+        return self
+
+    def _record(self, signum, frame) -> None:
+        self.received = True
+
+    def check(self) -> None:
+        if self.received:
+            raise KeyboardInterrupt
+
+    def __exit__(self, kind, error, trace) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        if kind is None:
+            self.check()
+        elif issubclass(kind, Exception) and "Query cancelled" in str(error):
+            raise KeyboardInterrupt from error
 
 
 def _existing_labels(uri: Path) -> list[str]:
@@ -410,10 +446,10 @@ def prepare(
     obs[SPLIT_COLUMN] = stratified_split(strata, test_fraction, seed, val_fraction).astype(str)
     obs.index = obs.index.astype(str)
     try:
-        with staged(out) as exp:
+        with staged(out) as exp, DeferredInterrupt() as interrupt:
             if append:
                 shutil.copytree(out, exp)
-            _write_experiment(exp, obs, var, x, rows, columns, allow_non_integer, append)
+            _write_experiment(exp, obs, var, x, rows, columns, allow_non_integer, append, interrupt.check)
     finally:
         if getattr(adata, "isbacked", False):
             adata.file.close()

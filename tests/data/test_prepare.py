@@ -4,6 +4,8 @@ nothing."""
 import gzip
 import io
 import logging
+import os
+import signal
 import socket
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from scldm_test_helpers import dead_pid
 
 from scldm_scale.config import ConfigError
 from scldm_scale.data.counts import DataError
-from scldm_scale.data.prepare import prepare
+from scldm_scale.data.prepare import DeferredInterrupt, prepare
 from scldm_scale.data.soma import SomaSpec, read_anndata
 
 
@@ -648,3 +650,14 @@ def test_cli_flags_choose_the_counts_genes_and_gene_columns(counts_adata, tmp_pa
     assert back.n_vars == 4 and back.var["feature_name"].str.startswith("SYM").all()
     assert main(["prepare", str(tmp_path / "cells.h5ad"), "--out", str(tmp_path / "none.soma")]) == 2
     assert "(['umis'] not tried). Pass --layer NAME" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_tiledb_writes_is_raised_between_chunks():
+    with pytest.raises(KeyboardInterrupt):
+        with DeferredInterrupt() as interrupt:
+            os.kill(os.getpid(), signal.SIGINT)  # recorded, not raised inside the (native) write
+            interrupt.check()
+    with pytest.raises(KeyboardInterrupt):
+        with DeferredInterrupt():
+            raise RuntimeError("[TileDB::Query] Error: Query cancelled.")  # TileDB's own SIGINT handler
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
