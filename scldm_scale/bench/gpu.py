@@ -502,11 +502,12 @@ def step_prior_generation(rec: Recorder, smoke: bool) -> None:
     generator = _generator(cfg, n_genes, n_types, device)
     labels = np.resize(np.array(generator.encoders["cell_type"].values, dtype=object), n_cells)
     guidance = {"cell_type": 2.0}
-    # Warm-up: kernels compile and cuDNN/cuBLAS pick their algorithms outside the timed run.
-    generator.sample(min(n_cells, 256), {"cell_type": labels[:256]}, guidance, SampleConfig(n_steps=1), progress=False)
-    _peak_reset(device)
-    start = time.perf_counter()
     try:
+        # Warm-up: kernels compile and cuDNN/cuBLAS pick their algorithms outside the timed run.
+        warm = {"cell_type": labels[:256]}
+        generator.sample(min(n_cells, 256), warm, guidance, SampleConfig(n_steps=1), progress=False)
+        _peak_reset(device)
+        start = time.perf_counter()
         counts = generator.sample(n_cells, {"cell_type": labels}, guidance, sampler, seed=0, progress=False)
         _sync(device)
         seconds = time.perf_counter() - start
