@@ -189,6 +189,10 @@ class TrainConfig:
     # stage=vae: start from this vae or ldm model artifact's weights (fine-tuning), on data that may have
     # another gene set: the genes both vocabularies hold keep their trained rows, new genes start fresh.
     init_from: str | None = None
+    # stage=vae, NB likelihood: the per-gene logit offset starts at the log of each gene's share of the training
+    # cells' counts ("data") or at 0 ("zero"); "auto": "data" when a step decodes a subset of the genes
+    # (model.decode_genes), where each gene's offset is updated only in the few steps that decode it.
+    init_gene_bias: str = option("auto", choices=("auto", "data", "zero"))
     metrics_file: str | None = None
     progress: bool = True
     # How the model is spread over processes: single | ddp | fsdp (FSDP2) | deepspeed (ZeRO).
@@ -421,6 +425,11 @@ def validate(cfg: Config) -> Config:
     if cfg.train.init_from and cfg.stage != "vae":
         raise ConfigError(
             "train.init_from fine-tunes a VAE (stage=vae); a prior on a trained VAE takes train.vae_checkpoint"
+        )
+    if cfg.train.init_gene_bias == "data" and (cfg.model.likelihood != "nb" or cfg.train.init_on_meta):
+        raise ConfigError(
+            "train.init_gene_bias=data sets the NB head's per-gene offsets of a model built in memory: it needs "
+            "model.likelihood=nb and train.init_on_meta=false (or use train.init_gene_bias=zero)"
         )
     if cfg.train.init_from and cfg.train.init_on_meta:
         raise ConfigError("train.init_from copies weights into a built model: drop train.init_on_meta=true")

@@ -29,6 +29,9 @@ from scldm_scale.models.cost import linear_flops
 TARGET_SUM = 1e4
 # Bounds on log theta: theta in [e^-10, e^10] spans Poisson-like to extremely overdispersed genes.
 LOG_THETA_MIN, LOG_THETA_MAX = -10.0, 10.0
+# Counts added to every gene's total when the per-gene logit offset starts from the data (a tenth of a count:
+# a gene never seen in the cells starts ten times below one seen once).
+GENE_BIAS_PSEUDOCOUNT = 0.1
 
 
 def nb_log_prob(x: torch.Tensor, log_mu: torch.Tensor, log_theta: torch.Tensor) -> torch.Tensor:
@@ -82,6 +85,16 @@ class NegativeBinomialHead(nn.Module):
         else:
             nn.init.zeros_(self.to_log_theta.weight)
             nn.init.zeros_(self.to_log_theta.bias)
+
+    @torch.no_grad()
+    def init_gene_bias(self, gene_totals: torch.Tensor) -> None:
+        """Start the per-gene logit offset at the log of each gene's share of the counts (`gene_totals`, (G,),
+        summed over training cells, plus GENE_BIAS_PSEUDOCOUNT), centred: at initialisation the decoder
+        predicts the average cell's profile and training learns deviations from it. A gene-subset step updates
+        only the offsets of the genes it decodes, so without this a whole-transcriptome model spends its steps
+        pushing tens of thousands of never-expressed genes down from the average logit."""
+        log_share = (gene_totals.double() + GENE_BIAS_PSEUDOCOUNT).log()
+        self.gene_bias.copy_((log_share - log_share.mean()).to(self.gene_bias))
 
     def flops(self, n_genes: int) -> float:
         theta = linear_flops(self.to_log_theta, n_genes) if self.theta_mode == "cell" else 0.0

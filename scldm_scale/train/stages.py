@@ -51,6 +51,8 @@ from scldm_scale.train.trainer import Trainer
 from scldm_scale.world import get_rank, resolve_device
 
 log = logging.getLogger(__name__)
+# train.init_gene_bias=data reads the counts of at most this many training cells.
+GENE_BIAS_CELLS = 20_000
 
 
 def seed_everything(seed: int) -> None:
@@ -146,6 +148,28 @@ def _fit(trainer: Trainer, batches, tracker, on_step: Callable | None) -> list[d
             tracker.finish()
 
 
+def gene_bias_from_data(cfg: Config, n_genes: int) -> bool:
+    """Whether a fresh VAE's per-gene logit offsets start from the data (train.init_gene_bias)."""
+    setting = cfg.train.init_gene_bias
+    if setting == "auto":
+        decoded = cfg.model.decode_gene_count
+        subsets = decoded is not None and decoded < n_genes
+        setting = "data" if subsets and cfg.model.likelihood == "nb" and not cfg.train.init_on_meta else "zero"
+    return setting == "data"
+
+
+def gene_totals(batches: Iterator[CellBatch], n_genes: int, max_cells: int = GENE_BIAS_CELLS) -> torch.Tensor:
+    """Each vocabulary gene's summed counts, (G,) float64, over the first max_cells cells of an ordered stream."""
+    totals = torch.zeros(n_genes, dtype=torch.float64)
+    n_cells = 0
+    for batch in batches:
+        totals.index_add_(0, batch.decode_gene_ids, batch.target.double().sum(0))
+        n_cells += batch.target.shape[0]
+        if n_cells >= max_cells:
+            break
+    return totals
+
+
 def train_vae(cfg: Config, dist_info: Dist, on_step: Callable | None = None) -> Path:
     decode_genes = cfg.model.decode_gene_count
     cells = open_train_cells(cfg.data, cfg.train.batch_size, cfg.seed, decode_genes=decode_genes)
@@ -155,6 +179,9 @@ def train_vae(cfg: Config, dist_info: Dist, on_step: Callable | None = None) -> 
         log.info("VAE: each step decodes %d of the %d genes (model.decode_genes)", decode_genes, n_genes)
     with _build_device(cfg):
         vae = SetVAE(cfg.model, n_genes)
+    if gene_bias_from_data(cfg, n_genes):  # before init_from: the genes it copies keep their trained offsets
+        vae.head.init_gene_bias(gene_totals(cells.ordered(), n_genes))
+        log.info("VAE: per-gene logit offsets start from the counts of the training cells (train.init_gene_bias)")
     if cfg.train.init_from:
         init_from(vae, cells.vocabulary, cfg.train.init_from)
     skeleton = VAEArtifact(
