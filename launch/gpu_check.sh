@@ -5,6 +5,7 @@
 #   bash launch/gpu_wheels.sh                   # once, here: omegaconf's wheel into launch/wheels/ (ignored)
 #   bash launch/gpu_check.sh                    # there; arguments go to `bench gpu` (--budget-s, --steps)
 #   bash launch/gpu_check.sh --smoke            # here, on the CPU: Triton's interpreter, tiny shapes
+#   bash launch/gpu_check.sh --smoke --overwrite  # again into ./gpu_check_out (an earlier check's folder only)
 # Python: $PYTHON, else this checkout's .venv if it has one, else python3 (the GPU machine's, which holds
 # torch). What that Python lacks of the project's needs comes from launch/wheels/ (pip --no-index --target) and
 # the checkout itself (PYTHONPATH; kernels/ is imported as scldm_kernels through a symlink), since the package

@@ -659,10 +659,17 @@ def _run_step(step: str, out_dir: Path, smoke: bool, budget: float, log) -> dict
     return {"status": status, "seconds": round(time.perf_counter() - start, 1), "budget_s": budget, "records": records}
 
 
-def run_gpu_check(out_dir: str | Path, smoke: bool, budget_s: float, steps: tuple[str, ...] = STEPS) -> dict:
+def run_gpu_check(
+    out_dir: str | Path, smoke: bool, budget_s: float, steps: tuple[str, ...] = STEPS, overwrite: bool = False
+) -> dict:
     """Run the steps, each in a fresh process within its budget and the total; write results.json and report.md
-    after each step; print the report. The results' `ok` is False when a step failed or a check did not pass."""
+    after each step; print the report. The results' `ok` is False when a step failed or a check did not pass.
+
+    The folder follows outputs.py's rule 2 (a non-empty one is refused unless `overwrite`, and then only an
+    earlier check's, which holds results.json), not rule 3: its files are written in place as the steps go, so
+    that a run stopped from outside (the device tool's time limit) still leaves what it measured."""
     from scldm_scale.config import ConfigError
+    from scldm_scale.outputs import claim_output
 
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
@@ -675,6 +682,7 @@ def run_gpu_check(out_dir: str | Path, smoke: bool, budget_s: float, steps: tupl
                 "bench gpu: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU machine "
                 "(launch/gpu_check.sh), or add --smoke for the CPU run under Triton's interpreter"
             )
+    claim_output(out_dir, "the GPU check's folder", "--out", overwrite, folder=True, marker="results.json")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for step in STEPS:  # a previous run's files would pass for this one's
@@ -862,18 +870,21 @@ def format_report(results: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`scldm-scale bench gpu`."""
+    from scldm_scale.outputs import add_overwrite
+
     parser.add_argument("--out", default="gpu_check", help="output folder: one JSON per step, results.json, report.md")
     parser.add_argument(
         "--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes (times mean nothing)"
     )
     parser.add_argument("--budget-s", type=float, default=420.0, help="seconds for all steps together")
     parser.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset of the steps, run in order")
+    add_overwrite(parser, "an earlier check's --out folder")
     parser.set_defaults(handle=handle)
 
 
 def handle(args: argparse.Namespace) -> None:
     from scldm_scale.config import comma_separated
 
-    results = run_gpu_check(args.out, args.smoke, args.budget_s, tuple(comma_separated(args.steps)))
+    results = run_gpu_check(args.out, args.smoke, args.budget_s, tuple(comma_separated(args.steps)), args.overwrite)
     if not results.get("ok", False):
         raise SystemExit(1)

@@ -182,6 +182,8 @@ def test_a_step_past_its_budget_is_stopped_and_a_spent_total_skips_the_rest(tmp_
     assert stopped["status"] == "stopped at its budget (0 s)" and stopped["records"] == []
     results = run_gpu_check(tmp_path / "out", smoke=True, budget_s=5, steps=("correctness", "kernels"))
     assert not results["ok"]
+    again = run_gpu_check(tmp_path / "out", smoke=True, budget_s=5, steps=("kernels",), overwrite=True)
+    assert list(again["steps"]) == ["kernels"]
     assert {s: r["status"] for s, r in results["steps"].items()} == dict.fromkeys(
         ("correctness", "kernels"), "skipped: the total budget is spent"
     )
@@ -191,6 +193,12 @@ def test_a_step_past_its_budget_is_stopped_and_a_spent_total_skips_the_rest(tmp_
 def test_refusals_name_the_fix(tmp_path, monkeypatch, capsys):
     with pytest.raises(ConfigError, match="--steps: unknown"):
         run_gpu_check(tmp_path, smoke=True, budget_s=10, steps=("warp",))
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="pass --overwrite"):
+        run_gpu_check(tmp_path, smoke=True, budget_s=1)
+    with pytest.raises(ConfigError, match="no results.json"):  # --overwrite replaces only an earlier check
+        run_gpu_check(tmp_path, smoke=True, budget_s=1, overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert main(["bench", "gpu", "--out", str(tmp_path / "o")]) == 2
     assert "add --smoke" in capsys.readouterr().err
