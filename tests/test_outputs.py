@@ -6,6 +6,7 @@ import os
 import socket
 from pathlib import Path
 
+import h5py
 import pytest
 from scldm_test_helpers import dead_pid
 
@@ -317,4 +318,15 @@ def test_a_damaged_h5ad_is_one_line_in_evaluate_and_embed(desk, capsys):
     )
     with pytest.raises(DataError, match="old.h5ad: cannot read as an .h5ad .*copy it again"):
         open_counts(damaged, ["gene_0"])
+    foreign = desk / "new" / "foreign.h5ad"  # HDF5, but not an AnnData
+    foreign.parent.mkdir()
+    with h5py.File(foreign, "w") as f:
+        f["a"] = [1, 2]
+    with pytest.raises(DataError, match=r"cannot read as an .h5ad \(no obs and var groups; .* \['a'\]\)"):
+        open_counts(foreign, ["gene_0"])
+    _refused(
+        ["evaluate", "--real", str(foreign), "--generated", str(foreign), "--out", str(desk / "r")], message, capsys
+    )
+    foreign.unlink()
+    foreign.parent.rmdir()
     _untouched(desk)

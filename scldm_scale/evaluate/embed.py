@@ -224,6 +224,8 @@ def open_h5ad(
     except OSError as err:
         raise unreadable_h5ad(path, err) from err
     try:
+        if not {"obs", "var"} <= set(f):
+            raise unreadable_h5ad(path, ValueError(f"no obs and var groups; its top-level entries are {list(f)}"))
         if layer is not None and ("layers" not in f or layer not in f["layers"]):
             layers = list(f["layers"]) if "layers" in f else []
             raise DataError(f"{path}: no layer {layer!r}; layers are {layers} (omit --layer to use X)")
