@@ -26,6 +26,7 @@ from scldm_scale.artifact import CheckpointError
 from scldm_scale.config import ConfigError
 from scldm_scale.data.counts import DataError
 from scldm_scale.host_memory import fix_mmap_threshold
+from scldm_scale.threads import use_free_cores
 from scldm_scale.world import StopRequested, get_rank, get_world_size
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     tag = f"[rank {get_rank()}] " if get_world_size() > 1 else ""
     level = logging.INFO if get_rank() == 0 else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s")
+    process_entry = argv is None  # main([...]) in a test or a notebook keeps the caller's thread settings
     argv = sys.argv[1:] if argv is None else argv
     words = [word for word in argv if not word.startswith("-")]
     # A group's command names two words: `bench gpu` declares (imports) its own module, not every benchmark's.
@@ -155,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     name = f"{args.command} {getattr(args, args.command)}" if args.command in GROUPS else args.command
     try:
+        if process_entry:
+            use_free_cores(args.command)  # compute commands: torch threads from the cores free now (threads.py)
         args.handle(args)
     except StopRequested as stop:
         if get_rank() == 0:
