@@ -73,14 +73,28 @@ def read_input(path: str | Path) -> ad.AnnData:
     if path.is_dir():
         if not any(p.name.startswith("matrix.mtx") for p in path.iterdir()):
             raise DataError(f"{path} is a folder without matrix.mtx(.gz): expected a 10x Matrix Market folder")
-        adata = _gene_expression_only(sc.read_10x_mtx(path, var_names="gene_ids", gex_only=False), path)
+        try:
+            mtx = sc.read_10x_mtx(path, var_names="gene_ids", gex_only=False)
+        except Exception as err:  # scanpy's FileNotFoundError for a missing part, pandas' and scipy's parse errors
+            raise DataError(
+                f"{path}: cannot read as a 10x Matrix Market folder ({err}); it needs matrix.mtx.gz, barcodes.tsv.gz "
+                "and features.tsv.gz (CellRanger v3), or matrix.mtx, barcodes.tsv and genes.tsv (v2)"
+            ) from err
+        adata = _gene_expression_only(mtx, path)
     elif path.suffix == ".h5ad":
         adata = read_h5ad(path, backed="r")
     elif path.suffix == ".h5":
         adata = _gene_expression_only(_read_10x_h5(path), path)
     elif path.suffix in (".csv", ".gz") and path.name.endswith((".csv", ".csv.gz")):
-        frame = pd.read_csv(path, index_col=0)
-        adata = ad.AnnData(X=sp.csr_matrix(frame.to_numpy(dtype=np.float64)), obs=pd.DataFrame(index=frame.index))
+        try:
+            frame = pd.read_csv(path, index_col=0)
+            x = sp.csr_matrix(frame.to_numpy(dtype=np.float64))
+        except Exception as err:  # a malformed file, non-numeric counts, a damaged .gz
+            raise DataError(
+                f"{path}: cannot read as a cells x genes CSV of counts ({err}); the first column must hold the "
+                "cell ids, the first row the gene ids, every other entry a number"
+            ) from err
+        adata = ad.AnnData(X=x, obs=pd.DataFrame(index=frame.index))
         adata.var_names = frame.columns.astype(str)
     else:
         raise DataError(

@@ -661,3 +661,14 @@ def test_ctrl_c_while_tiledb_writes_is_raised_between_chunks():
         with DeferredInterrupt():
             raise RuntimeError("[TileDB::Query] Error: Query cancelled.")  # TileDB's own SIGINT handler
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_unreadable_csv_and_matrix_market_inputs_are_refused_with_the_expected_layout(tmp_path):
+    (tmp_path / "cells.csv").write_text("cell,g1,g2\nc1,1,2\nc2,x,3\n")
+    with pytest.raises(DataError, match=r"cells.csv: cannot read as a cells x genes CSV .*'x'.*the first column"):
+        prepare(tmp_path / "cells.csv", tmp_path / "out.soma")
+    (tmp_path / "mtx").mkdir()
+    (tmp_path / "mtx" / "matrix.mtx").write_text("%%MatrixMarket matrix coordinate integer general\n3 2 1\n1 1 5\n")
+    with pytest.raises(DataError, match="mtx: cannot read as a 10x Matrix Market folder .*genes.tsv"):
+        prepare(tmp_path / "mtx", tmp_path / "out.soma")
+    assert _entries(tmp_path) == ["cells.csv", "mtx"]
