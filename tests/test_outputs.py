@@ -269,6 +269,8 @@ def _untouched(desk: Path) -> None:
         (["bench", "loader", "--json", "{d}/notes.txt/b.json"], "is a file, not a folder"),
         (["train", str(CONFIG), "train.ckpt_dir={d}/notes.txt/run"], "cannot write the checkpoint folder"),
         (["train", str(CONFIG), "train.metrics_file={d}/notes.txt/m.jsonl", "train.ckpt_dir={d}/run"], "metrics file"),
+        # A model given to evaluate is read before the metrics are computed (and before the cells are read).
+        (["evaluate", "--real", "r", "--generated", "g", "--out", "{d}/r", "--vae-checkpoint", "{d}"], "config.json"),
         # The other kind of thing at the output.
         (["generate", "MODEL", "--n-cells", "5", "--out", "{d}/old_report", "--overwrite"], "it is a folder"),
         (

@@ -20,6 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from scldm_scale import artifact
 from scldm_scale.config import BASELINES, EvalConfig, HoldoutConfig, add_option, from_flags, parse_pairs
 from scldm_scale.data.counts import DataError, validate_counts
 from scldm_scale.data.holdout import combination_mask, describe, holdout_mask
@@ -43,6 +44,10 @@ def _check_options(opts: EvalConfig, have_train: bool) -> None:
     unknown = sorted(set(opts.baselines) - set(BASELINES))
     if unknown:
         raise DataError(f"unknown baselines {unknown}; choose from {list(BASELINES)}")
+    if min(opts.n_pcs, opts.n_hvg, opts.scvi_epochs) < 1:
+        raise DataError(
+            f"--n-pcs, --n-hvg and --scvi-epochs must be >= 1, got {opts.n_pcs}, {opts.n_hvg} and {opts.scvi_epochs}"
+        )
     for combo in opts.holdout.combinations:
         stray = sorted(set(combo) - set(opts.condition_keys))
         if stray or not combo:
@@ -265,7 +270,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`scldm-scale evaluate`; the options are views of `EvalConfig` and `HoldoutConfig`."""
     parser.add_argument("--real", required=True, help="real cells: .h5ad of counts or a SOMA experiment folder")
     parser.add_argument("--generated", required=True, help="generated cells: .h5ad of counts")
-    parser.add_argument("--train", help="real training cells: the baselines and the PCA are fitted on them")
+    train_help = (
+        "real training cells: the baselines and the PCA are fitted on them (default: the train split of --real "
+        "by --split-key; without that column, none: no baselines, the PCA fitted on --real)"
+    )
+    parser.add_argument("--train", help=train_help)
     parser.add_argument("--layer", help="the layer of --real / --train that holds raw counts (default X)")
     split_help = "without --train, a --real column with train/test values splits it into training and real cells"
     parser.add_argument("--split-key", default="split", help=split_help)
@@ -287,6 +296,8 @@ def handle(args: argparse.Namespace) -> None:
     combinations = [parse_pairs(c.split(","), "--holdout") for c in args.combinations]
     opts = from_flags(EvalConfig, args, holdout=from_flags(HoldoutConfig, args, combinations=combinations))
     claim_output(args.out, "an evaluation folder", "--out", args.overwrite, folder=True, marker="metrics.json")
+    if opts.vae_checkpoint:
+        artifact.load(opts.vae_checkpoint)  # a missing or corrupt model is refused now, not after the metrics
     real = read_cells(args.real, "real", args.layer)
     train = read_cells(args.train, "train", args.layer) if args.train else None
     if train is None and (parts := split_real(real, args.split_key, combinations)) is not None:
