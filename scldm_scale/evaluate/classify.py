@@ -169,6 +169,8 @@ def classify(
     if generated is None and (rare_classes or rare_max_train is not None):
         raise DataError("--rare-classes / --rare-max-train choose the classes to augment: pass --generated too")
     embedder = Embedder.from_artifact(checkpoint, device=device, batch_size=batch_size)
+    if generated is not None:  # read after the real cells: an unreadable file is refused now, not then
+        open_counts(generated, embedder.genes, True, None, embedder.allow_non_integer).close()
     source = open_counts(data, embedder.genes, allow_missing_genes, layer, embedder.allow_non_integer)
     try:
         if label_key not in source.obs:
@@ -327,12 +329,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-key", required=True, help="obs column to predict, e.g. cell_type")
     split_help = "obs column with train/test (else a stratified 80/20 split)"
     parser.add_argument("--split-key", default="split", help=split_help)
-    generated_help = "generated cells (.h5ad, labels in obs) to add to rare classes"
+    generated_help = "generated cells (.h5ad, labels in obs) to add to rare classes (default: none)"
     parser.add_argument("--generated", default=None, help=generated_help)
     rare = parser.add_mutually_exclusive_group()
-    rare_help = "the classes to augment"
+    rare_help = "the classes to augment (default: none; or --rare-max-train)"
     rare.add_argument("--rare-classes", type=comma_separated, default=None, metavar="A,B", help=rare_help)
-    max_help = "augment classes with <= N train cells"
+    max_help = "augment classes with <= N train cells (default: none; or --rare-classes)"
     rare.add_argument("--rare-max-train", type=int, default=None, metavar="N", help=max_help)
     add_embed_options(parser)
     parser.add_argument("--out", required=True, help="folder for classify.json and classify.md")
