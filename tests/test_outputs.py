@@ -332,3 +332,20 @@ def test_a_damaged_h5ad_is_one_line_in_evaluate_and_embed(desk, capsys):
     foreign.unlink()
     foreign.parent.rmdir()
     _untouched(desk)
+
+
+def test_train_overwrite_deletes_the_earlier_checkpoints_of_the_stage_only(tmp_path):
+    from scldm_scale.config import load_config
+    from scldm_scale.train.checkpoint import COMPLETE
+    from scldm_scale.train.stages import preflight
+
+    for stage in ("vae", "ldm"):
+        (tmp_path / stage / "step-3").mkdir(parents=True)
+        (tmp_path / stage / "step-3" / COMPLETE).write_text("3\n")
+    cfg = load_config(CONFIG, [f"train.ckpt_dir={tmp_path}", "logging.wandb.mode=disabled"])
+    with pytest.raises(ConfigError, match=r"holds an earlier run's checkpoints of stage=vae \(.*step-3\)"):
+        preflight(cfg, overwrite=False)
+    preflight(load_config(CONFIG, [f"train.ckpt_dir={tmp_path}", "train.resume=auto"]), overwrite=False)
+    assert _entries(tmp_path) == ["ldm", "vae"]
+    preflight(cfg, overwrite=True)
+    assert _entries(tmp_path) == ["ldm"]
