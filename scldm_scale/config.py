@@ -242,7 +242,7 @@ class HoldoutConfig:
     """Condition combinations held out of training, and the columns the additive-shift baseline reads."""
 
     combinations: list[dict[str, str]] = option(
-        [], "a combination held out of training, e.g. cell_line=A,perturbation=P (repeatable)"
+        [], "a combination held out of training, e.g. cell_line=A,perturbation=P (repeatable; default: none)"
     )
     perturbation_key: str = option("perturbation", "obs column of the perturbations (additive-shift baseline)")
     context_key: str = option("cell_line", "obs column of the contexts the perturbations act in")
@@ -253,7 +253,7 @@ class HoldoutConfig:
 class EvalConfig:
     """`scldm-scale evaluate`: what generated cells are compared on, and against which baselines."""
 
-    condition_keys: list[str] = option([], "obs column of conditions (repeatable)")
+    condition_keys: list[str] = option([], "obs column of conditions (repeatable; default: none, all cells as one)")
     baselines: list[str] = option(list(BASELINES), "comma-separated baselines to compute, or '' for none")
     holdout: HoldoutConfig = field(default_factory=HoldoutConfig)
     intersect_genes: bool = option(False, "evaluate on the shared genes only")
@@ -262,7 +262,7 @@ class EvalConfig:
     seed: int = option(0, "random seed of the baselines and the subsampling")
     scvi_epochs: int = option(200, "training epochs of the scvi baseline")
     vae_checkpoint: str | None = option(
-        None, "a vae or ldm model artifact folder: adds its reconstruction of the real cells"
+        None, "a vae or ldm model artifact folder: adds its reconstruction of the real cells (default: none)"
     )
     plots: bool = option(True, "draw the figures")
 
@@ -286,7 +286,7 @@ class PrepareConfig:
     layer: str | None = option(
         None, "layer with raw counts, or raw.X (default: detected among X, a counts layer and raw.X)"
     )
-    labels: list[str] = option([], "comma-separated obs columns to keep, e.g. cell_type,tissue")
+    labels: list[str] = option([], "comma-separated obs columns to keep, e.g. cell_type,tissue (default: none)")
     test_fraction: float = option(0.1, "fraction of the cells in the test split (stratified by the first label)")
     val_fraction: float = option(0.05, "fraction of the cells in the validation split")
     seed: int = option(0, "seed of the split")

@@ -208,10 +208,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`scldm-scale generate`; the sampler's flags are views of `SampleConfig`."""
     parser.add_argument("checkpoint", metavar="MODEL", help="the ldm model artifact folder (<ckpt_dir>/ldm-model)")
     parser.add_argument("--n-cells", type=int, required=True, help="cells to generate")
-    parser.add_argument("--condition", action="append", default=[], metavar="KEY=VALUE", help="repeatable")
-    parser.add_argument(
-        "--cfg", action="append", default=[], metavar="KEY=WEIGHT", help="guidance weight per condition"
-    )
+    condition_help = "an obs value to generate, e.g. cell_type=B (repeatable, one per key; default: unconditional)"
+    cfg_help = "guidance weight of a condition key, e.g. cell_type=2.0 (repeatable; default 1.0: plain conditioning)"
+    parser.add_argument("--condition", action="append", default=[], metavar="KEY=VALUE", help=condition_help)
+    parser.add_argument("--cfg", action="append", default=[], metavar="KEY=WEIGHT", help=cfg_help)
     add_option(parser, SampleConfig, "method", "--sampler")
     add_option(parser, SampleConfig, "n_steps", "--steps")
     add_option(parser, Config, "seed")

@@ -334,7 +334,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-genes", type=int, default=None, help=genes_help)
     tokens_help = "encoder tokens per cell (default: 10%% of the genes)"
     parser.add_argument("--tokens-per-cell", type=int, default=None, help=tokens_help)
-    parser.add_argument("--json", default=None, metavar="OUT", help="also write the plan here")
+    json_help = "also write the plan to this JSON file (default: only print it)"
+    parser.add_argument("--json", default=None, metavar="OUT", help=json_help)
     add_overwrite(parser, "the file at --json")
     parser.set_defaults(handle=handle)
 

@@ -420,9 +420,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="quickstart_out", help="folder for everything the run writes")
     config_help = "a demo config (default configs/quickstart.yaml; configs/perturbation.yaml)"
     parser.add_argument("--config", default=None, help=config_help)
-    data_help = "your raw counts (.h5ad, 10x .h5, Matrix Market folder, CSV) instead of the built-in dataset"
+    data_help = "your raw counts (.h5ad, 10x .h5, Matrix Market folder, CSV) instead of the built-in dataset (default)"
     parser.add_argument("--data", default=None, help=data_help)
-    labels_help = "with --data: comma-separated obs columns to condition on (none: an unconditional prior)"
+    labels_help = "with --data: comma-separated obs columns to condition on (default: none, an unconditional prior)"
     parser.add_argument("--labels", type=comma_separated, default=[], metavar="A,B", help=labels_help)
     minutes_help = "with --data: minutes of training (both stages) to size the steps for"
     parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help=minutes_help)

@@ -285,7 +285,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", type=comma_separated, default=",".join(OPS), help="comma-separated subset")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls before the timed ones")
     parser.add_argument("--reps", type=int, default=20, help="timed calls")
-    parser.add_argument("--json", default=None, metavar="OUT", help="write the records here")
+    json_help = "also write the records to this JSON file (default: only print the table)"
+    parser.add_argument("--json", default=None, metavar="OUT", help=json_help)
     add_overwrite(parser, "the records file at --json")
     parser.set_defaults(handle=handle)
 

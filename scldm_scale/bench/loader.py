@@ -571,10 +571,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="cells per batch")
     workers_help = "comma-separated DataLoader worker counts"
     parser.add_argument("--workers", default="0,2", help=workers_help)
-    parser.add_argument("--json", default=None, help="write the records here")
+    json_help = "also write the records to this JSON file (default: only print the table)"
+    parser.add_argument("--json", default=None, help=json_help)
     parser.add_argument("--dir", default=None, help="where to build the experiment (default: a temp dir)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic cells and the shuffling")
-    uri_help = "measure this experiment instead (prepare's, or a Census-shaped one from synthetic-census)"
+    uri_help = (
+        "measure this experiment instead (prepare's, or a Census-shaped one from synthetic-census; "
+        "default: a synthetic one of --cells x --genes)"
+    )
     parser.add_argument("--uri", default=None, help=uri_help)
     read_help = (
         f"cells per read of both loaders (default: ours {CHUNK_SIZE * BUFFER_CHUNKS:,}, tiledbsoma-ml's default)"
@@ -585,6 +589,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def handle(args: argparse.Namespace) -> None:
+    if min(args.cells, args.genes, args.batch_size) < 1:
+        raise ConfigError(
+            f"--cells, --genes and --batch-size must be >= 1, got {args.cells}, {args.genes} and {args.batch_size}"
+        )
+    if args.uri is not None and not Path(args.uri).is_dir():
+        raise ConfigError(
+            f"--uri {args.uri} is not a folder; pass a SOMA experiment (scldm-scale prepare) or a Census root "
+            "(scldm-scale synthetic-census), or leave --uri out to measure a synthetic experiment"
+        )
     claim_records(args.json, args.overwrite)
     workers = parse_ints(args.workers, "--workers")
     run_loader_bench(

@@ -77,6 +77,11 @@ def run_step_bench(
     unknown = [s for s in sizes if s not in SIZES] + [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise ConfigError(f"unknown sizes/strategies {unknown}; sizes: {list(SIZES)}, strategies: {list(STRATEGIES)}")
+    if min(nproc, global_batch, steps) < 1 or not 0 <= warmup < steps:
+        raise ConfigError(
+            f"--nproc, --global-batch and --steps must be >= 1 and 0 <= --warmup < --steps; got {nproc}, "
+            f"{global_batch}, {steps} and {warmup}"
+        )
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.setdefault("DS_ACCELERATOR", "cpu" if device == "cpu" else "cuda")
     root = Path(work_dir or tempfile.mkdtemp(prefix="scldm_bench_step_"))
@@ -287,13 +292,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=12, help="training steps per case")
     parser.add_argument("--warmup", type=int, default=4, help="first steps left out of the averages")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--json", default=None, help="write the records here")
+    json_help = "also write the records to this JSON file (default: only print the table)"
+    parser.add_argument("--json", default=None, help=json_help)
     parser.add_argument("--dir", default=None, help="run folders (default: a temp dir)")
-    genes_help = "sweep these gene counts instead, e.g. 2000,8000,36000 (synthetic cells, chunked vs one-pass decoder)"
-    parser.add_argument("--genes", default=None, metavar="G,G", help=genes_help)
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override of the gene sweep's model"
+    set_help = "config override of the gene sweep's model (repeatable; default: none)"
+    genes_help = (
+        "sweep these gene counts instead, e.g. 2000,8000,36000 (synthetic cells, chunked vs one-pass decoder; "
+        "default: no sweep, the --models x --strategies grid)"
     )
+    parser.add_argument("--genes", default=None, metavar="G,G", help=genes_help)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
     add_overwrite(parser, "the records file at --json")
     parser.set_defaults(handle=handle)
 

@@ -201,8 +201,11 @@ def write_synthetic_census(
     out = Path(out)
     if out.exists():
         raise DataError(f"{out} exists; pass a new --out folder")
-    if n_cells < n_datasets or n_genes < 1:
-        raise DataError(f"need at least one cell per dataset and one gene (got {n_cells} cells, {n_genes} genes)")
+    if n_datasets < 1 or n_cells < n_datasets or n_genes < 1 or not median_library > 0:
+        raise DataError(
+            f"need --datasets >= 1, at least one cell per dataset, one gene and a positive --median-library (got "
+            f"{n_cells} cells, {n_genes} genes, {n_datasets} datasets, median library {median_library})"
+        )
     started = time.perf_counter()
     design = census_design(n_cells, n_genes, n_datasets, median_library, seed)
     dataset_names = [f"synthetic-dataset-{d:03d}" for d in range(n_datasets)]

@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from scldm_scale.config import ConfigError
 from scldm_scale.outputs import add_overwrite, claim_output, staged
 
 CONTROL = "control"
@@ -245,6 +246,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def handle(args: argparse.Namespace) -> None:
+    if min(args.cells, args.cell_types, args.donors) < 1 or args.genes < 2:
+        raise ConfigError(
+            f"--cells, --cell-types and --donors must be >= 1 and --genes >= 2; got {args.cells}, {args.cell_types}, "
+            f"{args.donors} and {args.genes}"
+        )
     claim_output(args.out, "the synthetic .h5ad", "--out", args.overwrite, folder=False)
     adata = synthetic_transcriptome(args.cells, args.genes, args.cell_types, args.donors, seed=args.seed)
     with staged(args.out) as target:
