@@ -9,7 +9,7 @@
 # default 8). Arguments go to `scldm-scale quickstart` unchanged: --out DIR, --data, --labels, --minutes, then
 # dot-list overrides of configs/quickstart.yaml (they win over the sizing).
 # Threads: the run uses the CPU cores that other processes leave free when it starts and logs the count
-# ("threads: N per process (...)"); SCLDM_THREADS=N bash launch/quickstart.sh ... sets it (OMP_NUM_THREADS=N too).
+# ("scldm_scale.threads: N threads per process (...)"); SCLDM_THREADS=N bash launch/quickstart.sh ... sets it.
 set -euo pipefail
 # shellcheck source=launch/_venv.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"

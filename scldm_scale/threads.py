@@ -2,7 +2,7 @@
 
 Why: torch's CPU ops run on an OpenMP team of one thread per core (libgomp in the pip wheels), and every
 parallel region waits for its slowest thread, spinning while it waits. Beside one other busy process on 2
-cores, the quickstart prior's steps took ~3x longer with 2 threads than idle, and their CPU time tripled
+cores, the quickstart prior's steps took ~3.5x longer with 2 threads than idle, and their CPU time doubled
 (the spinning), while 1 thread lost only ~10-50% (its models are small: 2 threads bought ~10-20% idle).
 So a command counts the cores that other processes keep busy during a short look at /proc/stat, and gives
 torch (and the BLAS / OpenMP / numba pools loaded later) the free ones.
@@ -54,7 +54,7 @@ class ThreadChoice:
     reason: str
 
     def line(self) -> str:
-        return f"threads: {self.threads} per process ({self.reason})"
+        return f"{self.threads} thread{'s' if self.threads > 1 else ''} per process ({self.reason})"
 
 
 def choose_threads(

@@ -123,7 +123,7 @@ def test_a_compute_command_sets_and_logs_its_threads(monkeypatch, caplog, restor
         choice = threads.use_free_cores("train")
     assert choice.threads == 2 and torch.get_num_threads() == 2 and limits == [2]
     assert all(os.environ[name] == "2" for name in threads.LIBRARY_ENV)
-    assert caplog.messages == [f"threads: 2 per process ({ENV}=2)"]
+    assert caplog.messages == [f"2 threads per process ({ENV}=2)"]
 
 
 def test_other_commands_and_in_process_calls_keep_the_threads(monkeypatch, caplog, restore_threads):
@@ -146,4 +146,4 @@ def test_the_cli_prints_the_chosen_threads(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 2, proc.stderr
-    assert f"threads: 1 per process ({ENV}=1)" in proc.stderr
+    assert f"scldm_scale.threads: 1 thread per process ({ENV}=1)" in proc.stderr
