@@ -12,8 +12,12 @@ Shuffling is scatter-gather, and the global order is a function of (seed, epoch)
    drawn from all over the experiment, and each epoch deals other cells to each rank (tiledbsoma-ml 0.1.0
    instead gives each rank one fixed contiguous block, in the same order every epoch);
 5. a rank reads one buffer (the cells of its batches in it) at a time with one SOMA read, the next one in
-   a background thread while it collates the current one; DataLoader workers take a rank's buffers
-   round-robin and the stream is put back in order, so it does not depend on the number of workers.
+   a background thread while it hands out the current one. With DataLoader workers, worker w of n takes the
+   rank's stream positions p with (p - first) % n == w, and reads, of every buffer, the cells of its own
+   batches: the workers read and produce at once, each holds about 1/n of a buffer, and the DataLoader,
+   which takes one item from each worker in turn, delivers the stream in order (the same stream for any
+   number of workers). A worker sends its batches as CSR rows (~1.5 MB for 128 cells at ~1.5k expressed
+   genes, where the dense (cells, genes) target at 36,000 genes is 18 MB); the consumer collates them.
 
 The state (epoch, batches consumed, seed, ranks, the units left when the epoch's current rank layout
 began) resumes the stream exactly, with any number of workers and with another number of ranks: the
@@ -338,9 +342,23 @@ def units_left(remaining: np.ndarray, world_size: int, position: int) -> np.ndar
     return remaining[~taken]
 
 
+@dataclass
+class _Rows:
+    """One batch as a worker sends it: its rows of a canonical CSR block (the attributes make_batch reads; a
+    view of the block in this process, a copy of just these rows across processes) and its sorted cell
+    positions. The consumer collates it (SomaBatches.make_batch)."""
+
+    data: np.ndarray
+    indices: np.ndarray
+    indptr: np.ndarray
+    shape: tuple[int, int]
+    positions: np.ndarray
+
+
 class _Stream(IterableDataset):
-    """One rank's batches from (epoch, skip) on, epoch after epoch; workers take its reads round-robin and
-    tag what they yield with (epoch, position), so the workers start once, not at every epoch."""
+    """One rank's batches from (epoch, skip) on, epoch after epoch, as CSR rows to collate; workers take its
+    positions in turn and tag what they yield with (epoch, position), so the workers start once, not at
+    every epoch."""
 
     def __init__(self, loader: SomaBatches, epoch: int, skip: int):
         self.loader = loader
@@ -351,9 +369,9 @@ class _Stream(IterableDataset):
         """(epoch, positions to read or None, [(position, cells)], markers to yield after it).
 
         The DataLoader takes one item from each worker in turn, so every worker yields the same number of
-        items per epoch: a worker with fewer batches (or none) pads its epoch with empty markers. Without
-        them, a worker with no reads would never yield (the rank hangs) and the batches of a busier worker
-        would pile up in the main process epoch after epoch.
+        items per epoch: a worker with fewer batches (or none: fewer batches than workers) pads its epoch
+        with empty markers, after its batches. Without them a worker with nothing to read would never yield
+        (the rank hangs), and the turns of the workers would drift out of the stream's order.
         """
         for epoch in itertools.count(self.epoch):
             skip = self.skip if epoch == self.epoch else 0
@@ -365,13 +383,14 @@ class _Stream(IterableDataset):
             for i, (positions, wanted) in enumerate(reads):
                 yield epoch, positions, wanted, pad if i == len(reads) - 1 else 0
 
-    def __iter__(self) -> Iterator[tuple[tuple[int, int], CellBatch | None]]:
+    def __iter__(self) -> Iterator[tuple[tuple[int, int], _Rows | None]]:
+        """((epoch, position), the batch's rows), or ((epoch, -1), None) for a padding marker."""
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         ld = self.loader
         jobs = self._jobs(worker, n_workers)
-        # Read the next buffer in a thread while this one is collated (TileDB releases the GIL), across
-        # epoch boundaries too.
+        # Read the next share of a buffer in a thread while this one is handed out (TileDB releases the GIL),
+        # across epoch boundaries too.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="soma-read") as pool:
 
             def submit(job):
@@ -385,13 +404,18 @@ class _Stream(IterableDataset):
                 pending = submit(job)
                 if current:
                     # One row gather puts the block in batch order (cells sorted within a batch); each
-                    # batch is then a contiguous, cheap row slice.
+                    # batch is then a contiguous row range.
                     cells = [np.sort(c) for _, c in current]
                     block = block[np.searchsorted(block_positions, np.concatenate(cells))]
+                    data, indices, indptr = block.data, block.indices, block.indptr
                     start = 0
                     for (position, _), batch_cells in zip(current, cells, strict=True):
-                        yield (epoch, position), ld.make_batch(block, batch_cells, start, epoch)
-                        start += len(batch_cells)
+                        stop = start + len(batch_cells)
+                        a, b = indptr[start], indptr[stop]
+                        shape = (stop - start, block.shape[1])
+                        rows = _Rows(data[a:b], indices[a:b], indptr[start : stop + 1] - a, shape, batch_cells)
+                        yield (epoch, position), rows
+                        start = stop
                 for _ in range(pad):
                     yield (epoch, -1), None
 
@@ -470,23 +494,23 @@ class SomaBatches:
         return order, units, runs
 
     def reads(self, epoch: int, skip: int, worker: int, n_workers: int) -> list[tuple[np.ndarray, list]]:
-        """This worker's reads of the epoch from stream position `skip` on: one per run of units in one
-        buffer (run k belongs to worker k % n_workers), as (sorted positions, [(stream position, cells)])."""
+        """This worker's reads of the epoch from stream position `skip` on: its positions are those p with
+        (p - skip) % n_workers == worker, and it reads their cells in one buffer at a time, as (sorted cell
+        positions, [(stream position, cells)]) per buffer."""
         order, units, runs = self._runs(epoch, skip)
         jobs = []
-        for k, (first, stop) in enumerate(runs):
-            if k % n_workers != worker or first >= stop:
+        for first, stop in runs:
+            mine = range(first + (worker - (first - skip)) % n_workers, stop, n_workers)
+            if len(mine) == 0:
                 continue
-            wanted = list(zip(range(first, stop), order.batches(units[first:stop]), strict=True))
+            wanted = list(zip(mine, order.batches(units[mine.start : mine.stop : mine.step]), strict=True))
             jobs.append((np.sort(np.concatenate([cells for _, cells in wanted])), wanted))
         return jobs
 
     def worker_batches(self, epoch: int, skip: int, n_workers: int) -> list[int]:
         """How many batches of the epoch each worker yields (before padding)."""
-        counts = [0] * n_workers
-        for k, (first, stop) in enumerate(self._runs(epoch, skip)[2]):
-            counts[k % n_workers] += max(stop - first, 0)
-        return counts
+        total = len(self.plan(epoch)[1]) - skip
+        return [len(range(w, total, n_workers)) for w in range(n_workers)]
 
     def limit(self, epoch: int) -> int:
         """Batches every rank yields in this epoch (the same on all ranks)."""
@@ -494,12 +518,12 @@ class SomaBatches:
         return len(self._remaining_units(epoch, order)) // self.world_size
 
     def make_batch(
-        self, block: sp.csr_matrix, positions: np.ndarray, start: int = 0, epoch: int | None = None
+        self, block: sp.csr_matrix | _Rows, positions: np.ndarray, start: int = 0, epoch: int | None = None
     ) -> CellBatch:
         """The batch of the cells at `positions` (sorted): rows [start, start + len(positions)) of a block
-        from SomaCells.read (canonical CSR). A batch of the training stream passes its `epoch`: with
-        decode_genes set, it decodes a subset drawn from (seed, epoch, positions); without (reads in order,
-        for latents or library sizes) it decodes every gene."""
+        from SomaCells.read (canonical CSR), or of a worker's _Rows. A batch of the training stream passes its
+        `epoch`: with decode_genes set, it decodes a subset drawn from (seed, epoch, positions); without (reads
+        in order, for latents or library sizes) it decodes every gene."""
         conditions = {k: v[positions] for k, v in self.condition_ids.items()}
         # Sampled zero tokens depend on the cells of the batch and the seed only: reproducible on resume.
         rng = np.random.default_rng([self.seed, *positions.tolist()]) if self.policy.mode != "expressed" else None
@@ -538,24 +562,26 @@ class SomaBatches:
                     # has finished its step and checkpointed. (SIGTERM is left alone: the DataLoader stops
                     # its own workers with it.)
                     worker_init_fn=_ignore_sigint,
-                    pin_memory=torch.cuda.is_available(),
+                    collate_fn=_as_sent,  # not default_convert, which would turn numpy arrays into tensors
                 )
             )
-        # Workers deliver round-robin, each a whole buffer at a time: batches that arrive before their turn
-        # wait here (at most about one buffer's batches per extra worker).
-        pending: dict[tuple[int, int], CellBatch] = {}
+        # The DataLoader takes the workers' items in turn, which is the stream's order; a batch that arrived
+        # early would wait here.
+        pending: dict[tuple[int, int], _Rows] = {}
+        pin = self.num_workers > 0 and torch.cuda.is_available()
         limit = self.limit(self.epoch)
-        for key, batch in tagged:
-            if batch is None:  # a worker's padding marker
+        for key, rows in tagged:
+            if rows is None:  # a worker's padding marker
                 continue
-            pending[tuple(key)] = batch  # the DataLoader hands tuples over as lists
+            pending[tuple(key)] = rows  # the DataLoader hands tuples over as lists
             while (self.epoch, self.position) in pending:
-                out = pending.pop((self.epoch, self.position))
+                rows = pending.pop((self.epoch, self.position))
+                out = self.make_batch(rows, rows.positions, 0, self.epoch)
                 self.position += 1
                 if self.position == limit:
                     self.epoch, self.position, self._remaining = self.epoch + 1, 0, None
                     limit = self.limit(self.epoch)
-                yield out
+                yield out.pin_memory() if pin else out
 
     def __iter__(self) -> Iterator[CellBatch]:
         return self
@@ -619,6 +645,10 @@ class SomaBatches:
             )
             self._remaining, self.position = _as_intervals(left), 0
         self._stream = None
+
+
+def _as_sent(item):
+    return item
 
 
 def _ignore_sigint(_worker_id: int) -> None:

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import numpy as np
@@ -183,6 +184,18 @@ def test_same_seed_same_stream_other_seed_or_epoch_other_order(train_cells, soma
 # --- sharding over ranks and workers -------------------------------------------------------------------
 
 
+def _worker_stream(loader: SomaBatches, worker: int, n_workers: int, monkeypatch, skip: int = 0) -> Iterator:
+    """What DataLoader worker `worker` of `n_workers` would yield, run in this process (endless)."""
+    monkeypatch.setattr(soma, "get_worker_info", lambda: SimpleNamespace(id=worker, num_workers=n_workers))
+    return iter(soma._Stream(loader, epoch=0, skip=skip))
+
+
+def _collated(loader: SomaBatches, tagged) -> list:
+    """A worker's items of epoch 0 as (position, CellBatch), as the consumer collates them."""
+    epoch0 = itertools.takewhile(lambda x: x[0][0] == 0, tagged)
+    return [(p, loader.make_batch(rows, rows.positions, 0, e)) for (e, p), rows in epoch0 if rows is not None]
+
+
 def test_ranks_and_workers_partition_an_epoch(train_cells, soma_experiment, monkeypatch):
     marker = soma_experiment.marker_column
     world_size, n_workers = 2, 2
@@ -192,14 +205,11 @@ def test_ranks_and_workers_partition_an_epoch(train_cells, soma_experiment, monk
         loader = _loader(train_cells, rank=rank, world_size=world_size, num_workers=n_workers)
         assert loader.limit(0) == limit
         for worker in range(n_workers):
-            # What DataLoader worker `worker` of `n_workers` would produce, run in this process.
-            monkeypatch.setattr(soma, "get_worker_info", lambda w=worker: SimpleNamespace(id=w, num_workers=n_workers))
-            tagged = soma._Stream(loader, epoch=0, skip=0)  # endless: take epoch 0
-            epoch0 = itertools.takewhile(lambda x: x[0][0] == 0, tagged)
-            streams[rank, worker] = [(p, b) for (e, p), b in epoch0 if b is not None]
+            streams[rank, worker] = _collated(loader, _worker_stream(loader, worker, n_workers, monkeypatch))
         positions = sorted(p for w in range(n_workers) for p, _ in streams[rank, w])
         assert positions == list(range(limit))  # the workers together yield the rank's stream once
-        assert all(streams[rank, w] for w in range(n_workers))  # and both workers take part
+        for w in range(n_workers):  # each takes every n-th position, in order: the DataLoader's turns
+            assert [p for p, _ in streams[rank, w]] == list(range(w, limit, n_workers))
 
     cells = {key: np.concatenate([_joinids(b, marker) for _, b in tagged]) for key, tagged in streams.items()}
     every = np.concatenate(list(cells.values()))
@@ -210,16 +220,42 @@ def test_ranks_and_workers_partition_an_epoch(train_cells, soma_experiment, monk
     np.testing.assert_array_equal(np.sort(every), np.sort(train_cells.joinids[planned]))
 
 
-def test_workers_yield_equal_items_per_epoch_even_without_reads(train_cells, monkeypatch):
-    # One buffer holds the whole split: 1 read per epoch, so worker 1 of 2 has nothing to read. The
-    # DataLoader takes items from its workers in turn: worker 1 must pad every epoch with as many markers as
-    # worker 0 has batches, or the rank hangs (and a busier worker's batches pile up epoch after epoch).
+def test_workers_share_every_buffer_and_read_only_their_own_cells(train_cells):
+    # One buffer holds the whole split (53 batches): both workers read it, each the cells of its own batches,
+    # so they produce at once and each holds about half a buffer.
     loader = _loader(train_cells, buffer_chunks=64, num_workers=2)
-    per_worker = {}
-    for worker in range(2):
-        monkeypatch.setattr(soma, "get_worker_info", lambda w=worker: SimpleNamespace(id=w, num_workers=2))
-        items = list(itertools.islice(soma._Stream(loader, epoch=0, skip=0), 3 * loader.limit(0)))
-        per_worker[worker] = items
+    reads = [loader.reads(0, 0, worker, 2) for worker in range(2)]
+    assert [len(r) for r in reads] == [1, 1]
+    read_cells = [set(r[0][0].tolist()) for r in reads]
+    assert not read_cells[0] & read_cells[1]
+    assert [len(c) for c in read_cells] == [27 * 6, 26 * 6]
+    for worker, [(positions, wanted)] in enumerate(reads):
+        assert [p for p, _ in wanted] == list(range(worker, 53, 2))
+        assert sorted(np.concatenate([c for _, c in wanted]).tolist()) == positions.tolist()
+    # Resumed at position 5, the turns start again with worker 0 at position 5.
+    assert [p for p, _ in loader.reads(0, 5, 0, 2)[0][1]] == list(range(5, 53, 2))
+
+
+def test_sent_rows_collate_to_the_in_process_batches(train_cells, monkeypatch):
+    # A worker sends CSR rows and the consumer collates: the same batches as collating the read block.
+    loader = _loader(train_cells, num_workers=2)
+    got = _collated(loader, _worker_stream(loader, 1, 2, monkeypatch))
+    order, units = loader.plan(0)
+    for position, batch in got[:6]:
+        cells = np.sort(order.batches(units[position : position + 1])[0])
+        want = loader.make_batch(train_cells.read(cells), cells, 0, 0)
+        for name in ("gene_ids", "counts", "mask", "target", "decode_gene_ids", "library_size"):
+            torch.testing.assert_close(getattr(batch, name), getattr(want, name), rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(batch.conditions["cell_type"], want.conditions["cell_type"], rtol=0, atol=0)
+
+
+def test_workers_yield_equal_items_per_epoch_even_without_reads(train_cells, monkeypatch):
+    # 40 ranks: one batch per rank and epoch, so worker 1 of 2 has nothing to read. The DataLoader takes
+    # items from its workers in turn: worker 1 must pad every epoch with as many markers as worker 0 has
+    # batches, or the rank hangs (and the workers' turns drift out of the stream's order).
+    loader = _loader(train_cells, rank=0, world_size=40, num_workers=2)
+    assert loader.limit(0) == 1
+    per_worker = {w: list(itertools.islice(_worker_stream(loader, w, 2, monkeypatch), 3)) for w in range(2)}
     for epoch in range(3):
         counts = [sum(1 for (e, _), _b in per_worker[w] if e == epoch) for w in range(2)]
         assert counts == [loader.limit(epoch)] * 2
