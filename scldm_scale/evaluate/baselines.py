@@ -155,6 +155,7 @@ def independent_nb_cells(
 ) -> tuple[np.ndarray, pd.DataFrame]:
     """Samples of an `IndependentNB` fitted per condition combination on the training cells."""
     requests = _requests(real_labels, train_labels)
+    log.info("independent_nb baseline: fitted on %d training cells", train_counts.shape[0])
     model = IndependentNB().fit(train_counts, combination_labels(train_labels))
     wanted = np.repeat([combo for combo, _, _ in requests], [n for _, n, _ in requests])
     return model.sample(wanted, seed=seed), _labels_for(real_labels, requests)
@@ -176,6 +177,7 @@ def scvi_cells(
         return None
     import anndata as ad
 
+    log.info("scvi baseline: %d epochs on %d training cells", max_epochs, train_counts.shape[0])
     scvi.settings.seed = seed
     adata = ad.AnnData(X=sp.csr_matrix(train_counts, dtype=np.float32))
     scvi.model.SCVI.setup_anndata(adata)

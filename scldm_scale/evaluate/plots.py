@@ -3,6 +3,7 @@ agreement, and a metric-by-condition heatmap. matplotlib's Agg backend: no displ
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import matplotlib
@@ -12,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+log = logging.getLogger(__name__)
 # UMAP is fitted on at most this many cells per side; beyond that a plot shows nothing more.
 UMAP_MAX_CELLS = 5000
 # Metrics where lower is better; the heatmap colours every column so that darker is worse.
@@ -36,6 +38,8 @@ def umap_plot(
     r, g = _subsample(len(real_pcs), rng), _subsample(len(gen_pcs), rng)
     pooled = np.concatenate([real_pcs[r], gen_pcs[g]])
     n_neighbors = max(2, min(15, len(pooled) - 1))
+    # umap-learn's numba functions compile on first use in each process: ~30-50 s on a CPU core.
+    log.info("UMAP of %d cells (its first use in a process compiles numba code, ~30-50 s)", len(pooled))
     xy = umap.UMAP(n_neighbors=n_neighbors, random_state=seed, n_jobs=1).fit_transform(pooled)
     source = np.array(["real"] * len(r) + ["generated"] * len(g))
     condition = np.concatenate([real_cond[r], gen_cond[g]]).astype(str)

@@ -32,6 +32,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from tqdm.auto import tqdm
 
 from scldm_scale.data.counts import DataError
 from scldm_scale.data.vocab import GeneVocabulary, align_var
@@ -123,6 +124,9 @@ class Preprocessor:
     """Normalisation, PCA and HVG choice fitted once on the reference cells, applied to every set."""
 
     def __init__(self, reference_counts: sp.csr_matrix, n_pcs: int, n_hvg: int):
+        log.info(
+            "preprocessing: PCA (%d components) and %d HVGs fitted on %d cells", n_pcs, n_hvg, reference_counts.shape[0]
+        )
         reference = m.normalize_log1p(reference_counts, PREPROCESSING["target_sum"])
         self.pca = m.PCAProjector().fit(reference, n_components=n_pcs)
         self.hvg = m.highly_variable_genes(reference, n_top=n_hvg)
@@ -161,6 +165,20 @@ def _rows(f: Features, mask: np.ndarray) -> Features:
     return Features(f.counts[mask], f.lognorm[mask], f.pcs[mask], f.hvg[mask])
 
 
+def _note_unmatched(method: str, real: pd.DataFrame, gen: pd.DataFrame, notes: list[str]) -> None:
+    """List in `notes` the combinations only one side has; none shared at all is an error."""
+    only_real, only_method = unmatched(real, gen)
+    if len(only_real) == len(set(combination_labels(real))):
+        raise DataError(
+            f"{method}: no condition combination is shared with the real cells (real: {only_real[:5]}, "
+            f"{method}: {only_method[:5]}); check --condition-key and that both files label conditions alike"
+        )
+    if only_real:
+        notes.append(f"{method}: no cells of {len(only_real)} real combination(s), e.g. {only_real[:3]}")
+    if only_method:
+        notes.append(f"{method}: {len(only_method)} combination(s) without real cells, e.g. {only_method[:3]}")
+
+
 def compare(
     real: CellSet,
     methods: dict[str, CellSet],
@@ -173,33 +191,32 @@ def compare(
     features of every set (key "real" and the method names), for the figures.
 
     Combinations that only one side has are left out of every group and listed in `notes`; a method
-    that shares no combination with the real cells is an error.
+    that shares no combination with the real cells is an error. A progress bar counts the groups (on a
+    terminal only; a log line per method otherwise).
     """
     notes = notes if notes is not None else []
+    work = {method: list(groups(real.labels, cells.labels, holdout)) for method, cells in methods.items()}
     real_f = prep(real.counts)
     features = {"real": real_f}
     records = []
-    for method, cells in methods.items():
-        only_real, only_method = unmatched(real.labels, cells.labels)
-        if len(only_real) == len(set(combination_labels(real.labels))):
-            raise DataError(
-                f"{method}: no condition combination is shared with the real cells (real: {only_real[:5]}, "
-                f"{method}: {only_method[:5]}); check --condition-key and that both files label conditions alike"
-            )
-        if only_real:
-            notes.append(f"{method}: no cells of {len(only_real)} real combination(s), e.g. {only_real[:3]}")
-        if only_method:
-            notes.append(f"{method}: {len(only_method)} combination(s) without real cells, e.g. {only_method[:3]}")
-        gen_f = features[method] = prep(cells.counts)
-        for condition, real_rows, gen_rows in groups(real.labels, cells.labels, holdout):
-            n_real, n_gen = int(real_rows.sum()), int(gen_rows.sum())
-            if n_real < 2 or n_gen < 2:
-                if n_real and n_gen:  # an empty side is a combination already listed as unmatched
-                    notes.append(f"{method}, {condition}: {n_real} real and {n_gen} cells, too few for a metric")
-                continue
-            values = group_metrics(_rows(real_f, real_rows), _rows(gen_f, gen_rows), seed)
-            records += [
-                {"metric": k, "condition": condition, "method": method, "value": float(v)} for k, v in values.items()
-            ]
-        log.info("evaluated %s: %d cells", method, len(cells))
+    with tqdm(
+        total=sum(map(len, work.values())), desc="metrics", unit="group", disable=None, dynamic_ncols=True
+    ) as bar:
+        for method, cells in methods.items():
+            bar.set_postfix_str(method)
+            _note_unmatched(method, real.labels, cells.labels, notes)
+            gen_f = features[method] = prep(cells.counts)
+            for condition, real_rows, gen_rows in work[method]:
+                bar.update()
+                n_real, n_gen = int(real_rows.sum()), int(gen_rows.sum())
+                if n_real < 2 or n_gen < 2:
+                    if n_real and n_gen:  # an empty side is a combination already listed as unmatched
+                        notes.append(f"{method}, {condition}: {n_real} real and {n_gen} cells, too few for a metric")
+                    continue
+                values = group_metrics(_rows(real_f, real_rows), _rows(gen_f, gen_rows), seed)
+                records += [
+                    {"metric": k, "condition": condition, "method": method, "value": float(v)}
+                    for k, v in values.items()
+                ]
+            log.info("evaluated %s: %d cells, %d condition groups", method, len(cells), len(work[method]))
     return records, features
