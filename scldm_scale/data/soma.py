@@ -12,12 +12,12 @@ Shuffling is scatter-gather, and the global order is a function of (seed, epoch)
    drawn from all over the experiment, and each epoch deals other cells to each rank (tiledbsoma-ml 0.1.0
    instead gives each rank one fixed contiguous block, in the same order every epoch);
 5. a rank reads one buffer (the cells of its batches in it) at a time with one SOMA read, the next one in
-   a background thread while it hands out the current one. With DataLoader workers, worker w of n takes the
-   rank's stream positions p with (p - first) % n == w, and reads, of every buffer, the cells of its own
-   batches: the workers read and produce at once, each holds about 1/n of a buffer, and the DataLoader,
-   which takes one item from each worker in turn, delivers the stream in order (the same stream for any
-   number of workers). A worker sends its batches as CSR rows (~1.5 MB for 128 cells at ~1.5k expressed
-   genes, where the dense (cells, genes) target at 36,000 genes is 18 MB); the consumer collates them.
+   a background thread while it hands out the current one. DataLoader workers take a rank's buffers
+   round-robin, so they read at once, each a whole buffer (a worker reading 1/n of every buffer instead
+   decompresses nearly the same tiles as a whole read: ~2.5x fewer cells/s on Census-shaped data), and
+   the stream is put back in order, so it does not depend on the number of workers. A worker sends its
+   batches as CSR rows (~1.5 MB for 128 cells at ~1.5k expressed genes, where the dense (cells, genes)
+   target at 36,000 genes is 18 MB, whose pages cost more than its collation); the consumer collates them.
 
 The state (epoch, batches consumed, seed, ranks, the units left when the epoch's current rank layout
 began) resumes the stream exactly, with any number of workers and with another number of ranks: the
@@ -357,7 +357,7 @@ class _Rows:
 
 class _Stream(IterableDataset):
     """One rank's batches from (epoch, skip) on, epoch after epoch, as CSR rows to collate; workers take its
-    positions in turn and tag what they yield with (epoch, position), so the workers start once, not at
+    reads round-robin and tag what they yield with (epoch, position), so the workers start once, not at
     every epoch."""
 
     def __init__(self, loader: SomaBatches, epoch: int, skip: int):
@@ -369,9 +369,9 @@ class _Stream(IterableDataset):
         """(epoch, positions to read or None, [(position, cells)], markers to yield after it).
 
         The DataLoader takes one item from each worker in turn, so every worker yields the same number of
-        items per epoch: a worker with fewer batches (or none: fewer batches than workers) pads its epoch
-        with empty markers, after its batches. Without them a worker with nothing to read would never yield
-        (the rank hangs), and the turns of the workers would drift out of the stream's order.
+        items per epoch: a worker with fewer batches (or none) pads its epoch with empty markers. Without
+        them, a worker with no reads would never yield (the rank hangs) and the batches of a busier worker
+        would pile up in the main process epoch after epoch.
         """
         for epoch in itertools.count(self.epoch):
             skip = self.skip if epoch == self.epoch else 0
@@ -389,8 +389,8 @@ class _Stream(IterableDataset):
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         ld = self.loader
         jobs = self._jobs(worker, n_workers)
-        # Read the next share of a buffer in a thread while this one is handed out (TileDB releases the GIL),
-        # across epoch boundaries too.
+        # Read the next buffer in a thread while this one is handed out (TileDB releases the GIL), across
+        # epoch boundaries too.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="soma-read") as pool:
 
             def submit(job):
@@ -494,23 +494,23 @@ class SomaBatches:
         return order, units, runs
 
     def reads(self, epoch: int, skip: int, worker: int, n_workers: int) -> list[tuple[np.ndarray, list]]:
-        """This worker's reads of the epoch from stream position `skip` on: its positions are those p with
-        (p - skip) % n_workers == worker, and it reads their cells in one buffer at a time, as (sorted cell
-        positions, [(stream position, cells)]) per buffer."""
+        """This worker's reads of the epoch from stream position `skip` on: one per run of units in one
+        buffer (run k belongs to worker k % n_workers), as (sorted positions, [(stream position, cells)])."""
         order, units, runs = self._runs(epoch, skip)
         jobs = []
-        for first, stop in runs:
-            mine = range(first + (worker - (first - skip)) % n_workers, stop, n_workers)
-            if len(mine) == 0:
+        for k, (first, stop) in enumerate(runs):
+            if k % n_workers != worker or first >= stop:
                 continue
-            wanted = list(zip(mine, order.batches(units[mine.start : mine.stop : mine.step]), strict=True))
+            wanted = list(zip(range(first, stop), order.batches(units[first:stop]), strict=True))
             jobs.append((np.sort(np.concatenate([cells for _, cells in wanted])), wanted))
         return jobs
 
     def worker_batches(self, epoch: int, skip: int, n_workers: int) -> list[int]:
         """How many batches of the epoch each worker yields (before padding)."""
-        total = len(self.plan(epoch)[1]) - skip
-        return [len(range(w, total, n_workers)) for w in range(n_workers)]
+        counts = [0] * n_workers
+        for k, (first, stop) in enumerate(self._runs(epoch, skip)[2]):
+            counts[k % n_workers] += max(stop - first, 0)
+        return counts
 
     def limit(self, epoch: int) -> int:
         """Batches every rank yields in this epoch (the same on all ranks)."""
@@ -565,8 +565,8 @@ class SomaBatches:
                     collate_fn=_as_sent,  # not default_convert, which would turn numpy arrays into tensors
                 )
             )
-        # The DataLoader takes the workers' items in turn, which is the stream's order; a batch that arrived
-        # early would wait here.
+        # Workers deliver in turn, each a whole buffer at a time: batches that arrive before their turn wait
+        # here as CSR rows (at most about one buffer's batches per extra worker, as much as a worker's read).
         pending: dict[tuple[int, int], _Rows] = {}
         pin = self.num_workers > 0 and torch.cuda.is_available()
         limit = self.limit(self.epoch)

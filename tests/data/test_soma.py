@@ -208,8 +208,7 @@ def test_ranks_and_workers_partition_an_epoch(train_cells, soma_experiment, monk
             streams[rank, worker] = _collated(loader, _worker_stream(loader, worker, n_workers, monkeypatch))
         positions = sorted(p for w in range(n_workers) for p, _ in streams[rank, w])
         assert positions == list(range(limit))  # the workers together yield the rank's stream once
-        for w in range(n_workers):  # each takes every n-th position, in order: the DataLoader's turns
-            assert [p for p, _ in streams[rank, w]] == list(range(w, limit, n_workers))
+        assert all(streams[rank, w] for w in range(n_workers))  # and both workers take part
 
     cells = {key: np.concatenate([_joinids(b, marker) for _, b in tagged]) for key, tagged in streams.items()}
     every = np.concatenate(list(cells.values()))
@@ -218,22 +217,6 @@ def test_ranks_and_workers_partition_an_epoch(train_cells, soma_experiment, monk
     order = _plan()
     planned = np.concatenate(order.batches(np.arange(world_size * limit)))
     np.testing.assert_array_equal(np.sort(every), np.sort(train_cells.joinids[planned]))
-
-
-def test_workers_share_every_buffer_and_read_only_their_own_cells(train_cells):
-    # One buffer holds the whole split (53 batches): both workers read it, each the cells of its own batches,
-    # so they produce at once and each holds about half a buffer.
-    loader = _loader(train_cells, buffer_chunks=64, num_workers=2)
-    reads = [loader.reads(0, 0, worker, 2) for worker in range(2)]
-    assert [len(r) for r in reads] == [1, 1]
-    read_cells = [set(r[0][0].tolist()) for r in reads]
-    assert not read_cells[0] & read_cells[1]
-    assert [len(c) for c in read_cells] == [27 * 6, 26 * 6]
-    for worker, [(positions, wanted)] in enumerate(reads):
-        assert [p for p, _ in wanted] == list(range(worker, 53, 2))
-        assert sorted(np.concatenate([c for _, c in wanted]).tolist()) == positions.tolist()
-    # Resumed at position 5, the turns start again with worker 0 at position 5.
-    assert [p for p, _ in loader.reads(0, 5, 0, 2)[0][1]] == list(range(5, 53, 2))
 
 
 def test_sent_rows_collate_to_the_in_process_batches(train_cells, monkeypatch):
@@ -250,12 +233,13 @@ def test_sent_rows_collate_to_the_in_process_batches(train_cells, monkeypatch):
 
 
 def test_workers_yield_equal_items_per_epoch_even_without_reads(train_cells, monkeypatch):
-    # 40 ranks: one batch per rank and epoch, so worker 1 of 2 has nothing to read. The DataLoader takes
-    # items from its workers in turn: worker 1 must pad every epoch with as many markers as worker 0 has
-    # batches, or the rank hangs (and the workers' turns drift out of the stream's order).
-    loader = _loader(train_cells, rank=0, world_size=40, num_workers=2)
-    assert loader.limit(0) == 1
-    per_worker = {w: list(itertools.islice(_worker_stream(loader, w, 2, monkeypatch), 3)) for w in range(2)}
+    # One buffer holds the whole split: 1 read per epoch, so worker 1 of 2 has nothing to read. The
+    # DataLoader takes items from its workers in turn: worker 1 must pad every epoch with as many markers as
+    # worker 0 has batches, or the rank hangs (and a busier worker's batches pile up epoch after epoch).
+    loader = _loader(train_cells, buffer_chunks=64, num_workers=2)
+    per_worker = {
+        w: list(itertools.islice(_worker_stream(loader, w, 2, monkeypatch), 3 * loader.limit(0))) for w in range(2)
+    }
     for epoch in range(3):
         counts = [sum(1 for (e, _), _b in per_worker[w] if e == epoch) for w in range(2)]
         assert counts == [loader.limit(epoch)] * 2
