@@ -273,7 +273,7 @@ class EmbedConfig:
 
     batch_size: int = option(256, "cells per encoder batch")
     device: str = option("cpu", "torch device of the encoder")
-    layer: str | None = option(None, "layer of an .h5ad input with raw counts (default: X)")
+    layer: str | None = option(None, "layer of an .h5ad input with raw counts, or raw.X (default: X)")
     allow_missing_genes: bool = option(
         False, "encode when the input lacks some of the model's genes (they become absent tokens)"
     )

@@ -226,6 +226,8 @@ def handle(args: argparse.Namespace) -> None:
     guidance = parse_pairs(args.cfg, "--cfg", float)
     if args.n_cells <= 0:
         raise ConfigError(f"--n-cells must be positive, got {args.n_cells}")
+    if args.n_steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {args.n_steps}")
     # Checked before sampling, so a bad --out fails now rather than after the whole run.
     claim_output(args.out, "the generated .h5ad", "--out", args.overwrite, folder=False)
     sampler = from_flags(SampleConfig, args)

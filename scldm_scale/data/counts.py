@@ -18,6 +18,12 @@ if TYPE_CHECKING:  # imported where used: DataError and validate_counts serve co
     import anndata as ad
 
 BUILTIN_DATASETS = ("pbmc68k_reduced", "synthetic_perturbation")
+RAW_X = "raw.X"  # the name a `--layer` flag (or data.layer) gives to .raw.X
+# How a training config fixes non-integer counts; commands pass their own flags (`layer_fix`).
+CONFIG_FIX = (
+    "point data.layer at the counts layer, or set data.allow_non_integer=true if the values are deliberately "
+    "non-integer"
+)
 # raw.X of pbmc68k_reduced is stored with 3 decimals, so a recovered count x carries a relative error
 # of about 5e-4: every entry lies within 0.03 + 6e-4 * x of an integer (0.08 at the largest, 213).
 _PBMC_ABS_TOLERANCE = 0.03
@@ -47,17 +53,26 @@ def read_h5ad(path: str | Path, backed: str | None = None) -> ad.AnnData:
         raise unreadable_h5ad(path, err) from err
 
 
-def validate_counts(x: sp.csr_matrix | np.ndarray, where: str, allow_non_integer: bool = False) -> None:
-    """Reject NaN/inf, negative and (unless allowed) non-integer counts, naming the first bad cell."""
+def validate_counts(
+    x: sp.csr_matrix | np.ndarray, where: str, allow_non_integer: bool = False, fix: str = CONFIG_FIX
+) -> None:
+    """Reject NaN/inf, negative and (unless allowed) non-integer counts, naming the first bad cell; `fix` says
+    how to point the reader at the counts (the caller's own flags: `layer_fix`)."""
     problem = count_problem(x, allow_non_integer)
     if problem is None:
         return
     if "non-integer" in problem:
-        raise DataError(
-            f"{where}: {problem}; the model needs raw integer counts — point data.layer at the counts layer, or "
-            "set data.allow_non_integer=true if the values are deliberately non-integer"
-        )
+        raise DataError(f"{where}: {problem}; the model needs raw integer counts — {fix}")
     raise DataError(f"{where}: {problem}")
+
+
+def layer_fix(layers: list[str], has_raw: bool, flag: str = "--layer") -> str:
+    """How a command's user points it at the raw counts of an AnnData: its layers and .raw.X, by `flag`."""
+    where = [f"a layer ({', '.join(layers)})"] if layers else []
+    where += [f"{RAW_X} (.raw.X holds the counts of many published files)"] if has_raw else []
+    if not where:
+        return f"this file has no layers and no .raw: write its raw counts to X or to a layer and pass {flag} NAME"
+    return f"pass {flag} with " + " or ".join(where)
 
 
 def validate_labels(obs, keys, where: str) -> None:
@@ -133,8 +148,10 @@ def load_builtin(name: str) -> ad.AnnData:
     return adata
 
 
-def read_counts(path: str | Path, layer: str | None = None) -> ad.AnnData:
-    """Read an .h5ad and return an AnnData whose X is the CSR count matrix (layer moved into X)."""
+def read_counts(path: str | Path, layer: str | None = None, flag: str | None = None) -> ad.AnnData:
+    """Read an .h5ad and return an AnnData whose X is the CSR count matrix (a layer or `RAW_X` moved into X).
+    Given the `flag` that chose the layer, the counts are validated here and a refusal names that flag and the
+    file's layers; without it the caller validates (training names its config keys)."""
     import anndata as ad
 
     path = Path(path)
@@ -143,13 +160,28 @@ def read_counts(path: str | Path, layer: str | None = None) -> ad.AnnData:
     if path.suffix != ".h5ad":
         raise DataError(f"{path}: expected an .h5ad file")
     adata = read_h5ad(path)
-    if layer is not None:
+    name = f"{flag} " if flag else "data.layer="
+    var = adata.var
+    if layer == RAW_X:
+        if adata.raw is None:
+            raise DataError(f"{path}: {name}{RAW_X} but the file has no .raw; layers are {list(adata.layers)}")
+        x, var = adata.raw.X, adata.raw.var
+    elif layer is not None:
         if layer not in adata.layers:
-            raise DataError(f"{path}: no layer {layer!r}; layers are {list(adata.layers)} (null means X)")
+            raise DataError(
+                f"{path}: no layer {layer!r}; layers are {list(adata.layers)}"
+                + (f", and .raw.X ({name}{RAW_X})" if adata.raw is not None else "")
+                + (f" (omit {flag} to use X)" if flag else " (null means X)")
+            )
         x = adata.layers[layer]
     else:
         x = adata.X
     if x is None:
-        raise DataError(f"{path}: X is empty; set data.layer to the layer with raw counts")
-    out = ad.AnnData(X=sp.csr_matrix(x, dtype=np.float32), obs=adata.obs.copy(), var=adata.var.copy())
+        raise DataError(
+            f"{path}: X is empty; {layer_fix(list(adata.layers), adata.raw is not None, flag or 'data.layer')}"
+        )
+    out = ad.AnnData(X=sp.csr_matrix(x, dtype=np.float32), obs=adata.obs.copy(), var=var.copy())
+    if flag is not None:
+        source = f"{path} ({RAW_X if layer == RAW_X else f'layer {layer!r}' if layer else 'X'})"
+        validate_counts(out.X, source, fix=layer_fix(list(adata.layers), adata.raw is not None, flag))
     return out

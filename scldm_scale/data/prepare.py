@@ -44,7 +44,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from scldm_scale.config import PrepareConfig, add_options, from_flags
-from scldm_scale.data.counts import DataError, count_problem, read_h5ad, validate_counts, validate_labels
+from scldm_scale.data.counts import RAW_X, DataError, count_problem, read_h5ad, validate_counts, validate_labels
 from scldm_scale.data.genes import select_genes
 from scldm_scale.data.split import stratified_split
 from scldm_scale.data.vocab import GENE_ID_COLUMNS, GENE_NAME_COLUMNS, GeneVocabulary
@@ -58,7 +58,6 @@ SPLIT_COLUMN = "split"
 VALIDATE_CHUNK_ROWS = 10_000
 # Layers tried for raw counts after X, in order; `RAW_X` names .raw.X (tried last).
 COUNT_LAYERS = ("counts", "raw_counts", "umi_counts")
-RAW_X = "raw.X"
 INDEX = "index"  # --gene-id-column / --gene-name-column value naming var_names
 ENSEMBL_GENE_ID = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 

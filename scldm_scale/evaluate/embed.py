@@ -42,7 +42,7 @@ from scldm_scale import artifact
 from scldm_scale.artifact import Artifact
 from scldm_scale.config import ConfigError, EmbedConfig, add_options
 from scldm_scale.data.batch import EXPRESSED_ONLY, TokenPolicy, canonical_csr, collate_csr, sample_zero_genes
-from scldm_scale.data.counts import DataError, unreadable_h5ad, validate_counts
+from scldm_scale.data.counts import CONFIG_FIX, RAW_X, DataError, layer_fix, unreadable_h5ad, validate_counts
 from scldm_scale.data.vocab import GeneAlignment, GeneVocabulary, align_var
 from scldm_scale.models.vae import SetVAE
 from scldm_scale.outputs import add_overwrite, claim_output, staged
@@ -183,9 +183,11 @@ class MatrixCounts:
         allow_missing_genes: bool,
         allow_non_integer: bool,
         on_close=None,
+        fix: str = CONFIG_FIX,
     ):
         self.where = where
         self.allow_non_integer = allow_non_integer
+        self.fix = fix
         self.obs = obs
         self._x = x
         self._on_close = on_close
@@ -201,7 +203,7 @@ class MatrixCounts:
         for start in range(0, self.n_cells, rows):
             stop = min(start + rows, self.n_cells)
             block = sp.csr_matrix(self._x[start:stop], dtype=np.float32)[:, self._columns]
-            _validate(block, self.where, start, self.allow_non_integer)
+            _validate(block, self.where, start, self.allow_non_integer, self.fix)
             yield start, block
 
     def close(self) -> None:
@@ -226,18 +228,23 @@ def open_h5ad(
     try:
         if not {"obs", "var"} <= set(f):
             raise unreadable_h5ad(path, ValueError(f"no obs and var groups; its top-level entries are {list(f)}"))
-        if layer is not None and ("layers" not in f or layer not in f["layers"]):
-            layers = list(f["layers"]) if "layers" in f else []
-            raise DataError(f"{path}: no layer {layer!r}; layers are {layers} (omit --layer to use X)")
+        layers, has_raw = (list(f["layers"]) if "layers" in f else []), "raw" in f and "X" in f["raw"]
+        fix = layer_fix(layers, has_raw)
+        if layer == RAW_X and not has_raw:
+            raise DataError(f"{path}: --layer {RAW_X} but the file has no .raw.X; layers are {layers}")
+        if layer not in (None, RAW_X) and layer not in layers:
+            raise DataError(f"{path}: no layer {layer!r}; {fix} (omit --layer to use X)")
         if layer is None and "X" not in f:
-            raise DataError(f"{path}: X is empty; pass --layer with the layer of raw counts")
-        matrix = f["layers"][layer] if layer is not None else f["X"]
+            raise DataError(f"{path}: X is empty; {fix}")
+        group = f["raw"] if layer == RAW_X else f  # .raw has its own X and var
+        matrix = group["X"] if layer in (None, RAW_X) else f["layers"][layer]
         x = ad.io.sparse_dataset(matrix) if isinstance(matrix, h5py.Group) else matrix
         try:
-            obs, var = ad.io.read_elem(f["obs"]), ad.io.read_elem(f["var"])
+            obs, var = ad.io.read_elem(f["obs"]), ad.io.read_elem(group["var"])
         except Exception as err:  # a damaged file or an HDF5 file that is not an AnnData
             raise unreadable_h5ad(path, err) from err
-        return MatrixCounts(x, obs, var, str(path), vocabulary, allow_missing_genes, allow_non_integer, f.close)
+        where = f"{path} ({RAW_X if layer == RAW_X else f'layer {layer!r}' if layer else 'X'})"
+        return MatrixCounts(x, obs, var, where, vocabulary, allow_missing_genes, allow_non_integer, f.close, fix)
     except BaseException:
         f.close()
         raise
@@ -251,12 +258,17 @@ def in_memory(
     allow_non_integer: bool,
 ) -> MatrixCounts:
     """The cells of an in-memory AnnData (X, or a layer): the notebook API's input."""
-    if layer is not None and layer not in adata.layers:
-        raise DataError(f"the AnnData has no layer {layer!r}; layers are {list(adata.layers)} (layer=None uses X)")
-    x = adata.layers[layer] if layer is not None else adata.X
+    fix = layer_fix(list(adata.layers), adata.raw is not None, "layer=")
+    if layer == RAW_X and adata.raw is None:
+        raise DataError(f"the AnnData has no .raw (layer={RAW_X!r}); layers are {list(adata.layers)}")
+    if layer not in (None, RAW_X) and layer not in adata.layers:
+        raise DataError(f"the AnnData has no layer {layer!r}; {fix} (layer=None uses X)")
+    x = adata.raw.X if layer == RAW_X else adata.layers[layer] if layer is not None else adata.X
+    var = adata.raw.var if layer == RAW_X else adata.var
     if x is None:
-        raise DataError("the AnnData's X is empty; pass layer= with the layer of raw counts")
-    return MatrixCounts(x, adata.obs, adata.var, "the AnnData", vocabulary, allow_missing_genes, allow_non_integer)
+        raise DataError(f"the AnnData's X is empty; {fix}")
+    where = "the AnnData" + (f" ({RAW_X})" if layer == RAW_X else f" (layer {layer!r})" if layer else "")
+    return MatrixCounts(x, adata.obs, var, where, vocabulary, allow_missing_genes, allow_non_integer, fix=fix)
 
 
 class SomaCounts:
@@ -295,9 +307,9 @@ class SomaCounts:
         """Each read opens and closes the experiment itself."""
 
 
-def _validate(block: sp.csr_matrix, where: str, start: int, allow_non_integer: bool) -> None:
+def _validate(block: sp.csr_matrix, where: str, start: int, allow_non_integer: bool, fix: str = CONFIG_FIX) -> None:
     try:
-        validate_counts(block, where, allow_non_integer)
+        validate_counts(block, where, allow_non_integer, fix)
     except DataError as err:
         raise DataError(f"{err} (in cells {start}..{start + block.shape[0] - 1})") from None
 
@@ -337,12 +349,12 @@ def encode_source(embedder: Embedder, source: MatrixCounts | SomaCounts, progres
     """Posterior-mean latents (N, M, L) float32 of every cell of a source, in order, one chunk at a time."""
     m, latent_dim = embedder.latent_shape
     out = np.empty((source.n_cells, m, latent_dim), dtype=np.float32)
-    bar = tqdm(total=source.n_cells, desc="embed", unit="cell", disable=not progress, dynamic_ncols=True)
-    for start, block in source.blocks():
-        check_expressed(block, source.obs.index, start, source.where)
-        out[start : start + block.shape[0]] = embedder.encode(block, source.gene_ids, first_row=start)
-        bar.update(block.shape[0])
-    bar.close()
+    # A context: a refused block closes the bar's line first, so the refusal is a line of its own.
+    with tqdm(total=source.n_cells, desc="embed", unit="cell", disable=not progress, dynamic_ncols=True) as bar:
+        for start, block in source.blocks():
+            check_expressed(block, source.obs.index, start, source.where)
+            out[start : start + block.shape[0]] = embedder.encode(block, source.gene_ids, first_row=start)
+            bar.update(block.shape[0])
     return out
 
 

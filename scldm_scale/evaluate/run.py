@@ -241,7 +241,7 @@ def read_cells(path: str | Path, what: str, layer: str | None = None) -> ad.AnnD
         return read_anndata(SomaSpec(uri=str(path), layer=layer or "counts"))
     from scldm_scale.data.counts import read_counts
 
-    return read_counts(path, layer)
+    return read_counts(path, layer, flag="--layer")
 
 
 def split_real(
@@ -275,7 +275,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "by --split-key; without that column, none: no baselines, the PCA fitted on --real)"
     )
     parser.add_argument("--train", help=train_help)
-    parser.add_argument("--layer", help="the layer of --real / --train that holds raw counts (default X)")
+    layer_help = "the layer of --real / --train that holds raw counts, or raw.X for .raw.X (default X)"
+    parser.add_argument("--layer", help=layer_help)
     split_help = "without --train, a --real column with train/test values splits it into training and real cells"
     parser.add_argument("--split-key", default="split", help=split_help)
     add_option(parser, EvalConfig, "condition_keys", "--condition-key", action="append", metavar="KEY")

@@ -174,11 +174,30 @@ def test_counts_are_read_from_a_layer_and_validated(vae_ckpt, synthetic_h5ad, tm
     layered.layers["counts"] = source.X.copy()
     layered.X = source.X.log1p()  # log-normalised X, counts in a layer
     path = _write(layered, tmp_path / "layered.h5ad")
-    with pytest.raises(DataError, match="non-integer values"):
+    # The refusal names embed's own flag and the file's layers, not a training config key.
+    with pytest.raises(DataError, match=r"non-integer values.*pass --layer with a layer \(counts\)") as refused:
         embed(vae_ckpt, path, progress=False)
+    assert "data." not in str(refused.value)
     np.testing.assert_array_equal(embed(vae_ckpt, path, layer="counts", progress=False).obsm[EMBED_KEY], expected)
-    with pytest.raises(DataError, match=r"no layer 'raw'; layers are \['counts'\]"):
+    with pytest.raises(DataError, match=r"no layer 'raw'; pass --layer with a layer \(counts\)"):
         embed(vae_ckpt, path, layer="raw", progress=False)
+    with pytest.raises(DataError, match=r"--layer raw.X but the file has no .raw.X"):
+        embed(vae_ckpt, path, layer="raw.X", progress=False)
+
+
+def test_counts_in_raw_x_are_read_with_layer_raw_x(vae_ckpt, synthetic_h5ad, tmp_path):
+    """The usual layout of published files: log-normalised X, raw counts (and their genes) in .raw."""
+    source = ad.read_h5ad(synthetic_h5ad)
+    expected = embed(vae_ckpt, synthetic_h5ad, progress=False).obsm[EMBED_KEY]
+    published = source.copy()
+    published.raw = source.copy()
+    published.X = source.X.log1p()
+    path = _write(published, tmp_path / "published.h5ad")
+    with pytest.raises(DataError, match=r"non-integer values.*pass --layer with raw.X"):
+        embed(vae_ckpt, path, progress=False)
+    np.testing.assert_array_equal(embed(vae_ckpt, path, layer="raw.X", progress=False).obsm[EMBED_KEY], expected)
+    in_memory = ad.read_h5ad(path)
+    np.testing.assert_array_equal(embed(vae_ckpt, in_memory, layer="raw.X", progress=False).obsm[EMBED_KEY], expected)
 
 
 def test_notebook_api_embeds_an_in_memory_anndata_like_the_cli(vae_ckpt, synthetic_h5ad, reference):
