@@ -25,7 +25,6 @@ import traceback
 from scldm_scale.artifact import CheckpointError
 from scldm_scale.config import ConfigError
 from scldm_scale.data.counts import DataError
-from scldm_scale.host_memory import fix_mmap_threshold
 from scldm_scale.threads import use_free_cores
 from scldm_scale.world import StopRequested, get_rank, get_world_size
 
@@ -138,7 +137,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    fix_mmap_threshold()  # CPU tensors freed chunk by chunk go back to the OS (host_memory.py)
     # Under torchrun, rank 0 logs progress; every rank logs warnings and errors, tagged with its rank.
     tag = f"[rank {get_rank()}] " if get_world_size() > 1 else ""
     level = logging.INFO if get_rank() == 0 else logging.WARNING

@@ -173,3 +173,18 @@ def test_activation_profile_counts_the_kept_outputs_and_one_chunk():
     recomputed = saved_tensor_bytes(chunked, lambda: chunked._head_outputs(h, queries, batch.decode_gene_ids[:chunk]))
     working_set = (profile.block_full[-1] - profile.block_input[-1]) * 4
     assert n_cells * working_set == pytest.approx(recomputed, rel=0.15)
+
+
+def test_only_chunked_decoding_on_the_cpu_fixes_the_mmap_threshold(monkeypatch):
+    """host_memory.py: a one-pass decoder leaves glibc's default (page faults every step cost the quickstart 2x
+    its time); a chunked one fixes the threshold the first time it runs."""
+    import scldm_scale.models.vae as vae_module
+
+    calls = []
+    monkeypatch.setattr(vae_module, "fix_mmap_threshold_once", lambda: calls.append(1))
+    whole, chunked = _pair(chunk=7)
+    batch = _batch()
+    _step(whole, batch)
+    assert calls == []
+    _step(chunked, batch)
+    assert calls
