@@ -371,7 +371,8 @@ def _run(row: Row, fx: Path, base: Path) -> subprocess.CompletedProcess:
 def runs(request, tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
     """Every selected row run once; (the folder holding each row's folder, {row id: its finished process})."""
     params = [getattr(item, "callspec", None) for item in request.session.items]
-    rows = [p.params["row"] for p in params if p is not None and "row" in p.params]
+    # Only this module's rows: other modules parametrize a "row" of their own.
+    rows = [p.params["row"] for p in params if p is not None and isinstance(p.params.get("row"), Row)]
     fx = _inputs(tmp_path_factory.mktemp("inputs"))
     base = tmp_path_factory.mktemp("rows")
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:

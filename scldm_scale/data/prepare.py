@@ -349,7 +349,9 @@ class DeferredInterrupt:
     def __enter__(self) -> DeferredInterrupt:
         self.received = False
         in_main = threading.current_thread() is threading.main_thread()
-        self.previous = signal.signal(signal.SIGINT, self._record) if in_main else None
+        # A process started to ignore SIGINT (nohup, a background job of a script) keeps ignoring it.
+        ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        self.previous = signal.signal(signal.SIGINT, self._record) if in_main and not ignored else None
         return self
 
     def _record(self, signum, frame) -> None:

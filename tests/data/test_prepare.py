@@ -653,14 +653,25 @@ def test_cli_flags_choose_the_counts_genes_and_gene_columns(counts_adata, tmp_pa
 
 
 def test_ctrl_c_while_tiledb_writes_is_raised_between_chunks():
-    with pytest.raises(KeyboardInterrupt):
+    # pytest may run with SIGINT ignored (a background CI job): give the test the interactive default.
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with DeferredInterrupt() as interrupt:
+                os.kill(os.getpid(), signal.SIGINT)  # recorded, not raised inside the (native) write
+                interrupt.check()
+        with pytest.raises(KeyboardInterrupt):
+            with DeferredInterrupt():
+                raise RuntimeError("[TileDB::Query] Error: Query cancelled.")  # TileDB's own SIGINT handler
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # started under nohup: SIGINT stays ignored
         with DeferredInterrupt() as interrupt:
-            os.kill(os.getpid(), signal.SIGINT)  # recorded, not raised inside the (native) write
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
             interrupt.check()
-    with pytest.raises(KeyboardInterrupt):
-        with DeferredInterrupt():
-            raise RuntimeError("[TileDB::Query] Error: Query cancelled.")  # TileDB's own SIGINT handler
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_unreadable_csv_and_matrix_market_inputs_are_refused_with_the_expected_layout(tmp_path):
