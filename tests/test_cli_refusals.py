@@ -55,11 +55,9 @@ class Row:
     rc: int = 2
     files: tuple[str, ...] = ()  # files in {tmp} before the run, which must be left as they were
     folders: tuple[str, ...] = ()  # empty folders in {tmp} before the run, which must stay empty
-    xfail: str = ""
 
     def param(self):
-        marks = [pytest.mark.xfail(strict=True, reason=self.xfail)] if self.xfail else []
-        return pytest.param(self, id=self.id, marks=marks)
+        return pytest.param(self, id=self.id)
 
 
 def _row(id: str, argv: str, *message: str, **kw) -> Row:
