@@ -265,6 +265,7 @@ class EvalConfig:
         None, "a vae or ldm model artifact folder: adds its reconstruction of the real cells (default: none)"
     )
     plots: bool = option(True, "draw the figures")
+    de: bool = option(True, "score differential-expression recovery (one-vs-rest Wilcoxon per condition value)")
 
 
 @dataclass

@@ -21,7 +21,7 @@ LOWER_IS_BETTER = {"mmd", "wasserstein2", "frechet", "dropout_mae"}
 # Accuracy-type two-sample metrics are best at 0.5, density at 1.
 BEST_AT = {"one_nn_accuracy": 0.5, "c2st_accuracy": 0.5, "density": 1.0}
 # Cell counts describe a group; they are not scored.
-NOT_SCORED = {"n_real_cells", "n_cells"}
+NOT_SCORED = {"n_real_cells", "n_cells", "de_n_significant"}
 
 
 def _subsample(n: int, rng: np.random.Generator) -> np.ndarray:

@@ -99,6 +99,9 @@ def render(context: dict, records: list[dict], figures: dict[str, str]) -> str:
         "Distances and two-sample scores depend on the number of cells compared, so compare methods within a "
         "row, not conditions with one another.",
     ]
+    from scldm_scale.evaluate.de import de_section
+
+    out += de_section(generation)
     recon = {r["metric"]: r["value"] for r in records if r["method"] == "reconstruction"}
     if recon:
         out += [

@@ -163,6 +163,11 @@ def evaluate(
         skipped.append("baselines: no training cells (--train), so none was fitted")
     prep = Preprocessor(reference.counts, opts.n_pcs, opts.n_hvg)
     records, features = compare(real_set, methods, prep, opts.holdout.combinations, opts.seed, notes=skipped)
+    if opts.de:
+        from scldm_scale.evaluate.de import de_records
+
+        lognorm = {name: (cells.labels, features[name].lognorm) for name, cells in methods.items()}
+        records += de_records(real_set.labels, features["real"].lognorm, lognorm, opts.seed, notes=skipped)
     if opts.vae_checkpoint:
         from scldm_scale.evaluate.reconstruction import reconstruction_of
 
@@ -288,6 +293,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name in ("vae_checkpoint", "n_pcs", "n_hvg", "scvi_epochs", "seed"):
         add_option(parser, EvalConfig, name)
     add_option(parser, EvalConfig, "plots", "--no-plots")
+    add_option(parser, EvalConfig, "de", "--no-de")
     parser.add_argument("--out", required=True, help="folder for metrics.json, report.md and the figures")
     add_overwrite(parser, "the evaluation folder at --out (one with a metrics.json)")
     parser.set_defaults(handle=handle)

@@ -51,6 +51,7 @@ def test_report_records_and_figures(cells, tmp_path):
     assert metrics == {
         "n_real_cells", "n_cells", "mmd", "wasserstein2", "frechet", "mean_r2", "var_r2", "mean_pearson",
         "var_pearson", "dropout_mae", "one_nn_accuracy", "c2st_accuracy", "precision", "recall", "density", "coverage",
+        "de_lfc_pearson", "de_top50_overlap", "de_n_significant",
     }  # fmt: skip
     assert all(np.isfinite(r["value"]) for r in records)
     for name in ("umap.png", "mean_var.png", "metric_by_condition.png"):
