@@ -262,7 +262,9 @@ class EvalConfig:
     seed: int = option(0, "random seed of the baselines and the subsampling")
     scvi_epochs: int = option(200, "training epochs of the scvi baseline")
     vae_checkpoint: str | None = option(
-        None, "a vae or ldm model artifact folder: adds its reconstruction of the real cells (default: none)"
+        None,
+        "a vae or ldm model artifact folder: adds its reconstruction of the real cells and the "
+        "reconstruction_ceiling row, the real cells encoded, decoded and sampled (default: none)",
     )
     plots: bool = option(True, "draw the figures")
     de: bool = option(True, "score differential-expression recovery (one-vs-rest Wilcoxon per condition value)")

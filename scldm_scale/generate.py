@@ -138,13 +138,20 @@ class Generator:
     def _sample_counts(self, z: torch.Tensor, genes: torch.Tensor, library_size: torch.Tensor) -> sp.csr_matrix:
         """NB (or Gaussian) counts of every gene for latents z (n, M, L), drawn a chunk of genes at a time."""
         distribution = self.vae.distribution(z, genes, library_size)  # (n, G) parameters, decoded in chunks
-        chunk = self.vae.decode_chunk(len(z), len(genes))
-        columns = []
-        for start in range(0, len(genes), chunk):
-            block = tuple(p[:, start : start + chunk] for p in distribution)  # (n, chunk) each
-            counts = self.vae.head.sample(block, library_size)  # (n, chunk)
-            columns.append(sp.csr_matrix(counts.cpu().numpy().astype(np.int32)))
-        return sp.hstack(columns, format="csr")
+        return draw_counts(self.vae, distribution, library_size)
+
+
+def draw_counts(vae: SetVAE, distribution: tuple[torch.Tensor, ...], library_size: torch.Tensor) -> sp.csr_matrix:
+    """Counts drawn from the VAE head's (n, G) parameters (SetVAE.distribution), a decoder chunk of genes at a
+    time, into CSR: no dense (n, G) array of counts is formed. Uses the global torch RNG."""
+    n_cells, n_genes = distribution[0].shape
+    chunk = vae.decode_chunk(n_cells, n_genes)
+    columns = []
+    for start in range(0, n_genes, chunk):
+        block = tuple(p[:, start : start + chunk] for p in distribution)  # (n, chunk) each
+        counts = vae.head.sample(block, library_size)  # (n, chunk)
+        columns.append(sp.csr_matrix(counts.cpu().numpy().astype(np.int32)))
+    return sp.hstack(columns, format="csr")
 
 
 def _counted(velocity, bar):

@@ -1,5 +1,10 @@
-"""VAE reconstruction on held-out cells: NB negative log-likelihood per cell and the Pearson
-correlation of reconstructed vs observed log-normalised counts (the paper's reconstruction table)."""
+"""VAE reconstruction on held-out cells: NB negative log-likelihood per cell and the Pearson correlation of
+reconstructed vs observed log-normalised counts (the paper's reconstruction table), and the reconstruction
+ceiling: counts drawn from the head's distribution of each encoded cell, which `evaluate` scores like generated
+cells. A generator samples latents from its prior and decodes them through the same VAE, so the ceiling is what
+it would score with a perfect prior: the ceiling's distance from the noise floor is the VAE's share of the error,
+the generated cells' distance from the ceiling the prior's (library sizes included: the ceiling keeps each
+cell's own, a generator draws them from its library-size model)."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import torch
 from scldm_scale.data.dataset import CellDataset
 from scldm_scale.evaluate.embed import Embedder, align_input
 from scldm_scale.evaluate.metrics import normalize_log1p
+from scldm_scale.generate import draw_counts
 from scldm_scale.models.vae import SetVAE
 
 BATCH = 256
@@ -41,11 +47,20 @@ class StreamingPearson:
 
 
 @torch.no_grad()
-def reconstruction_metrics(vae: SetVAE, dataset: CellDataset, idx: np.ndarray, device: torch.device) -> dict:
-    """Per batch of cells, the VAE decodes every gene in chunks (SetVAE.distribution) and only (cells, genes)
-    blocks of one batch are ever dense."""
+def reconstruction_metrics(
+    vae: SetVAE, dataset: CellDataset, idx: np.ndarray, device: torch.device, ceiling_seed: int | None = None
+) -> tuple[dict, sp.csr_matrix | None]:
+    """The metrics and, with `ceiling_seed`, the reconstruction ceiling's counts (cells idx x the dataset's
+    genes, CSR): each cell's posterior mean (what the prior is trained on) decoded and its counts drawn with its
+    own library size, from the torch RNG seeded with ceiling_seed (as generation seeds it).
+
+    Per batch of cells, the VAE decodes every gene in chunks (SetVAE.distribution) and only (cells, genes)
+    blocks of one batch are ever dense; the counts are drawn a chunk of genes at a time (generate.draw_counts).
+    """
     vae.eval()
-    nll = []
+    if ceiling_seed is not None:
+        torch.manual_seed(ceiling_seed)
+    nll, drawn = [], []
     correlation = StreamingPearson()
     for start in range(0, len(idx), BATCH):
         rows = idx[start : start + BATCH]
@@ -55,16 +70,22 @@ def reconstruction_metrics(vae: SetVAE, dataset: CellDataset, idx: np.ndarray, d
         nll.append(-vae.head.log_prob(distribution, batch.library_size, batch.target).sum(-1).cpu())
         reconstructed = vae.head.mean(distribution, batch.library_size).cpu().double().numpy()
         correlation.update(normalize_log1p(dataset.counts[rows]), normalize_log1p(reconstructed))
-    return {
+        if ceiling_seed is not None:
+            drawn.append(draw_counts(vae, distribution, batch.library_size))
+    metrics = {
         "nll_per_cell": float(torch.cat(nll).double().mean()),
         "pearson_lognorm": correlation.value(),
         "n_cells": int(len(idx)),
     }
+    return metrics, sp.vstack(drawn, format="csr") if drawn else None
 
 
-def reconstruction_of(checkpoint: str, adata: ad.AnnData, device: torch.device) -> dict:
-    """reconstruction_metrics of a vae or ldm model's VAE on the cells of an AnnData of raw counts, and
-    n_genes_missing.
+def reconstruction_of(
+    checkpoint: str, adata: ad.AnnData, device: torch.device, ceiling_seed: int | None = None
+) -> tuple[dict, ad.AnnData | None]:
+    """reconstruction_metrics of a vae or ldm model's VAE on the cells of an AnnData of raw counts, with
+    n_genes_missing, and with `ceiling_seed` the reconstruction ceiling as an AnnData: the cells' obs, the
+    measured vocabulary genes (the input's var rows of them, in the input's order), integer counts.
 
     The cells' genes are matched to the model's vocabulary (embed.align_input; genes outside it are dropped).
     Vocabulary genes the cells lack (a model trained on other data) are absent tokens for the encoder, and the
@@ -77,5 +98,11 @@ def reconstruction_of(checkpoint: str, adata: ad.AnnData, device: torch.device) 
     split = np.full(adata.n_obs, "test")
     genes = [embedder.genes.ids[i] for i in alignment.positions]
     dataset = CellDataset(counts, genes, {}, {}, split, embedder.policy, gene_positions=alignment.positions)
-    metrics = reconstruction_metrics(embedder.vae, dataset, np.arange(adata.n_obs), device)
-    return metrics | {"n_genes_missing": len(alignment.missing)}
+    metrics, drawn = reconstruction_metrics(embedder.vae, dataset, np.arange(adata.n_obs), device, ceiling_seed)
+    metrics["n_genes_missing"] = len(alignment.missing)
+    if drawn is None:
+        return metrics, None
+    order = np.argsort(alignment.columns)  # the input's gene order
+    var = adata.var.iloc[alignment.columns[order]].copy()
+    ceiling = ad.AnnData(X=drawn[:, order], obs=adata.obs.copy(), var=var)
+    return metrics, ceiling

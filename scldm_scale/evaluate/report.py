@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+from scldm_scale.evaluate.suite import CEILING, GENERATED
+
 # Higher is better for these; the rest are lower-is-better, or best at 0.5 (the two-sample accuracies).
 DEFINITIONS = {
     "n_real_cells": "real cells in the comparison (the real cells of the conditions the method has)",
@@ -29,6 +31,10 @@ DEFINITIONS = {
 }
 # The per-condition tables shown in full; every other metric is in metrics.json and the heatmap.
 PER_CONDITION_METRICS = ("mmd", "wasserstein2", "c2st_accuracy")
+# The metrics whose gap to the noise floor is split into the VAE's and the prior's shares (all lower-is-better,
+# the two-sample accuracies towards 0.5).
+DECOMPOSED_METRICS = ("mmd", "frechet", "wasserstein2", "c2st_accuracy", "one_nn_accuracy")
+FLOOR = "real_train_cells"
 
 
 def _fmt(value: float | None) -> str:
@@ -72,6 +78,25 @@ def holdout_table(records: list[dict]) -> str:
     return _table(["combinations", "method", *metrics], rows)
 
 
+def decomposition_table(records: list[dict], condition: str = "all") -> str | None:
+    """The gap of the generated cells to the noise floor, split at the reconstruction ceiling: the VAE's share
+    (ceiling - floor) and the prior's (generated - ceiling), one row per metric; None without the three rows."""
+    value = {(r["method"], r["metric"]): r["value"] for r in records if r["condition"] == condition}
+    rows = []
+    for metric in DECOMPOSED_METRICS:
+        floor, ceiling, generated = (value.get((method, metric)) for method in (FLOOR, CEILING, GENERATED))
+        if None in (floor, ceiling, generated):
+            continue
+        gap = generated - floor
+        share = f"{(ceiling - floor) / gap:.0%}" if gap > 0 else "–"
+        cells = [floor, ceiling, generated, ceiling - floor, generated - ceiling]
+        rows.append([metric] + [_fmt(v) for v in cells] + [share])
+    if not rows:
+        return None
+    header = ["metric", "noise floor", "reconstruction ceiling", "generated", "VAE share", "prior share"]
+    return _table([*header, "VAE % of gap"], rows)
+
+
 def render(context: dict, records: list[dict], figures: dict[str, str]) -> str:
     """The whole report; `context` holds the inputs' description and what was skipped."""
     generation = [r for r in records if r["method"] != "reconstruction"]
@@ -85,10 +110,22 @@ def render(context: dict, records: list[dict], figures: dict[str, str]) -> str:
         "",
         "## All conditions",
         "Every method is compared with the real cells of the conditions it generated. "
-        "`real_train_cells` is the noise floor: real cells that no model generated.",
+        "`real_train_cells` is the noise floor: real cells that no model generated. "
+        "`reconstruction_ceiling` (with a VAE) is the real cells encoded, decoded and sampled through the VAE's "
+        "head with their own library sizes: what the generated cells would score with a perfect prior.",
         "",
         summary_table(generation),
     ]
+    decomposition = decomposition_table(generation)
+    if decomposition:
+        out += [
+            "",
+            "## Where the gap to the noise floor comes from",
+            "VAE share = reconstruction ceiling - noise floor; prior share (latent prior and library-size model) = "
+            "generated - reconstruction ceiling. A negative share is noise or a method beating the one before it.",
+            "",
+            decomposition,
+        ]
     if any(r["condition"] == "unseen" for r in generation):
         out += ["", "## Held-out combinations (never seen in training) vs seen ones", "", holdout_table(generation)]
     for metric in PER_CONDITION_METRICS:

@@ -2,8 +2,10 @@
 the same split, compute every metric, and write metrics.json, report.md and the figures.
 
 metrics.json is a list of records {"metric", "condition", "method", "value"}: `method` is "generated"
-for the file under evaluation, the baseline's name otherwise, and "reconstruction" for the VAE's
-reconstruction figures; `condition` is "all", "key=value", "k1=v1, k2=v2", "seen" or "unseen".
+for the file under evaluation, the baseline's name otherwise, "reconstruction_ceiling" for the real cells
+encoded, decoded and sampled by the VAE (with --vae-checkpoint; scored like every method), and
+"reconstruction" for the VAE's reconstruction figures; `condition` is "all", "key=value", "k1=v1, k2=v2",
+"seen" or "unseen".
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from scldm_scale.data.holdout import combination_mask, describe, holdout_mask
 from scldm_scale.evaluate import baselines, plots, report
 from scldm_scale.evaluate.conditions import combination_labels
 from scldm_scale.evaluate.suite import (
+    CEILING,
     GENERATED,
     PREPROCESSING,
     CellSet,
@@ -150,11 +153,16 @@ def evaluate(
             raise DataError(f"the {name} cells number {adata.n_obs}; evaluation needs at least 2")
         # Generated counts may be non-integer (some models emit expected counts); real ones may not.
         validate_counts(adata.X, f"{name} cells", allow_non_integer=name == GENERATED)
+    recon = None
+    if opts.vae_checkpoint:
+        from scldm_scale.evaluate.reconstruction import reconstruction_of
+
+        recon, named[CEILING] = reconstruction_of(opts.vae_checkpoint, real, torch.device("cpu"), opts.seed)
     aligned = align_genes(named, opts.intersect_genes)
     sets = {name: CellSet.from_anndata(a, opts.condition_keys, f"{name} cells") for name, a in aligned.items()}
     real_set, reference = sets["real"], sets.get("train", sets["real"])
     skipped: list[str] = []
-    methods = {GENERATED: sets[GENERATED]}
+    methods = {GENERATED: sets[GENERATED]} | ({CEILING: sets[CEILING]} if CEILING in sets else {})
     if "train" in sets:
         floor, reference = _noise_floor(sets["train"], real_set, opts)
         methods |= {"real_train_cells": floor} if floor is not None else {}
@@ -168,10 +176,7 @@ def evaluate(
 
         lognorm = {name: (cells.labels, features[name].lognorm) for name, cells in methods.items()}
         records += de_records(real_set.labels, features["real"].lognorm, lognorm, opts.seed, notes=skipped)
-    if opts.vae_checkpoint:
-        from scldm_scale.evaluate.reconstruction import reconstruction_of
-
-        recon = reconstruction_of(opts.vae_checkpoint, real, torch.device("cpu"))
+    if recon is not None:
         records += [
             {"metric": k, "condition": "all", "method": "reconstruction", "value": float(recon[k])}
             for k in ("nll_per_cell", "pearson_lognorm", "n_genes_missing")

@@ -47,6 +47,8 @@ PREPROCESSING = {"target_sum": 1e4, "hvg_flavor": "seurat"}
 # a 5-fold classifier and k = 5 neighbourhoods need that many points to mean anything.
 MIN_CELLS_NEIGHBOURS = 10
 GENERATED = "generated"
+# The real cells encoded, decoded and sampled through the VAE's head (evaluate/reconstruction.py).
+CEILING = "reconstruction_ceiling"
 
 
 @dataclass

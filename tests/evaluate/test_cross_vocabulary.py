@@ -80,16 +80,16 @@ def test_classify_reports_missing_genes(vae_ckpt, other, tmp_path):
 
 def test_reconstruction_scores_the_measured_genes(vae_ckpt, source, other, caplog):
     with caplog.at_level(logging.WARNING, logger="scldm_scale.evaluate.embed"):
-        got = reconstruction_of(str(vae_ckpt), ad.read_h5ad(other), torch.device("cpu"))
+        got = reconstruction_of(str(vae_ckpt), ad.read_h5ad(other), torch.device("cpu"))[0]
     assert "3 of the model's 50 genes are missing" in caplog.text
     assert got["n_genes_missing"] == 3 and got["n_cells"] == source.n_obs
     # The same scores as on the model's cells over the 47 measured genes alone, in the model's order: extra
     # genes are dropped, the order does not matter, and the measured genes are scored with the softmax and
     # library size over them.
     measured = source[:, ~source.var_names.isin(MISSING)].copy()
-    expected = reconstruction_of(str(vae_ckpt), measured, torch.device("cpu"))
+    expected = reconstruction_of(str(vae_ckpt), measured, torch.device("cpu"))[0]
     assert got == pytest.approx(expected, rel=1e-6)
-    complete = reconstruction_of(str(vae_ckpt), source, torch.device("cpu"))
+    complete = reconstruction_of(str(vae_ckpt), source, torch.device("cpu"))[0]
     assert complete["n_genes_missing"] == 0 and complete["nll_per_cell"] > got["nll_per_cell"]
 
 
