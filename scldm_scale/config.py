@@ -254,7 +254,10 @@ class EvalConfig:
     """`scldm-scale evaluate`: what generated cells are compared on, and against which baselines."""
 
     condition_keys: list[str] = option([], "obs column of conditions (repeatable; default: none, all cells as one)")
-    baselines: list[str] = option(list(BASELINES), "comma-separated baselines to compute, or '' for none")
+    baselines: list[str] = option(
+        [b for b in BASELINES if b != "scvi"],
+        "comma-separated baselines to compute, or '' for none (scvi needs pip install 'scldm-scale[scvi]')",
+    )
     holdout: HoldoutConfig = field(default_factory=HoldoutConfig)
     intersect_genes: bool = option(False, "evaluate on the shared genes only")
     n_pcs: int = option(30, "principal components of the log-normalised counts")

@@ -235,7 +235,7 @@ def test_generate_flags_default_to_the_sample_section():
     ("command", "shown"),
     [
         (["generate"], ["(default: heun)", "(default: 50)"]),
-        (["evaluate"], ["(default: real_train_cells,independent_nb,scvi,additive_shift)", "(default: 2000)"]),
+        (["evaluate"], ["(default: real_train_cells,independent_nb,additive_shift)", "(default: 2000)"]),
         (["embed"], ["(default: 256)"]),
         (["bench", "kernels"], ["(default: bf16)"]),
     ],

@@ -5,8 +5,7 @@
   beat it.
 - `independent_nb` (`IndependentNB`): knows each condition's per-gene mean and dispersion but nothing
   about gene–gene correlation: if scLDM does not beat it, the model has learned no more than marginals.
-- `scvi`: an scVI model (scvi-tools, optional extra) trained on the training cells; cells of a condition
-  are posterior-predictive samples of training cells of that condition.
+The scVI baseline is in `scvi_baseline.py` (an optional extra).
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from scldm_scale.data.counts import DataError
 from scldm_scale.evaluate.conditions import combination_labels
 
 log = logging.getLogger(__name__)
-SCVI_MISSING = "scvi-tools is not installed, so the scVI baseline is skipped (pip install 'scldm-scale[scvi]')"
 
 
 def _moments(counts: np.ndarray | sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
@@ -159,33 +157,3 @@ def independent_nb_cells(
     model = IndependentNB().fit(train_counts, combination_labels(train_labels))
     wanted = np.repeat([combo for combo, _, _ in requests], [n for _, n, _ in requests])
     return model.sample(wanted, seed=seed), _labels_for(real_labels, requests)
-
-
-def scvi_cells(
-    train_counts: sp.csr_matrix, train_labels: pd.DataFrame, real_labels: pd.DataFrame, seed: int, max_epochs: int
-) -> tuple[sp.csr_matrix, pd.DataFrame] | None:
-    """Posterior-predictive samples of an scVI model trained on the training cells; None without scvi-tools.
-
-    For each real combination, training cells of that combination are drawn (with replacement where
-    short) and each is replaced by one sample x ~ p(x | z), z ~ q(z | x): scVI has no conditional prior,
-    so this is how the literature samples it per condition.
-    """
-    try:
-        import scvi
-    except ImportError:
-        log.warning(SCVI_MISSING)
-        return None
-    import anndata as ad
-
-    log.info("scvi baseline: %d epochs on %d training cells", max_epochs, train_counts.shape[0])
-    scvi.settings.seed = seed
-    adata = ad.AnnData(X=sp.csr_matrix(train_counts, dtype=np.float32))
-    scvi.model.SCVI.setup_anndata(adata)
-    model = scvi.model.SCVI(adata)
-    model.train(max_epochs=max_epochs, accelerator="cpu", enable_progress_bar=False)
-    rng = np.random.default_rng(seed)
-    requests = _requests(real_labels, train_labels)
-    rows = np.concatenate([rng.choice(pool, size=n, replace=len(pool) < n) for _, n, pool in requests])
-    sample = model.posterior_predictive_sample(indices=rows.tolist(), n_samples=1)
-    dense = sample.todense() if hasattr(sample, "todense") else np.asarray(sample)
-    return sp.csr_matrix(np.asarray(dense).reshape(len(rows), -1)), _labels_for(real_labels, requests)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+from scldm_scale.evaluate.scvi_baseline import RECONSTRUCTION as SCVI_RECONSTRUCTION
+from scldm_scale.evaluate.scvi_baseline import scvi_section
 from scldm_scale.evaluate.suite import CEILING, GENERATED
 
 # Higher is better for these; the rest are lower-is-better, or best at 0.5 (the two-sample accuracies).
@@ -99,7 +101,7 @@ def decomposition_table(records: list[dict], condition: str = "all") -> str | No
 
 def render(context: dict, records: list[dict], figures: dict[str, str]) -> str:
     """The whole report; `context` holds the inputs' description and what was skipped."""
-    generation = [r for r in records if r["method"] != "reconstruction"]
+    generation = [r for r in records if r["method"] not in ("reconstruction", SCVI_RECONSTRUCTION)]
     out = [
         "# scldm-scale evaluation report",
         "",
@@ -149,6 +151,7 @@ def render(context: dict, records: list[dict], figures: dict[str, str]) -> str:
         ]
         if recon.get("n_genes_missing"):
             out.append(f"- over the measured genes: {recon['n_genes_missing']:.0f} of the model's genes are missing")
+    out += scvi_section(records)
     out += ["", "## Figures"] + [f"![{caption}]({name})" for name, caption in figures.items()]
     if context.get("skipped"):
         out += ["", "## Skipped"] + [f"- {s}" for s in context["skipped"]]

@@ -47,6 +47,10 @@ def _check_options(opts: EvalConfig, have_train: bool) -> None:
     unknown = sorted(set(opts.baselines) - set(BASELINES))
     if unknown:
         raise DataError(f"unknown baselines {unknown}; choose from {list(BASELINES)}")
+    if "scvi" in opts.baselines:
+        from scldm_scale.evaluate.scvi_baseline import require_scvi
+
+        require_scvi()  # an optional extra: refused before any metric is computed
     if min(opts.n_pcs, opts.n_hvg, opts.scvi_epochs) < 1:
         raise DataError(
             f"--n-pcs, --n-hvg and --scvi-epochs must be >= 1, got {opts.n_pcs}, {opts.n_hvg} and {opts.scvi_epochs}"
@@ -61,17 +65,20 @@ def _check_options(opts: EvalConfig, have_train: bool) -> None:
         raise DataError("held-out combinations need the training cells (--train) for the additive-shift baseline")
 
 
-def _baseline_sets(train: CellSet, real: CellSet, opts: EvalConfig, skipped: list[str]) -> dict[str, CellSet]:
+def _baseline_sets(
+    train: CellSet, real: CellSet, opts: EvalConfig, skipped: list[str], model_records: list[dict]
+) -> dict[str, CellSet]:
+    """The baselines' cell sets; records a baseline makes of itself (scVI's reconstruction) go to model_records."""
     out = {}
     if "independent_nb" in opts.baselines:
         counts, labels = baselines.independent_nb_cells(train.counts, train.labels, real.labels, opts.seed)
         out["independent_nb"] = CellSet(sp.csr_matrix(counts, dtype=np.float64), labels)
     if "scvi" in opts.baselines:
-        made = baselines.scvi_cells(train.counts, train.labels, real.labels, opts.seed, opts.scvi_epochs)
-        if made is None:
-            skipped.append(baselines.SCVI_MISSING)
-        else:
-            out["scvi"] = CellSet(sp.csr_matrix(made[0], dtype=np.float64), made[1])
+        from scldm_scale.evaluate.scvi_baseline import scvi_baseline
+
+        fit = scvi_baseline(train.counts, train.labels, real.counts, real.labels, opts.seed, opts.scvi_epochs, skipped)
+        out["scvi"], out["scvi_posterior"] = CellSet(*fit.prior), CellSet(*fit.posterior)
+        model_records += fit.records()
     if opts.holdout.combinations and "additive_shift" in opts.baselines:
         made = _additive_shift(train, real, opts, skipped)
         if made is not None:
@@ -162,15 +169,17 @@ def evaluate(
     sets = {name: CellSet.from_anndata(a, opts.condition_keys, f"{name} cells") for name, a in aligned.items()}
     real_set, reference = sets["real"], sets.get("train", sets["real"])
     skipped: list[str] = []
+    model_records: list[dict] = []
     methods = {GENERATED: sets[GENERATED]} | ({CEILING: sets[CEILING]} if CEILING in sets else {})
     if "train" in sets:
         floor, reference = _noise_floor(sets["train"], real_set, opts)
         methods |= {"real_train_cells": floor} if floor is not None else {}
-        methods |= _baseline_sets(sets["train"], real_set, opts, skipped)
+        methods |= _baseline_sets(sets["train"], real_set, opts, skipped, model_records)
     elif opts.baselines:
         skipped.append("baselines: no training cells (--train), so none was fitted")
     prep = Preprocessor(reference.counts, opts.n_pcs, opts.n_hvg)
     records, features = compare(real_set, methods, prep, opts.holdout.combinations, opts.seed, notes=skipped)
+    records += model_records
     if opts.de:
         from scldm_scale.evaluate.de import de_records
 
