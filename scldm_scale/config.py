@@ -270,7 +270,7 @@ class EvalConfig:
         "reconstruction_ceiling row, the real cells encoded, decoded and sampled (default: none)",
     )
     plots: bool = option(True, "draw the figures")
-    de: bool = option(True, "score differential-expression recovery (one-vs-rest Wilcoxon per condition value)")
+    de: bool = option(True, "score differential-expression recovery (one-vs-rest t-test per condition value)")
 
 
 @dataclass
