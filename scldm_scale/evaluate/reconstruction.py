@@ -4,7 +4,9 @@ ceiling: counts drawn from the head's distribution of each encoded cell, which `
 cells. A generator samples latents from its prior and decodes them through the same VAE, so the ceiling is what
 it would score with a perfect prior: the ceiling's distance from the noise floor is the VAE's share of the error,
 the generated cells' distance from the ceiling the prior's (library sizes included: the ceiling keeps each
-cell's own, a generator draws them from its library-size model)."""
+cell's own, a generator draws them from its library-size model). Each ceiling cell is the reconstruction of
+one of the real cells it is compared with, so on distribution distances it can land below the noise floor
+(other real cells); a neighbour test (1-NN) still sees what the VAE smooths away."""
 
 from __future__ import annotations
 

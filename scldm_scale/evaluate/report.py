@@ -124,7 +124,9 @@ def render(context: dict, records: list[dict], figures: dict[str, str]) -> str:
             "",
             "## Where the gap to the noise floor comes from",
             "VAE share = reconstruction ceiling - noise floor; prior share (latent prior and library-size model) = "
-            "generated - reconstruction ceiling. A negative share is noise or a method beating the one before it.",
+            "generated - reconstruction ceiling. The ceiling reconstructs the very cells it is compared with, so on "
+            "the distribution distances it can score below the noise floor: a negative VAE share says the VAE is not "
+            "what keeps the generated cells from the floor on that metric.",
             "",
             decomposition,
         ]
