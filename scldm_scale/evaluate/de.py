@@ -63,11 +63,12 @@ def _subsample(rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.choice(rows, size=MAX_CELLS, replace=False)) if len(rows) > MAX_CELLS else rows
 
 
-def de_test(lognorm: np.ndarray, in_group: np.ndarray, seed: int = 0) -> DETest:
-    """The cells where `in_group` is True against the others, on (cells, genes) log-normalised counts."""
+def de_test(lognorm: np.ndarray, in_group: np.ndarray, seed: int = 0, rest: np.ndarray | None = None) -> DETest:
+    """The cells where `in_group` is True against those where `rest` is (default: all the others), on
+    (cells, genes) log-normalised counts; only the rows tested are copied."""
     rng = np.random.default_rng(seed)
     inside = _subsample(np.flatnonzero(in_group), rng)
-    rest = _subsample(np.flatnonzero(~in_group), rng)
+    rest = _subsample(np.flatnonzero(~in_group if rest is None else rest & ~in_group), rng)
     if min(len(inside), len(rest)) < MIN_CELLS:
         raise ValueError(f"de_test needs {MIN_CELLS} cells on each side; got {len(inside)} and {len(rest)}")
     x = np.asarray(lognorm[np.concatenate([inside, rest])], dtype=np.float64)
@@ -132,8 +133,8 @@ def de_records(
             real_values, gen_values = real_labels[key].to_numpy(), gen_labels[key].to_numpy()
             for value in np.unique(gen_values[gen_in]):
                 condition = f"{key}={value}"
-                real_side, gen_side = real_values[real_in] == value, gen_values[gen_in] == value
-                sizes = [int(s.sum()) for s in (real_side, ~real_side, gen_side, ~gen_side)]
+                real_side, gen_side = real_in & (real_values == value), gen_in & (gen_values == value)
+                sizes = [int(s.sum()) for s in (real_side, real_in & ~real_side, gen_side, gen_in & ~gen_side)]
                 if min(sizes) < MIN_CELLS:
                     notes.append(
                         f"DE {method}, {condition}: {sizes[0]}/{sizes[1]} real and {sizes[2]}/{sizes[3]} "
@@ -142,8 +143,8 @@ def de_records(
                     continue
                 cache_key = (key, value, real_in.tobytes())
                 if cache_key not in cache:
-                    cache[cache_key] = de_test(real_lognorm[real_in], real_side, seed)
-                values = de_recovery(cache[cache_key], de_test(gen_lognorm[gen_in], gen_side, seed), n_top)
+                    cache[cache_key] = de_test(real_lognorm, real_side, seed, rest=real_in)
+                values = de_recovery(cache[cache_key], de_test(gen_lognorm, gen_side, seed, rest=gen_in), n_top)
                 for metric, v in values.items():
                     if np.isfinite(v):
                         records.append({"metric": metric, "condition": condition, "method": method, "value": v})

@@ -99,3 +99,18 @@ def test_evaluate_writes_de_records_and_table(counts_adata, tmp_path):
     no_de = EvalConfig(["cell_type"], baselines=(), n_hvg=30, n_pcs=10, plots=False, de=False)
     evaluate(real, real.copy(), tmp_path / "no_de", no_de, train=train)
     assert not any(r["metric"].startswith("de_") for r in json.loads((tmp_path / "no_de" / "metrics.json").read_text()))
+
+
+def test_large_sides_are_subsampled_under_the_seed(monkeypatch):
+    from scldm_scale.evaluate import de
+
+    rng = np.random.default_rng(1)
+    counts = rng.poisson(5.0, size=(200, 20)).astype(float)
+    in_group = np.arange(200) < 100
+    counts[in_group, 0] = rng.poisson(40.0, 100)
+    lognorm = normalize_log1p(counts)
+    monkeypatch.setattr(de, "MAX_CELLS", 15)
+    first, again, other = (de_test(lognorm, in_group, seed=s) for s in (0, 0, 1))
+    assert first.ranking[0] == 0 and first.pvals_adj[0] < 1e-6  # 15 cells a side still find the planted gene
+    assert np.array_equal(first.lfc, again.lfc) and not np.array_equal(first.lfc, other.lfc)
+    assert not np.array_equal(first.lfc, de_test(lognorm, in_group, seed=0, rest=np.arange(200) < 150).lfc)
