@@ -11,13 +11,17 @@ Shuffling is scatter-gather, and the global order is a function of (seed, epoch)
    waits at an epoch's end) and reads whole buffers but for the two at its range's ends. The buffers are
    drawn from all over the experiment, and each epoch deals other cells to each rank (tiledbsoma-ml 0.1.0
    instead gives each rank one fixed contiguous block, in the same order every epoch);
-5. a rank reads one buffer (the cells of its batches in it) at a time with one SOMA read, the next one in
-   a background thread while it hands out the current one. DataLoader workers take a rank's buffers
-   round-robin, so they read at once, each a whole buffer (a worker reading 1/n of every buffer instead
-   decompresses nearly the same tiles as a whole read: ~2.5x fewer cells/s on Census-shaped data), and
-   the stream is put back in order, so it does not depend on the number of workers. A worker sends its
-   batches as CSR rows (~1.5 MB for 128 cells at ~1.5k expressed genes, where the dense (cells, genes)
-   target at 36,000 genes is 18 MB, whose pages cost more than its collation); the consumer collates them.
+5. a rank reads its buffers in groups of n (its number of DataLoader workers, 1 without): worker w reads the
+   group's cells in the w-th of n contiguous ranges of cell positions (equal shares), the next group in a
+   background thread while it hands out the current one. A read of cells scattered over an experiment costs
+   the tiles it touches, and on the Census layout (tiles of 2,048 genes by hundreds of cells) chunks
+   scattered over the whole experiment touch nearly all of them: split by range, the n workers decompress
+   each tile once instead of n times (reading whole buffers each), and a worker's read costs about 1/n of
+   one over the whole range (measured on 200,000 x 36,000: 16,384 cells from all of it 9 s of CPU, from half
+   5.4 s, from a quarter 3 s). Every worker sends its part of every batch as CSR rows (~1.5 MB for 128 cells
+   at ~1.5k expressed genes, where the dense (cells, genes) target at 36,000 genes is 18 MB, whose pages cost
+   more than its collation); the DataLoader takes them in turn, and the consumer joins the parts and
+   collates. The stream does not depend on the number of workers.
 
 The state (epoch, batches consumed, seed, ranks, the units left when the epoch's current rank layout
 began) resumes the stream exactly, with any number of workers and with another number of ranks: the
@@ -175,7 +179,7 @@ class SomaCells:
         table = x.read(coords=(joinids,)).tables().concat()
         read_joinids = table["soma_dim_0"].to_numpy()
         var_ids = table["soma_dim_1"].to_numpy()
-        data = table["soma_data"].to_numpy().astype(np.float32)
+        data = table["soma_data"].to_numpy().astype(np.float32)  # a writable copy (arrow buffers are read-only)
         if self._identity_columns and var_ids.max(initial=0) < len(self._column_of_var):
             cols = var_ids  # every gene of the experiment is read, in vocabulary order
         else:
@@ -344,9 +348,9 @@ def units_left(remaining: np.ndarray, world_size: int, position: int) -> np.ndar
 
 @dataclass
 class _Rows:
-    """One batch as a worker sends it: its rows of a canonical CSR block (the attributes make_batch reads; a
-    view of the block in this process, a copy of just these rows across processes) and its sorted cell
-    positions. The consumer collates it (SomaBatches.make_batch)."""
+    """One batch, or a worker's part of it, as a worker sends it: its rows of a canonical CSR block (the
+    attributes make_batch reads) and its sorted cell positions. The consumer collates it
+    (SomaBatches.make_batch)."""
 
     data: np.ndarray
     indices: np.ndarray
@@ -356,68 +360,76 @@ class _Rows:
 
 
 class _Stream(IterableDataset):
-    """One rank's batches from (epoch, skip) on, epoch after epoch, as CSR rows to collate; workers take its
-    reads round-robin and tag what they yield with (epoch, position), so the workers start once, not at
-    every epoch."""
+    """One rank's batches from (epoch, skip) on, epoch after epoch, as CSR rows to collate. Every worker yields
+    one item per batch, tagged (epoch, position): its part of the batch (the batch's cells in its range of the
+    group being read, possibly none). The DataLoader takes one item from each worker in turn, so the parts of
+    a batch arrive one after another, worker 0's first; the workers start once, not at every epoch."""
 
     def __init__(self, loader: SomaBatches, epoch: int, skip: int):
         self.loader = loader
         self.epoch = epoch
         self.skip = skip
 
-    def _jobs(self, worker: int, n_workers: int) -> Iterator[tuple[int, np.ndarray | None, list, int]]:
-        """(epoch, positions to read or None, [(position, cells)], markers to yield after it).
-
-        The DataLoader takes one item from each worker in turn, so every worker yields the same number of
-        items per epoch: a worker with fewer batches (or none) pads its epoch with empty markers. Without
-        them, a worker with no reads would never yield (the rank hangs) and the batches of a busier worker
-        would pile up in the main process epoch after epoch.
-        """
+    def _jobs(self, worker: int, n_workers: int) -> Iterator[tuple[int, np.ndarray, list]]:
+        """(epoch, sorted positions to read, [(position, the batch's cells to send)]), group after group."""
         for epoch in itertools.count(self.epoch):
             skip = self.skip if epoch == self.epoch else 0
-            counts = self.loader.worker_batches(epoch, skip, n_workers)
-            pad = max(counts) - counts[worker]
-            reads = self.loader.reads(epoch, skip, worker, n_workers)
-            if not reads:
-                yield epoch, None, [], pad
-            for i, (positions, wanted) in enumerate(reads):
-                yield epoch, positions, wanted, pad if i == len(reads) - 1 else 0
+            for positions, wanted in self.loader.reads(epoch, skip, worker, n_workers):
+                yield epoch, positions, wanted
 
-    def __iter__(self) -> Iterator[tuple[tuple[int, int], _Rows | None]]:
-        """((epoch, position), the batch's rows), or ((epoch, -1), None) for a padding marker."""
+    def __iter__(self) -> Iterator[tuple[tuple[int, int], _Rows]]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         ld = self.loader
         jobs = self._jobs(worker, n_workers)
-        # Read the next buffer in a thread while this one is handed out (TileDB releases the GIL), across
-        # epoch boundaries too.
+        # Read the next group in a thread while this one is handed out (TileDB releases the GIL), across epoch
+        # boundaries too.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="soma-read") as pool:
 
             def submit(job):
-                return pool.submit(ld.cells.read, job[1]) if job[1] is not None else None
+                return pool.submit(ld.cells.read, job[1]) if len(job[1]) else None
 
             job = next(jobs)
             pending = submit(job)
             while True:
                 block = pending.result() if pending is not None else None
-                (epoch, block_positions, current, pad), job = job, next(jobs)
+                (epoch, block_positions, wanted), job = job, next(jobs)
                 pending = submit(job)
-                if current:
-                    # One row gather puts the block in batch order (cells sorted within a batch); each
-                    # batch is then a contiguous row range.
-                    cells = [np.sort(c) for _, c in current]
-                    block = block[np.searchsorted(block_positions, np.concatenate(cells))]
-                    data, indices, indptr = block.data, block.indices, block.indptr
-                    start = 0
-                    for (position, _), batch_cells in zip(current, cells, strict=True):
-                        stop = start + len(batch_cells)
-                        a, b = indptr[start], indptr[stop]
-                        shape = (stop - start, block.shape[1])
-                        rows = _Rows(data[a:b], indices[a:b], indptr[start : stop + 1] - a, shape, batch_cells)
-                        yield (epoch, position), rows
-                        start = stop
-                for _ in range(pad):
-                    yield (epoch, -1), None
+                for position, cells in wanted:
+                    yield (epoch, position), _take_rows(block, np.searchsorted(block_positions, cells), cells)
+
+
+def _take_rows(block: sp.csr_matrix | None, rows: np.ndarray, positions: np.ndarray) -> _Rows:
+    """Rows `rows` of a canonical CSR block (None: no rows) as _Rows; copies, so a batch does not pin the block."""
+    if len(rows) == 0:
+        empty = np.zeros(0, dtype=np.float32)
+        return _Rows(empty, np.zeros(0, dtype=np.int32), np.zeros(1, dtype=np.int64), (0, 0), positions)
+    starts = block.indptr[rows].astype(np.int64)
+    lengths = block.indptr[rows + 1] - starts
+    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    take = np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])
+    return _Rows(block.data[take], block.indices[take], indptr, (len(rows), block.shape[1]), positions)
+
+
+def _merge_parts(parts: list[_Rows]) -> _Rows:
+    """One batch from the workers' parts, in worker order: worker w's range of cell positions lies below worker
+    w + 1's, so stacking the parts keeps the rows sorted by position."""
+    full = [p for p in parts if len(p.positions)]
+    if len(full) == 1:
+        return full[0]
+    positions = np.concatenate([p.positions for p in full])
+    if np.any(positions[1:] <= positions[:-1]):
+        raise RuntimeError("the loader's workers sent overlapping or unordered parts of a batch")
+    offsets = np.cumsum([0] + [int(p.indptr[-1]) for p in full[:-1]])
+    indptr = np.concatenate([[0]] + [p.indptr[1:] + o for p, o in zip(full, offsets, strict=True)])
+    return _Rows(
+        np.concatenate([p.data for p in full]),
+        np.concatenate([p.indices for p in full]),
+        indptr,
+        (len(positions), full[0].shape[1]),
+        positions,
+    )
 
 
 class SomaBatches:
@@ -494,23 +506,27 @@ class SomaBatches:
         return order, units, runs
 
     def reads(self, epoch: int, skip: int, worker: int, n_workers: int) -> list[tuple[np.ndarray, list]]:
-        """This worker's reads of the epoch from stream position `skip` on: one per run of units in one
-        buffer (run k belongs to worker k % n_workers), as (sorted positions, [(stream position, cells)])."""
-        order, units, runs = self._runs(epoch, skip)
-        jobs = []
-        for k, (first, stop) in enumerate(runs):
-            if k % n_workers != worker or first >= stop:
-                continue
-            wanted = list(zip(range(first, stop), order.batches(units[first:stop]), strict=True))
-            jobs.append((np.sort(np.concatenate([cells for _, cells in wanted])), wanted))
-        return jobs
+        """This worker's reads of the epoch from stream position `skip` on, as (sorted positions to read,
+        [(stream position, the batch's cells among them, sorted)] for every batch of the group read).
 
-    def worker_batches(self, epoch: int, skip: int, n_workers: int) -> list[int]:
-        """How many batches of the epoch each worker yields (before padding)."""
-        counts = [0] * n_workers
-        for k, (first, stop) in enumerate(self._runs(epoch, skip)[2]):
-            counts[k % n_workers] += max(stop - first, 0)
-        return counts
+        The runs of units in one buffer are taken n_workers at a time. Of each such group, worker w reads the
+        cells in the w-th of n_workers contiguous ranges of cell positions (equal shares of the group's cells),
+        so no two workers decompress the same tiles. On a layout whose tiles span many cells (the Census: 2,048
+        genes by hundreds of cells) a read of cells scattered over the whole experiment touches nearly every
+        tile: n workers each reading a whole buffer would decompress it all n times.
+        """
+        order, units, runs = self._runs(epoch, skip)
+        runs = [(first, stop) for first, stop in runs if first < stop]
+        jobs = []
+        for g in range(0, len(runs), n_workers):
+            first, stop = runs[g][0], runs[min(g + n_workers, len(runs)) - 1][1]
+            batches = [np.sort(cells) for cells in order.batches(units[first:stop])]
+            group = np.sort(np.concatenate(batches))
+            mine = group[len(group) * worker // n_workers : len(group) * (worker + 1) // n_workers]
+            lo, hi = (mine[0], mine[-1]) if len(mine) else (1, 0)
+            wanted = [(p, c[(c >= lo) & (c <= hi)]) for p, c in zip(range(first, stop), batches, strict=True)]
+            jobs.append((mine, wanted))
+        return jobs
 
     def limit(self, epoch: int) -> int:
         """Batches every rank yields in this epoch (the same on all ranks)."""
@@ -565,23 +581,24 @@ class SomaBatches:
                     collate_fn=_as_sent,  # not default_convert, which would turn numpy arrays into tensors
                 )
             )
-        # Workers deliver in turn, each a whole buffer at a time: batches that arrive before their turn wait
-        # here as CSR rows (at most about one buffer's batches per extra worker, as much as a worker's read).
-        pending: dict[tuple[int, int], _Rows] = {}
+        # Each worker sends its part of every batch, in turn: a batch is whole once the last part has arrived.
+        n_parts = max(self.num_workers, 1)
+        parts: list[_Rows] = []
         pin = self.num_workers > 0 and torch.cuda.is_available()
         limit = self.limit(self.epoch)
         for key, rows in tagged:
-            if rows is None:  # a worker's padding marker
+            if tuple(key) != (self.epoch, self.position):  # the DataLoader hands tuples over as lists
+                raise RuntimeError(f"loader stream out of order: batch {tuple(key)} for {(self.epoch, self.position)}")
+            parts.append(rows)
+            if len(parts) < n_parts:
                 continue
-            pending[tuple(key)] = rows  # the DataLoader hands tuples over as lists
-            while (self.epoch, self.position) in pending:
-                rows = pending.pop((self.epoch, self.position))
-                out = self.make_batch(rows, rows.positions, 0, self.epoch)
-                self.position += 1
-                if self.position == limit:
-                    self.epoch, self.position, self._remaining = self.epoch + 1, 0, None
-                    limit = self.limit(self.epoch)
-                yield out.pin_memory() if pin else out
+            rows, parts = _merge_parts(parts), []
+            out = self.make_batch(rows, rows.positions, 0, self.epoch)
+            self.position += 1
+            if self.position == limit:
+                self.epoch, self.position, self._remaining = self.epoch + 1, 0, None
+                limit = self.limit(self.epoch)
+            yield out.pin_memory() if pin else out
 
     def __iter__(self) -> Iterator[CellBatch]:
         return self

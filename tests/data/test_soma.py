@@ -190,10 +190,35 @@ def _worker_stream(loader: SomaBatches, worker: int, n_workers: int, monkeypatch
     return iter(soma._Stream(loader, epoch=0, skip=skip))
 
 
-def _collated(loader: SomaBatches, tagged) -> list:
-    """A worker's items of epoch 0 as (position, CellBatch), as the consumer collates them."""
-    epoch0 = itertools.takewhile(lambda x: x[0][0] == 0, tagged)
-    return [(p, loader.make_batch(rows, rows.positions, 0, e)) for (e, p), rows in epoch0 if rows is not None]
+def _parts(loader: SomaBatches, worker: int, n_workers: int, monkeypatch) -> list[tuple[int, soma._Rows]]:
+    """A worker's items of epoch 0 as (position, its part of that batch)."""
+    tagged = _worker_stream(loader, worker, n_workers, monkeypatch)
+    return [(p, rows) for (_, p), rows in itertools.takewhile(lambda x: x[0][0] == 0, tagged)]
+
+
+def _joined(loader: SomaBatches, n_workers: int, monkeypatch) -> list:
+    """Epoch 0's batches as the consumer builds them: each batch's parts, one per worker, joined and collated."""
+    per_worker = [_parts(loader, w, n_workers, monkeypatch) for w in range(n_workers)]
+    batches = []
+    for items in zip(*per_worker, strict=True):
+        assert len({p for p, _ in items}) == 1  # the workers' items come batch by batch, in the same order
+        rows = soma._merge_parts([r for _, r in items])
+        batches.append(loader.make_batch(rows, rows.positions, 0, 0))
+    return batches
+
+
+def _assert_workers_read_disjoint_ranges(loader: SomaBatches, n_workers: int) -> None:
+    """In every group, worker w's cells all lie below worker w + 1's, and together they are the group's cells."""
+    reads = [loader.reads(0, 0, w, n_workers) for w in range(n_workers)]
+    assert len({len(r) for r in reads}) == 1
+    for group in zip(*reads, strict=True):
+        read = [positions for positions, _ in group]
+        for below, above in itertools.pairwise(r for r in read if len(r)):
+            assert below.max() < above.min()
+        sent = [np.concatenate([c for _, c in wanted]) for _, wanted in group]
+        for positions, cells in zip(read, sent, strict=True):
+            np.testing.assert_array_equal(np.sort(cells), positions)  # a worker reads only cells it sends
+        assert max(len(r) for r in read) - min(len(r) for r in read) <= 1  # equal shares
 
 
 def test_ranks_and_workers_partition_an_epoch(train_cells, soma_experiment, monkeypatch):
@@ -204,13 +229,15 @@ def test_ranks_and_workers_partition_an_epoch(train_cells, soma_experiment, monk
     for rank in range(world_size):
         loader = _loader(train_cells, rank=rank, world_size=world_size, num_workers=n_workers)
         assert loader.limit(0) == limit
-        for worker in range(n_workers):
-            streams[rank, worker] = _collated(loader, _worker_stream(loader, worker, n_workers, monkeypatch))
-        positions = sorted(p for w in range(n_workers) for p, _ in streams[rank, w])
-        assert positions == list(range(limit))  # the workers together yield the rank's stream once
-        assert all(streams[rank, w] for w in range(n_workers))  # and both workers take part
+        parts = [_parts(loader, w, n_workers, monkeypatch) for w in range(n_workers)]
+        for w in range(n_workers):  # every worker yields a part of each of the rank's batches, in order
+            assert [p for p, _ in parts[w]] == list(range(limit))
+            assert sum(len(rows.positions) for _, rows in parts[w]) > 0  # and both workers read
+        _assert_workers_read_disjoint_ranges(loader, n_workers)
+        streams[rank] = _joined(loader, n_workers, monkeypatch)
+        assert all(len(b.target) == PLAN["batch_size"] for b in streams[rank])
 
-    cells = {key: np.concatenate([_joinids(b, marker) for _, b in tagged]) for key, tagged in streams.items()}
+    cells = {rank: np.concatenate([_joinids(b, marker) for b in batches]) for rank, batches in streams.items()}
     every = np.concatenate(list(cells.values()))
     assert len(np.unique(every)) == len(every) == world_size * limit * PLAN["batch_size"]
     # Together the ranks read the epoch's first 2 x 26 units of the global order: all but one batch.
@@ -219,32 +246,36 @@ def test_ranks_and_workers_partition_an_epoch(train_cells, soma_experiment, monk
     np.testing.assert_array_equal(np.sort(every), np.sort(train_cells.joinids[planned]))
 
 
-def test_sent_rows_collate_to_the_in_process_batches(train_cells, monkeypatch):
-    # A worker sends CSR rows and the consumer collates: the same batches as collating the read block.
-    loader = _loader(train_cells, num_workers=2)
-    got = _collated(loader, _worker_stream(loader, 1, 2, monkeypatch))
-    order, units = loader.plan(0)
-    for position, batch in got[:6]:
-        cells = np.sort(order.batches(units[position : position + 1])[0])
-        want = loader.make_batch(train_cells.read(cells), cells, 0, 0)
-        for name in ("gene_ids", "counts", "mask", "target", "decode_gene_ids", "library_size"):
-            torch.testing.assert_close(getattr(batch, name), getattr(want, name), rtol=0, atol=0, msg=name)
-        torch.testing.assert_close(batch.conditions["cell_type"], want.conditions["cell_type"], rtol=0, atol=0)
+def test_joined_parts_collate_to_the_in_process_batches(train_cells, monkeypatch):
+    # Workers send their parts of a batch as CSR rows and the consumer joins and collates them: the same
+    # batches as collating the read block, for 2 and 3 workers.
+    for n_workers in (2, 3):
+        loader = _loader(train_cells, num_workers=n_workers)
+        got = _joined(loader, n_workers, monkeypatch)
+        order, units = loader.plan(0)
+        assert len(got) == loader.limit(0)
+        for position, batch in list(enumerate(got))[:8]:
+            cells = np.sort(order.batches(units[position : position + 1])[0])
+            want = loader.make_batch(train_cells.read(cells), cells, 0, 0)
+            for name in ("gene_ids", "counts", "mask", "target", "decode_gene_ids", "library_size"):
+                torch.testing.assert_close(getattr(batch, name), getattr(want, name), rtol=0, atol=0, msg=name)
+            torch.testing.assert_close(batch.conditions["cell_type"], want.conditions["cell_type"], rtol=0, atol=0)
 
 
-def test_workers_yield_equal_items_per_epoch_even_without_reads(train_cells, monkeypatch):
-    # One buffer holds the whole split: 1 read per epoch, so worker 1 of 2 has nothing to read. The
-    # DataLoader takes items from its workers in turn: worker 1 must pad every epoch with as many markers as
-    # worker 0 has batches, or the rank hangs (and a busier worker's batches pile up epoch after epoch).
+def test_workers_split_a_lone_buffer_and_yield_equal_items_per_epoch(train_cells, monkeypatch):
+    # One buffer holds the whole split: 1 run per epoch. Both workers still read (each its range of it) and
+    # yield one item per batch, so the DataLoader, which takes items from its workers in turn, never waits on
+    # a worker with nothing to send.
     loader = _loader(train_cells, buffer_chunks=64, num_workers=2)
+    _assert_workers_read_disjoint_ranges(loader, 2)
     per_worker = {
         w: list(itertools.islice(_worker_stream(loader, w, 2, monkeypatch), 3 * loader.limit(0))) for w in range(2)
     }
     for epoch in range(3):
         counts = [sum(1 for (e, _), _b in per_worker[w] if e == epoch) for w in range(2)]
         assert counts == [loader.limit(epoch)] * 2
-    assert all(b is not None for _, b in per_worker[0])
-    assert all(b is None for _, b in per_worker[1])
+    for w in range(2):
+        assert sum(len(rows.positions) for _, rows in per_worker[w]) > 0
 
 
 def test_resume_on_more_ranks_with_fewer_batches_left_than_ranks_starts_the_next_epoch(train_cells):
