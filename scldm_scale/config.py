@@ -232,6 +232,13 @@ class SampleConfig:
     rtol: float = option(1e-5, "relative tolerance of dopri5")
     batch_size: int = option(1024, "cells per ODE solve")
     guidance: float = option(1.0, "guidance weight of a condition given no weight of its own (1: plain conditioning)")
+    guidance_mode: str = option(
+        "auto",
+        "compositional: v_null + sum_k w_k (v_k - v_null), one branch per condition key; joint: v_null + w (v_all - "
+        "v_null), all keys in one branch (w: the largest weight); auto: joint for a prior trained with "
+        "prior.cond_dropout=joint, else compositional",
+        choices=("auto", "compositional", "joint"),
+    )
 
 
 BASELINES = ("real_train_cells", "independent_nb", "scvi", "additive_shift")

@@ -46,8 +46,9 @@ class Generator:
     latent_mean: torch.Tensor  # (M, L)
     latent_std: torch.Tensor  # (M, L)
     genes: GeneVocabulary
-    guidance_mode: str  # "compositional" or "joint"
+    guidance_mode: str  # the prior's own: "joint" if trained with prior.cond_dropout=joint, else "compositional"
     device: torch.device
+    cond_dropout: str = "independent"  # prior.cond_dropout of its training: which guidance branches it learned
 
     @classmethod
     def from_artifact(cls, model: LDMArtifact | str | Path, device: str = "cpu", use_ema: bool = True) -> Generator:
@@ -66,7 +67,32 @@ class Generator:
             genes=model.vae.genes,
             guidance_mode=model.guidance_mode,
             device=device_,
+            cond_dropout=model.prior_config.cond_dropout,
         )
+
+    def resolve_guidance_mode(self, requested: str) -> str:
+        """The guidance mode a sampler's `guidance_mode` asks of this prior ("auto": the prior's own).
+
+        Compositional guidance needs v_k, each key alone (learned under independent or one_at_a_time dropout);
+        joint needs v_all, every key at once (learned under independent or joint dropout).
+        """
+        mode = self.guidance_mode if requested == "auto" else requested
+        unlearned = {"compositional": "joint", "joint": "one_at_a_time"}.get(mode)
+        if self.cond_dropout == unlearned:
+            raise ConfigError(
+                f"guidance mode {mode} (--guidance-mode, sample.guidance_mode): this prior was trained with "
+                f"prior.cond_dropout={unlearned}, which never shows it the branches {mode} guidance evaluates; use "
+                "--guidance-mode auto (or retrain the prior with prior.cond_dropout=independent, which learns both)"
+            )
+        return mode
+
+    def velocity(self, ids: dict[str, torch.Tensor], weights: dict[str, float], mode: str):
+        """The guided velocity field (x, t) -> v for cells of condition ids (key -> (n,)), `mode` resolved.
+        joint takes one weight for all keys: the largest of `weights`."""
+        if mode == "joint":
+            joint_weight = max(weights.values()) if weights else 0.0
+            return make_guided_velocity_fn(self.dit, ids, joint_weight, self.dit.null_ids, mode="joint")
+        return make_guided_velocity_fn(self.dit, ids, weights, self.dit.null_ids)
 
     def _check(self, labels: dict[str, np.ndarray], guidance: dict[str, float]) -> None:
         for key in list(labels) + list(guidance):
@@ -104,6 +130,7 @@ class Generator:
                 raise ConfigError(f"labels[{key!r}] has {len(values)} values for {n_cells} cells")
         ids = {k: torch.from_numpy(self.encoders[k].encode(v)).to(self.device) for k, v in labels.items()}
         weights = {k: guidance.get(k, sampler.guidance) for k in labels}
+        mode = self.resolve_guidance_mode(sampler.guidance_mode)
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
         library = np.empty(n_cells)
@@ -122,11 +149,7 @@ class Generator:
         for start in range(0, n_cells, sampler.batch_size):
             stop = min(start + sampler.batch_size, n_cells)
             chunk_ids = {k: v[start:stop] for k, v in ids.items()}
-            if self.guidance_mode == "joint":
-                joint_weight = max(weights.values()) if weights else 0.0
-                velocity = make_guided_velocity_fn(self.dit, chunk_ids, joint_weight, self.dit.null_ids, mode="joint")
-            else:
-                velocity = make_guided_velocity_fn(self.dit, chunk_ids, weights, self.dit.null_ids)
+            velocity = self.velocity(chunk_ids, weights, mode)
             noise = torch.randn(stop - start, m, latent_dim, device=self.device)
             x = integrate(_counted(velocity, bar), noise, sampler.method, sampler.n_steps, sampler.atol, sampler.rtol)
             z = x * self.latent_std + self.latent_mean  # (n, M, L)
@@ -201,7 +224,7 @@ def generate(
     settings = {
         "checkpoint": str(model if not isinstance(model, LDMArtifact) else model.source or "in-memory model"),
         "guidance": {k: float(v) for k, v in (guidance or {}).items()},
-        "guidance_mode": gen.guidance_mode,
+        "guidance_mode": gen.resolve_guidance_mode(sampler.guidance_mode),
         "sampler": sampler.method,
         "n_steps": sampler.n_steps,
         "seed": seed,
@@ -221,6 +244,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg", action="append", default=[], metavar="KEY=WEIGHT", help=cfg_help)
     add_option(parser, SampleConfig, "method", "--sampler")
     add_option(parser, SampleConfig, "n_steps", "--steps")
+    add_option(parser, SampleConfig, "guidance_mode")
     add_option(parser, Config, "seed")
     parser.add_argument("--device", default="cpu", help="torch device of the models")
     parser.add_argument("--out", required=True, help="output .h5ad")

@@ -25,3 +25,55 @@ def test_counts_are_drawn_in_gene_chunks_into_csr_with_the_model_mean():
     standard_error = ((mu + mu**2 / theta) / n_cells).sqrt()
     drawn_mean = torch.from_numpy(counts.mean(axis=0).A1)
     assert ((drawn_mean - mu).abs() < 5 * standard_error).all()  # every chunk, the last (3 genes) included
+
+
+def _random_dit(n_classes: dict[str, int]):
+    from scldm_scale.config import PriorConfig
+    from scldm_scale.models.dit import DiT
+
+    torch.manual_seed(1)
+    dit = DiT(PriorConfig(d_model=16, n_heads=2, n_layers=1), 3, 4, n_classes).eval()
+    with torch.no_grad():  # adaLN-Zero starts at v = 0 for every condition: give it a field that depends on them
+        for p in dit.parameters():
+            p.normal_(0.0, 0.3)
+    return dit
+
+
+def test_guidance_modes_are_the_explicit_formulas_on_one_prior():
+    n_classes = {"cell_line": 3, "perturbation": 4}
+    dit = _random_dit(n_classes)
+    gen = SimpleNamespace(dit=dit)
+    x, t = torch.randn(5, 3, 4), torch.rand(5)
+    ids = {"cell_line": torch.tensor([0, 1, 2, 1, 0]), "perturbation": torch.tensor([3, 2, 1, 0, 2])}
+    null = {k: torch.full((5,), n) for k, n in n_classes.items()}
+    with torch.no_grad():
+        v_null = dit(x, t, null)
+        v_line = dit(x, t, {**null, "cell_line": ids["cell_line"]})
+        v_pert = dit(x, t, {**null, "perturbation": ids["perturbation"]})
+        v_all = dit(x, t, ids)
+        weights = {"cell_line": 0.5, "perturbation": 2.0}
+        compositional = Generator.velocity(gen, ids, weights, "compositional")(x, t)
+        joint = Generator.velocity(gen, ids, weights, "joint")(x, t)
+    torch.testing.assert_close(compositional, v_null + 0.5 * (v_line - v_null) + 2.0 * (v_pert - v_null))
+    torch.testing.assert_close(joint, v_null + 2.0 * (v_all - v_null))  # one weight: the largest
+    assert (joint - compositional).abs().max() > 1e-2  # the two modes differ on this field
+
+
+def test_guidance_mode_resolves_against_the_dropout_the_prior_was_trained_with():
+    import pytest
+
+    from scldm_scale.config import ConfigError
+
+    def gen(cond_dropout):
+        own = "joint" if cond_dropout == "joint" else "compositional"
+        return SimpleNamespace(guidance_mode=own, cond_dropout=cond_dropout)
+
+    resolve = Generator.resolve_guidance_mode
+    assert resolve(gen("independent"), "auto") == "compositional"
+    assert resolve(gen("joint"), "auto") == "joint"
+    assert resolve(gen("independent"), "joint") == "joint"
+    assert resolve(gen("one_at_a_time"), "compositional") == "compositional"
+    with pytest.raises(ConfigError, match="prior.cond_dropout=one_at_a_time.*--guidance-mode auto"):
+        resolve(gen("one_at_a_time"), "joint")
+    with pytest.raises(ConfigError, match="prior.cond_dropout=joint"):
+        resolve(gen("joint"), "compositional")
