@@ -104,6 +104,11 @@ class VAEConfig:
     kl_weight: float = 1e-4
     # "scale": E[gene] * log1p(count) (the reference); "concat": Linear([E[gene], log1p(count)]).
     input_embedding: str = option("scale", choices=("scale", "concat"))
+    # Encoder pooling: "uniform" (each expressed gene's token weighs by its attention score alone; the pooling's
+    # key LayerNorm removes the count of a "scale" token), "count" or "log1p" (each token's attention weight
+    # times its count or log1p(count): with flat scores the pooled vector is the count-weighted mean of the
+    # genes' values, a linear map of the cell's library-normalised profile).
+    pooling_weights: str = option("uniform", choices=("uniform", "log1p", "count"))
     share_gene_embedding: bool = True
     # "nb": negative binomial on raw counts; "gaussian": Gaussian on log1p(counts / L * 1e4).
     likelihood: str = option("nb", choices=("nb", "gaussian"))
@@ -417,6 +422,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.max_steps must be positive, got {cfg.train.max_steps}")
     if cfg.train.zero_stage not in (1, 2, 3):
         raise ConfigError(f"train.zero_stage must be 1, 2 or 3, got {cfg.train.zero_stage}")
+    if cfg.model.pooling_weights != "uniform" and cfg.model.attention_backend != "torch":
+        raise ConfigError(
+            f"model.pooling_weights={cfg.model.pooling_weights} needs model.attention_backend=torch (SDPA with a key "
+            "bias)"
+        )
     if cfg.model.fold_pooling and cfg.model.attention_backend != "triton":
         raise ConfigError("model.fold_pooling=true needs model.attention_backend=triton (it is a kernel of its own)")
     if cfg.train.init_on_meta and cfg.train.strategy != "fsdp":

@@ -240,7 +240,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--genes", type=int, default=33_000, help="genes (Ensembl-like ids, symbols in feature_name)")
     parser.add_argument("--cell-types", type=int, default=6, help="cell types (obs cell_type)")
     parser.add_argument("--donors", type=int, default=3, help="donors (obs donor)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    library_help = "median library size; realised totals clipped to [1,200, 16,000] before NB noise (default: 3000)"
+    parser.add_argument("--median-library", type=float, default=3000.0, help=library_help)
+    marker_help = "sd of the log shift of each cell type's marker genes: smaller is harder to tell apart (default: 1.5)"
+    parser.add_argument("--marker-sd", type=float, default=1.5, help=marker_help)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     add_overwrite(parser, "the .h5ad at --out")
     parser.set_defaults(handle=handle)
 
@@ -251,8 +255,20 @@ def handle(args: argparse.Namespace) -> None:
             f"--cells, --cell-types and --donors must be >= 1 and --genes >= 2; got {args.cells}, {args.cell_types}, "
             f"{args.donors} and {args.genes}"
         )
+    if args.median_library <= 0 or args.marker_sd < 0:
+        raise ConfigError(
+            f"--median-library must be positive and --marker-sd >= 0; got {args.median_library} and {args.marker_sd}"
+        )
     claim_output(args.out, "the synthetic .h5ad", "--out", args.overwrite, folder=False)
-    adata = synthetic_transcriptome(args.cells, args.genes, args.cell_types, args.donors, seed=args.seed)
+    adata = synthetic_transcriptome(
+        args.cells,
+        args.genes,
+        args.cell_types,
+        args.donors,
+        marker_sd=args.marker_sd,
+        median_library_size=args.median_library,
+        seed=args.seed,
+    )
     with staged(args.out) as target:
         adata.write_h5ad(target)
     share = adata.X.nnz / (adata.n_obs * adata.n_vars)

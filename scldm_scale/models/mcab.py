@@ -83,8 +83,17 @@ class Attention(nn.Module):
         self.kernel = kernel
         self._fused = None if kernel is None else fused_cross_attention(kernel)
 
-    def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x_q: torch.Tensor,
+        x_kv: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        key_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """key_bias (B, K), SDPA only: added to every query's attention logit of each key (log of a key weight)."""
         h = self.n_heads
+        if key_bias is not None and self.kernel is not None:
+            raise ValueError("key_bias needs the SDPA path (attention_backend=torch)")
         if self.kernel == "pooling_folded":
             return self._folded_pooling(x_q, x_kv, key_mask)
         q = self.w_q(x_q)  # (B, Q, D)
@@ -102,6 +111,10 @@ class Attention(nn.Module):
         k = k.unflatten(-1, (h, -1)).transpose(1, 2)  # (B, H, K, Dh)
         v = v.unflatten(-1, (h, -1)).transpose(1, 2)  # (B, H, K, Dh)
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, K), True = attend
+        if key_bias is not None:
+            bias = key_bias.to(q.dtype)
+            bias = bias if key_mask is None else bias.masked_fill(~key_mask, float("-inf"))
+            attn_mask = bias[:, None, None, :]  # (B, 1, 1, K), added to the logits
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, Q, Dh)
         return self.w_out(out.transpose(1, 2).flatten(-2))  # (B, Q, D)
 
@@ -163,8 +176,14 @@ class MCAB(nn.Module):
         self.norm_mlp = nn.LayerNorm(d_model, bias=False)
         self.mlp = SwiGLU(d_model, mlp_ratio)
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = queries + self.attn(self.norm_q(queries), self.norm_kv(keys), key_mask)
+    def forward(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        key_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = queries + self.attn(self.norm_q(queries), self.norm_kv(keys), key_mask, key_bias)
         return x + self.mlp(self.norm_mlp(x))
 
     def flops(self, n_queries: float, n_keys: float, batch_size: int) -> float:

@@ -124,7 +124,11 @@ class SetVAE(nn.Module):
         sample=False returns the posterior mean (Gaussian mode); the LayerNorm mode is deterministic.
         """
         x = self.tokens(gene_ids, counts)  # (B, S, E)
-        z = self.pool(self.inducing_points, x, key_mask=mask)  # (B, M, E)
+        bias = None
+        if self.cfg.pooling_weights != "uniform":  # attention weight x count (or log1p(count)); a zero count: none
+            weight = counts.float().clamp_min(0.0)
+            bias = torch.log(torch.log1p(weight) if self.cfg.pooling_weights == "log1p" else weight)  # (B, S)
+        z = self.pool(self.inducing_points, x, key_mask=mask, key_bias=bias)  # (B, M, E)
         for block in self.encoder_blocks:
             z = block(z)
         z = self.to_latent(self.encoder_norm(z))  # (B, M, L) or (B, M, 2L)

@@ -134,3 +134,15 @@ def test_cli_synthetic_writes_the_h5ad(tmp_path, capsys):
     assert main(["synthetic", "--out", str(out), "--cells", "30", "--genes", "500", "--seed", "4"]) == 0
     assert "wrote 30 cells x 500 genes" in capsys.readouterr().out
     assert (ad.read_h5ad(out).X != synthetic_transcriptome(30, 500, seed=4).X).nnz == 0
+
+
+def test_cli_synthetic_library_and_marker_options_reach_the_generator(tmp_path):
+    from scldm_scale.cli import main
+
+    out = tmp_path / "cells.h5ad"
+    args = ["--cells", "40", "--genes", "500", "--seed", "4", "--median-library", "1500", "--marker-sd", "2.0"]
+    assert main(["synthetic", "--out", str(out), *args]) == 0
+    expected = synthetic_transcriptome(40, 500, seed=4, median_library_size=1500.0, marker_sd=2.0)
+    assert (ad.read_h5ad(out).X != expected.X).nnz == 0
+    assert (expected.X != synthetic_transcriptome(40, 500, seed=4).X).nnz > 0
+    assert main(["synthetic", "--out", str(tmp_path / "x.h5ad"), "--median-library", "0"]) == 2
