@@ -1,18 +1,57 @@
-"""host_memory.fix_mmap_threshold: set under glibc, left to the environment when it sets the threshold itself."""
+"""host_memory: the decoder's malloc policy, set once per process, left to the environment when it sets malloc's own."""
 
 import platform
 
 import pytest
 
-from scldm_scale.host_memory import fix_mmap_threshold
+from scldm_scale import host_memory
+
+glibc_only = pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt"
+)
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
-def test_the_threshold_is_fixed_under_glibc(monkeypatch):
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    assert fix_mmap_threshold()
+@pytest.fixture
+def fresh_policy(monkeypatch):
+    """A process that has not set a policy yet, whose mallopt calls are recorded (and not made)."""
+    calls = []
+    monkeypatch.setattr(host_memory, "_policy", None)
+    monkeypatch.setattr(host_memory, "_mallopt", lambda *settings: calls.append(dict(settings)) or True)
+    return calls
 
 
-def test_an_environment_setting_wins(monkeypatch):
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
-    assert not fix_mmap_threshold()
+def test_a_one_pass_decoder_keeps_freed_blocks_once(fresh_policy):
+    assert host_memory.decoder_memory_policy(chunked=False) == "keep"
+    assert host_memory.decoder_memory_policy(chunked=False) == "keep"
+    assert host_memory.KEEP_TRIM_THRESHOLD_BYTES < 2**31  # mallopt's value is a C int
+    assert fresh_policy == [
+        {host_memory.M_MMAP_MAX: 0, host_memory.M_TRIM_THRESHOLD: host_memory.KEEP_TRIM_THRESHOLD_BYTES}
+    ]
+
+
+def test_a_chunked_decoder_replaces_keep_and_is_never_replaced(fresh_policy):
+    host_memory.decoder_memory_policy(chunked=False)
+    assert host_memory.decoder_memory_policy(chunked=True) == "release"
+    assert host_memory.decoder_memory_policy(chunked=False) == "release"
+    release = fresh_policy[1]
+    assert release[host_memory.M_MMAP_THRESHOLD] == host_memory.MMAP_THRESHOLD_BYTES
+    assert release[host_memory.M_MMAP_MAX] == host_memory.GLIBC_MMAP_MAX_DEFAULT  # mmap allowed again
+    assert len(fresh_policy) == 2
+
+
+@glibc_only
+def test_glibc_accepts_both_policies(monkeypatch):
+    for name in host_memory.ENVIRONMENT_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    try:
+        assert host_memory.keep_freed_blocks()
+        assert host_memory.fix_mmap_threshold()
+    finally:  # leave this test process with the policy its decoders would have chosen
+        host_memory._policy = None
+
+
+@pytest.mark.parametrize("name", host_memory.ENVIRONMENT_SETTINGS)
+def test_an_environment_setting_wins(monkeypatch, name):
+    monkeypatch.setenv(name, "65536")
+    assert not host_memory.fix_mmap_threshold()
+    assert not host_memory.keep_freed_blocks()

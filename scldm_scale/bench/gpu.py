@@ -599,9 +599,6 @@ STEP_FUNCTIONS = {
 
 def _child(step: str, out_dir: str, smoke: bool) -> None:
     """One step in this (fresh) process; the orchestrator set TRITON_INTERPRET in its environment."""
-    from scldm_scale.host_memory import fix_mmap_threshold
-
-    fix_mmap_threshold()
     if smoke:
         import torch
 

@@ -29,7 +29,6 @@ from pathlib import Path
 
 from scldm_scale.bench.records import claim_records, machine, write_records
 from scldm_scale.config import CONFIG_DIR, ConfigError, comma_separated, parse_ints
-from scldm_scale.host_memory import fix_mmap_threshold
 from scldm_scale.outputs import add_overwrite
 
 SIZES = {
@@ -161,10 +160,9 @@ def gene_step(
 ) -> dict[str, float]:
     """Train a SetVAE for warmup + steps steps on one synthetic batch; the median step time and peak memory.
 
-    Runs in the process that measures it (run_gene_sweep starts a fresh one per case), with host memory set up
-    as the CLI sets it for `scldm-scale train` (host_memory.py).
+    Runs in the process that measures it (run_gene_sweep starts a fresh one per case), where the decoder sets
+    host memory up as it does under `scldm-scale train` (host_memory.py).
     """
-    fix_mmap_threshold()
     import numpy as np
     import scipy.sparse as sp
     import torch

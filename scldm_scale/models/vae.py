@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from scldm_scale.config import VAEConfig
-from scldm_scale.host_memory import fix_mmap_threshold_once
+from scldm_scale.host_memory import decoder_memory_policy
 from scldm_scale.models.cost import ActivationProfile, linear_flops
 from scldm_scale.models.likelihoods import GaussianHead, NegativeBinomialHead
 from scldm_scale.models.mcab import MCAB, SelfAttentionBlock
@@ -177,10 +177,10 @@ class SetVAE(nn.Module):
         h = self.decode_latents(z)  # (B, M, E)
         gene_queries = self.decoder_gene_embedding(decode_gene_ids)  # (G, E), shared by all cells
         chunk = self.decode_chunk(h.shape[0], len(decode_gene_ids))
+        if h.device.type == "cpu":  # how malloc treats the blocks the decoder frees (host_memory.py)
+            decoder_memory_policy(chunked=chunk < len(decode_gene_ids))
         if chunk >= len(decode_gene_ids):
             return self._head_outputs(h, gene_queries, decode_gene_ids)
-        if h.device.type == "cpu":
-            fix_mmap_threshold_once()  # each chunk's freed activations go back to the OS (host_memory.py)
         parts = []
         for queries, ids in zip(gene_queries.split(chunk), decode_gene_ids.split(chunk), strict=True):
             if torch.is_grad_enabled():
