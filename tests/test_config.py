@@ -49,7 +49,7 @@ def test_overrides_win_over_the_yaml_file():
     cfg = load_config(QUICKSTART, ["model.d_model=64", "optim.vae.max_steps=7"])
     assert cfg.model.d_model == 64
     assert cfg.optim.vae.max_steps == 7
-    assert cfg.model.n_latent_tokens == 16  # untouched YAML value
+    assert cfg.model.n_latent_tokens == 8  # untouched YAML value
 
 
 @pytest.mark.parametrize("override", ["model.n_layer=4", "train.max_step=5", "optim.vae.learning_rate=1e-3"])
