@@ -47,7 +47,7 @@ def test_the_cli_refuses_it_in_one_line(cells, tmp_path, without_scvi, capsys):
 
 
 def test_scvi_trains_generates_and_reconstructs(cells, tmp_path):
-    pytest.importorskip("scvi")
+    pytest.importorskip("scvi", reason="scvi-tools is the optional extra scldm-scale[scvi], not installed in CI")
     import anndata as ad
 
     from scldm_scale.evaluate.scvi_baseline import RECONSTRUCTION, scvi_baseline
