@@ -15,6 +15,8 @@ traceback of every error, refusals included.
 
 from __future__ import annotations
 
+# Only the standard library at import time: torch and the commands' modules load inside main(), within
+# its Ctrl-C handling (loading them takes seconds, and an interrupt then must not end in a traceback).
 import argparse
 import errno
 import importlib
@@ -22,13 +24,6 @@ import logging
 import sys
 import traceback
 
-from scldm_scale.artifact import CheckpointError
-from scldm_scale.config import ConfigError
-from scldm_scale.data.counts import DataError
-from scldm_scale.threads import use_free_cores
-from scldm_scale.world import StopRequested, get_rank, get_world_size
-
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
 # File operations the system refuses for reasons outside scldm-scale: reported in one line, not as a bug.
 SYSTEM_REFUSALS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 REPORT_TO = "the scldm-scale issue tracker (the repository's Issues page)"
@@ -136,13 +131,32 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The refusals of user input, raised where the problem is found."""
+    from scldm_scale.artifact import CheckpointError
+    from scldm_scale.config import ConfigError
+    from scldm_scale.data.counts import DataError
+
+    return ConfigError, DataError, CheckpointError
+
+
 def main(argv: list[str] | None = None) -> int:
+    process_entry = argv is None  # main([...]) in a test or a notebook keeps the caller's thread settings
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _run(argv, process_entry)
+    except KeyboardInterrupt as err:  # Ctrl-C while modules load or arguments parse, before the command runs
+        return _report(err, "scldm-scale: ", "--debug" in argv)
+
+
+def _run(argv: list[str], process_entry: bool) -> int:
+    from scldm_scale.threads import use_free_cores
+    from scldm_scale.world import StopRequested, get_rank, get_world_size
+
     # Under torchrun, rank 0 logs progress; every rank logs warnings and errors, tagged with its rank.
     tag = f"[rank {get_rank()}] " if get_world_size() > 1 else ""
     level = logging.INFO if get_rank() == 0 else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s")
-    process_entry = argv is None  # main([...]) in a test or a notebook keeps the caller's thread settings
-    argv = sys.argv[1:] if argv is None else argv
     words = [word for word in argv if not word.startswith("-")]
     # A group's command names two words: `bench gpu` declares (imports) its own module, not every benchmark's.
     command = " ".join(words[:2]) if len(words) > 1 and words[0] in GROUPS else (words[0] if words else "")
@@ -176,10 +190,11 @@ def _report(err: BaseException, prefix: str, debug: bool) -> int:
             traceback.print_exception(err)
         print(f"{prefix}interrupted (Ctrl-C)", file=sys.stderr)
         return 130
-    refused = isinstance(err, USER_ERRORS) or (isinstance(err, OSError) and err.errno in SYSTEM_REFUSALS)
+    user_errors = _user_errors()
+    refused = isinstance(err, user_errors) or (isinstance(err, OSError) and err.errno in SYSTEM_REFUSALS)
     if debug or not refused:
         traceback.print_exception(err)
-    if isinstance(err, USER_ERRORS):
+    if isinstance(err, user_errors):
         print(f"{prefix}error: {err}", file=sys.stderr)
         return 2
     if refused:

@@ -427,3 +427,41 @@ def test_help_documents_every_option_and_what_it_does_when_left_out(name, capsys
         cli.main([*name.split(), "--help"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.startswith(f"usage: scldm-scale {name}")
+
+
+def test_ctrl_c_while_modules_load_is_one_line(monkeypatch, capsys):
+    """torch and the command's module load inside main(): an interrupt there (seconds on a busy machine) is
+    reported like one during the command, not as an import traceback."""
+
+    def interrupted_import(argv, process_entry):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run", interrupted_import)
+    assert cli.main(["train", str(CONFIG)]) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["scldm-scale: interrupted (Ctrl-C)"]
+
+
+def test_importing_the_cli_loads_no_torch():
+    code = "import sys, scldm_scale.cli; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_ctrl_c_soon_after_start_exits_130_without_traceback(tmp_path):
+    import signal
+    import time
+
+    # SIGINT's default disposition for the child even when pytest runs in the background with it ignored
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scldm_scale", "train", str(CONFIG), "data.source=h5ad", f"train.ckpt_dir={tmp_path}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    time.sleep(0.5)  # the command's modules are still loading (their import takes seconds)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].endswith("interrupted (Ctrl-C)"), err
