@@ -349,3 +349,25 @@ def test_train_overwrite_deletes_the_earlier_checkpoints_of_the_stage_only(tmp_p
     assert _entries(tmp_path) == ["ldm", "vae"]
     preflight(cfg, overwrite=True)
     assert _entries(tmp_path) == ["ldm"]
+
+
+def test_train_overwrite_leaves_the_earlier_run_to_rank_0(tmp_path, monkeypatch):
+    """Under torchrun, rank 0 deletes the earlier checkpoints while the other ranks pass their pre-flight:
+    they must not read the folder being deleted."""
+    from scldm_scale.config import load_config
+    from scldm_scale.train import stages
+    from scldm_scale.train.checkpoint import COMPLETE, RunCheckpoints
+
+    (tmp_path / "vae" / "step-3").mkdir(parents=True)
+    (tmp_path / "vae" / "step-3" / COMPLETE).write_text("3\n")
+    cfg = load_config(CONFIG, [f"train.ckpt_dir={tmp_path}", "logging.wandb.mode=disabled"])
+
+    def deleted_meanwhile(self):
+        raise FileNotFoundError(self.root / "LATEST")
+
+    monkeypatch.setattr(RunCheckpoints, "latest", deleted_meanwhile)
+    monkeypatch.setattr(stages, "get_rank", lambda: 1)
+    stages.preflight(cfg, overwrite=True)  # rank 1 leaves the folder to rank 0
+    assert _entries(tmp_path) == ["vae"]
+    with pytest.raises(FileNotFoundError):  # without --overwrite every rank checks (nothing is deleted then)
+        stages.preflight(cfg, overwrite=False)

@@ -302,6 +302,10 @@ def preflight(cfg: Config, overwrite: bool) -> None:
         check_writable(metrics, "the metrics file", "train.metrics_file")
     if cfg.train.resume != "never":
         return
+    if overwrite and get_rank() != 0:
+        # Rank 0 alone looks for the earlier run and deletes it; reading the folder while it deletes it could
+        # fail here. The other ranks wait for it when the process group is set up, before any step.
+        return
     checkpoints = RunCheckpoints(root / cfg.stage).latest()
     earlier = [
         *([f"checkpoints of stage={cfg.stage} ({checkpoints})"] if checkpoints is not None else []),
