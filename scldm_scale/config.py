@@ -110,6 +110,15 @@ class VAEConfig:
     # genes' values, a linear map of the cell's library-normalised profile).
     pooling_weights: str = option("uniform", choices=("uniform", "log1p", "count"))
     share_gene_embedding: bool = True
+    # Add a linear path from the latent to every gene's NB logit (or Gaussian mean): logit[c, g] += U[g] .
+    # W vec(z_c), per-gene loadings U (genes x d_model) from zero. The unpooling's attention starts flat, so a
+    # cell's latent first shifts every gene alike (the softmax over genes cancels that); this path is
+    # gene-specific from the first step (quickstart --data turns it on for whole-transcriptome data).
+    latent_gene_path: bool = False
+    # The first N training forward passes decode a detached latent: the encoder (a random map of the counts
+    # at init, which already separates cell types with count pooling) is frozen while the decoder learns to
+    # read it; a decoder that ignores the latent otherwise drives every cell's latent to the same point.
+    encoder_warmup_steps: int = 0
     # "nb": negative binomial on raw counts; "gaussian": Gaussian on log1p(counts / L * 1e4).
     likelihood: str = option("nb", choices=("nb", "gaussian"))
     # "gene": one learned inverse dispersion per gene; "cell": predicted per cell and gene.
@@ -422,6 +431,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.max_steps must be positive, got {cfg.train.max_steps}")
     if cfg.train.zero_stage not in (1, 2, 3):
         raise ConfigError(f"train.zero_stage must be 1, 2 or 3, got {cfg.train.zero_stage}")
+    if cfg.model.encoder_warmup_steps < 0:
+        raise ConfigError(
+            f"model.encoder_warmup_steps must be >= 0 (0: no warm-up), got {cfg.model.encoder_warmup_steps}"
+        )
     if cfg.model.pooling_weights != "uniform" and cfg.model.attention_backend != "torch":
         raise ConfigError(
             f"model.pooling_weights={cfg.model.pooling_weights} needs model.attention_backend=torch (SDPA with a key "

@@ -70,6 +70,12 @@ BATCH_RANGE = (8, 32)
 MIN_STEPS = 50
 # Gene-subset training (model.decode_genes) decodes a multiple of this many genes, never fewer.
 DECODE_GENES_STEP = 1024
+# A run that decodes a subset of the genes a step (whole-transcriptome data) starts the per-gene offsets from the
+# data (train.init_gene_bias=auto), and its decoder then never learned to use the latent (the latent collapsed to
+# one point). Such a run pools the encoder's tokens by count, adds the latent's linear path to each gene's logit
+# and freezes the encoder for the first ENCODER_WARMUP_SHARE of its steps (models/vae.py).
+WIDE_VAE_OVERRIDES = ("model.pooling_weights=count", "model.attention_backend=torch", "model.latent_gene_path=true")
+ENCODER_WARMUP_SHARE = 0.5
 # Generation decodes every gene of the cells of one ODE solve at once (forward only: a few (cells, genes,
 # width) tensors at a time).
 SAMPLE_BATCH_RANGE = (16, 1024)
@@ -235,6 +241,10 @@ def size_run(
         f"(optim.vae.max_steps={target}) decoding {decoded} a step (model.decode_genes={decode}), "
         f"{times.vae(n_decoded):.2f} s a step (measured)"
     )
+    wide = []
+    if decode != "all":
+        wide = [*WIDE_VAE_OVERRIDES, f"model.encoder_warmup_steps={round(ENCODER_WARMUP_SHARE * vae_steps)}"]
+        reasons.append(f"VAE on a gene subset a step, so that its latent stays in use: {' '.join(wide)}")
 
     ldm_steps = _clamp(ldm_seconds / times.prior, min(MIN_STEPS, cfg.optim.ldm.max_steps), cfg.optim.ldm.max_steps)
     reasons.append(
@@ -249,6 +259,7 @@ def size_run(
     vae_overrides = [
         f"train.batch_size={vae_batch}",
         f"optim.vae.max_steps={vae_steps}",
+        *wide,
         f"model.decode_genes={decode}",
     ]
     ldm_overrides = [f"train.batch_size={ldm_batch}", f"optim.ldm.max_steps={ldm_steps}"]

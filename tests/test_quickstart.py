@@ -13,6 +13,7 @@ from scldm_scale.data.synthetic import synthetic_transcriptome
 from scldm_scale.quickstart import (
     BATCH_RANGE,
     DECODE_GENES_STEP,
+    ENCODER_WARMUP_SHARE,
     MAX_ACTIVATIONS,
     QUICKSTART_CONFIG,
     DataShape,
@@ -90,6 +91,7 @@ def _sized(shape: DataShape, machine=LAPTOP, times=UNLOADED, *overrides: str) ->
 def test_small_data_decodes_every_gene_for_the_configs_steps():
     chosen = _sized(DataShape(n_cells=700, n_genes=765, nnz=700 * 200))
     assert chosen["model.decode_genes"] == "all"
+    assert "model.latent_gene_path" not in chosen and "model.encoder_warmup_steps" not in chosen  # the config's model
     assert chosen["optim.vae.max_steps"] == "600"  # configs/quickstart.yaml's
     assert int(chosen["train.batch_size"]) in range(BATCH_RANGE[0], BATCH_RANGE[1] + 1)
 
@@ -99,6 +101,9 @@ def test_whole_transcriptome_decodes_a_subset_and_fits_the_memory():
     n_decoded = int(chosen["model.decode_genes"])
     assert n_decoded % DECODE_GENES_STEP == 0 and DECODE_GENES_STEP <= n_decoded < 33_000
     assert 50 <= int(chosen["optim.vae.max_steps"]) <= 600
+    # Subset steps start from data offsets: the latent's linear path, count pooling, a frozen-encoder warm-up.
+    assert chosen["model.latent_gene_path"] == "true" and chosen["model.pooling_weights"] == "count"
+    assert int(chosen["model.encoder_warmup_steps"]) == round(ENCODER_WARMUP_SHARE * int(chosen["optim.vae.max_steps"]))
     # Generation decodes all 33,000 genes for the cells of one solve: fewer of them than the default 1,024.
     assert 16 <= int(chosen["ldm:sample.batch_size"]) < 1024
 

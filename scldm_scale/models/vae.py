@@ -92,7 +92,13 @@ class SetVAE(nn.Module):
         )
         self.unpool = MCAB(d, cfg.n_cross_heads, cfg.mlp_ratio, kernel="unpooling" if fused else None)
         self.decoder_norm = nn.LayerNorm(d, bias=False)
+        # model.latent_gene_path: a gene-specific linear readout of the latent, U[g] . W vec(z), U from zero.
+        self.latent_to_gene = nn.Linear(m * cfg.latent_dim, d, bias=False) if cfg.latent_gene_path else None
+        self.latent_gene_loadings = nn.Embedding(n_genes, d) if cfg.latent_gene_path else None
         self.apply(_init_weights)
+        self._zero_latent_gene_path()
+        if cfg.encoder_warmup_steps > 0:  # model.encoder_warmup_steps: training forward passes so far (checkpointed)
+            self.register_buffer("training_passes", torch.zeros((), dtype=torch.long))
         # Built after the generic init so the head keeps its own (theta = 1 at init).
         if cfg.likelihood == "nb":
             self.head: nn.Module = NegativeBinomialHead(d, n_genes, cfg.theta_mode, cfg.nb_loss_backend)
@@ -110,7 +116,17 @@ class SetVAE(nn.Module):
                     nn.init.zeros_(module.bias)
         self.apply(_init_weights)
         nn.init.normal_(self.inducing_points, std=0.02)
+        self._zero_latent_gene_path()
+        if self.cfg.encoder_warmup_steps > 0:
+            self.training_passes.zero_()
         self.head.init_weights()
+
+    def _zero_latent_gene_path(self) -> None:
+        """W ~ N(0, 1 / (M L)) (unit-variance outputs of a LayerNorm latent), loadings U from zero: the path starts
+        silent, and its first gradient (on U) is first order in the latent."""
+        if self.latent_to_gene is not None:
+            nn.init.normal_(self.latent_to_gene.weight, std=self.latent_to_gene.in_features**-0.5)
+            nn.init.zeros_(self.latent_gene_loadings.weight)
 
     @property
     def latent_shape(self) -> tuple[int, int]:
@@ -165,8 +181,13 @@ class SetVAE(nn.Module):
             setting = max(MIN_DECODE_CHUNK, DECODE_CHUNK_ELEMENTS // (max(n_cells, 1) * per_gene) // 64 * 64)
         return n_genes if setting == -1 else min(setting, n_genes)
 
-    def _head_outputs(self, h: torch.Tensor, gene_queries: torch.Tensor, gene_ids: torch.Tensor):
-        return self.head.per_gene(self._unpool(h, gene_queries), gene_ids)
+    def _head_outputs(
+        self, h: torch.Tensor, gene_queries: torch.Tensor, gene_ids: torch.Tensor, cell_vec: torch.Tensor | None = None
+    ):
+        location, scale = self.head.per_gene(self._unpool(h, gene_queries), gene_ids)  # NB logits or Gaussian mean
+        if cell_vec is not None:  # model.latent_gene_path: + U[g] . W vec(z_c)
+            location = location + (cell_vec @ self.latent_gene_loadings(gene_ids).T).float()  # (B, E) x (E, G)
+        return location, scale
 
     def decode_per_gene(self, z: torch.Tensor, decode_gene_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The head's per-gene outputs for every requested gene, decoded decode_chunk genes at a time.
@@ -176,17 +197,18 @@ class SetVAE(nn.Module):
         """
         h = self.decode_latents(z)  # (B, M, E)
         gene_queries = self.decoder_gene_embedding(decode_gene_ids)  # (G, E), shared by all cells
+        cell_vec = None if self.latent_to_gene is None else self.latent_to_gene(z.flatten(1))  # (B, E)
         chunk = self.decode_chunk(h.shape[0], len(decode_gene_ids))
         if h.device.type == "cpu":  # how malloc treats the blocks the decoder frees (host_memory.py)
             decoder_memory_policy(chunked=chunk < len(decode_gene_ids))
         if chunk >= len(decode_gene_ids):
-            return self._head_outputs(h, gene_queries, decode_gene_ids)
+            return self._head_outputs(h, gene_queries, decode_gene_ids, cell_vec)
         parts = []
         for queries, ids in zip(gene_queries.split(chunk), decode_gene_ids.split(chunk), strict=True):
             if torch.is_grad_enabled():
-                parts.append(checkpoint(self._head_outputs, h, queries, ids, use_reentrant=False))
+                parts.append(checkpoint(self._head_outputs, h, queries, ids, cell_vec, use_reentrant=False))
             else:
-                parts.append(self._head_outputs(h, queries, ids))
+                parts.append(self._head_outputs(h, queries, ids, cell_vec))
         return tuple(torch.cat(outputs, dim=-1) for outputs in zip(*parts, strict=True))  # (B, G) or (G,) each
 
     def distribution(self, z: torch.Tensor, decode_gene_ids: torch.Tensor, library_size: torch.Tensor):
@@ -213,6 +235,8 @@ class SetVAE(nn.Module):
         flops += sum(block.flops(m) for block in [*self.encoder_blocks, *self.decoder_blocks])
         flops += linear_flops(self.to_latent, m) + linear_flops(self.from_latent[1], m)
         flops += self.unpool.flops(n_genes, m, batch_size)
+        if self.latent_to_gene is not None:  # W vec(z), then one dot product of width E per gene
+            flops += linear_flops(self.latent_to_gene, 1) + 2 * self.cfg.d_model * n_genes
         return flops + self.head.flops(n_genes)
 
     def activation_profile(self, n_tokens: int, n_genes: int, batch_size: int) -> ActivationProfile:
@@ -239,6 +263,10 @@ class SetVAE(nn.Module):
     def forward(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Training loss on a CellBatch: NLL summed over genes, mean over cells, plus weighted KL."""
         z, kl = self.encode(batch.gene_ids, batch.counts, batch.mask)
+        if self.cfg.encoder_warmup_steps > 0 and self.training:
+            if self.training_passes < self.cfg.encoder_warmup_steps:  # the encoder is frozen: no gradient reaches it
+                z, kl = z.detach(), None if kl is None else kl.detach()
+            self.training_passes += 1
         per_gene = self.decode_per_gene(z, batch.decode_gene_ids)
         nll = self.head.nll(per_gene, batch.library_size, batch.target).mean()
         loss = nll

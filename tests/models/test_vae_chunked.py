@@ -75,6 +75,7 @@ CONFIGS = [
     dict(likelihood="gaussian"),
     dict(latent_mode="gaussian"),
     dict(share_gene_embedding=False),
+    dict(latent_gene_path=True),
 ]
 
 
