@@ -24,6 +24,12 @@ What is unusual here:
   gene vocabulary, with its obs `cell_type` as the shuffle label.
 - `--cells-per-read N` sets both loaders' read size (our buffer, tiledbsoma-ml's io_batch_size) to N cells:
   at the Census's ~1.5k non-zeros per cell a 65,536-cell read is ~100M non-zeros (GBs per process).
+- `--group-buffers K` is ours only (`data.group_buffers`): each of our loader processes reads K buffers per
+  group, as K reads of about one buffer, so a TileDB read stays --cells-per-read cells.
+- `--repeats R` runs the cases R times, interleaved (tiledbsoma-ml, ours, tiledbsoma-ml, ours, ...), and
+  prints each pair's ratio and their median: on a shared machine one pair's ratio moves with the load.
+- CPU s / 1k cells = the measuring process's and its DataLoader workers' CPU time over the window, per 1,000
+  cells: less sensitive to other jobs than cells/s (though not immune: contention slows each instruction).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import argparse
 import gc
 import itertools
 import multiprocessing
+import os
 import resource
 import shutil
 import tempfile
@@ -69,6 +76,7 @@ OURS = "scldm_scale"
 BASELINE = "tiledbsoma_ml"
 RANDOM = "random_permutation"
 RSS_SAMPLE_S = 0.25
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 @dataclass(frozen=True)
@@ -254,7 +262,7 @@ def random_permutation_counts(codes: np.ndarray, batch_size: int, seed: int, n_t
 
 
 def _ours(
-    data: BenchData, batch_size: int, seed: int, num_workers: int, cells_per_read: int
+    data: BenchData, batch_size: int, seed: int, num_workers: int, cells_per_read: int, group_buffers: int = 1
 ) -> Iterator[tuple[np.ndarray, int]]:
     from scldm_scale.data.batch import LabelEncoder
     from scldm_scale.data.soma import SomaBatches, SomaCells
@@ -271,6 +279,7 @@ def _ours(
         num_workers=num_workers,
         rank=0,
         world_size=1,
+        group_buffers=group_buffers,
     )
     for batch in batches:
         yield batch.conditions[LABEL].numpy(), batches.epoch
@@ -319,6 +328,16 @@ def _process_peak_rss_mb() -> float:
     if peak is None:  # no /proc (macOS): ru_maxrss, in bytes there
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     return peak
+
+
+def _cpu_s(pid: int | str) -> float:
+    """User + system CPU seconds of a process so far (0 once it is gone, or without /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime (fields 14 and 15 of stat)
 
 
 def _spawned_children() -> list[int]:
@@ -378,17 +397,21 @@ def measure(
     timing: Timing,
     codes_by_joinid: np.ndarray,
     cells_per_read: dict[str, int],
+    group_buffers: int = 1,
 ) -> dict:
-    """Run one loader in this process: cells/s after warm-up, per-batch cell-type counts, peak RSS."""
+    """Run one loader in this process: cells/s after warm-up, per-batch cell-type counts, peak RSS, and the CPU
+    seconds of this process and its DataLoader workers over the window."""
     n_types = len(data.type_names)
     with WorkerRssSampler() as workers_rss:
         if loader == OURS:
-            stream = _ours(data, batch_size, seed, num_workers, cells_per_read[OURS])
+            stream = _ours(data, batch_size, seed, num_workers, cells_per_read[OURS], group_buffers)
         else:
             stream = _tiledbsoma_ml(data, batch_size, seed, num_workers, cells_per_read[BASELINE], codes_by_joinid)
         for _ in range(timing.warmup_batches):
             next(stream)
         counts, epochs = [], []
+        workers = _spawned_children()  # tiledbsoma-ml's workers restart every epoch: count those seen at the end
+        cpu_start = time.process_time(), {pid: _cpu_s(pid) for pid in workers}
         start = time.perf_counter()
         while True:
             codes, epoch = next(stream)
@@ -397,6 +420,8 @@ def measure(
             elapsed = time.perf_counter() - start
             if elapsed >= timing.measure_s or len(counts) >= timing.max_batches:
                 break
+        workers_cpu = sum(_cpu_s(pid) - cpu_start[1].get(pid, 0.0) for pid in _spawned_children())
+        main_cpu = time.process_time() - cpu_start[0]
         stream.close()
         gc.collect()  # SomaBatches holds its stream in a reference cycle: collect it to stop its workers now
     batch_counts = np.stack(counts)
@@ -408,6 +433,8 @@ def measure(
         "batch_type_counts": batch_counts,
         "peak_rss_mb": _process_peak_rss_mb(),
         "workers_peak_rss_mb": workers_rss.peak_mb if num_workers > 0 else None,
+        "main_cpu_s": main_cpu,
+        "workers_cpu_s": workers_cpu,
     }
 
 
@@ -421,8 +448,8 @@ def _measure_in_fresh_process(*args) -> dict:
 
 def _format_table(records: list[dict]) -> str:
     header = (
-        f"{'loader':<20} {'workers':>7} {'cells/s':>9} {'x tsml':>7} {'window s':>8} {'epoch ends':>10} "
-        f"{'RSS main MB':>11} {'RSS workers MB':>14} {'shuffle TV':>10}"
+        f"{'loader':<20} {'rep':>3} {'workers':>7} {'cells/s':>9} {'x tsml':>7} {'CPU s/1k':>8} {'window s':>8} "
+        f"{'epoch ends':>10} {'RSS main MB':>11} {'RSS workers MB':>14} {'shuffle TV':>10}"
     )
     lines = [header, "-" * len(header)]
 
@@ -431,8 +458,9 @@ def _format_table(records: list[dict]) -> str:
 
     for r in records:
         lines.append(
-            f"{r['loader']:<20} {fmt(r['num_workers'], 'd'):>7} {fmt(r['cells_per_s'], ',.0f'):>9} "
-            f"{fmt(r.get('ratio_vs_tiledbsoma_ml'), '.2f'):>7} {fmt(r.get('measured_s'), '.1f'):>8} "
+            f"{r['loader']:<20} {fmt(r.get('repeat'), 'd'):>3} {fmt(r['num_workers'], 'd'):>7} "
+            f"{fmt(r['cells_per_s'], ',.0f'):>9} {fmt(r.get('ratio_vs_tiledbsoma_ml'), '.2f'):>7} "
+            f"{fmt(r.get('cpu_s_per_1k_cells'), '.3f'):>8} {fmt(r.get('measured_s'), '.1f'):>8} "
             f"{fmt(r.get('epochs_started_while_measured'), 'd'):>10} {fmt(r['peak_rss_mb'], ',.0f'):>11} "
             f"{fmt(r['workers_peak_rss_mb'], ',.0f'):>14} {r['shuffle_score']:>10.3f}"
         )
@@ -451,10 +479,16 @@ def run_loader_bench(
     isolate: bool = True,
     uri: str | None = None,
     cells_per_read: int | None = None,
+    group_buffers: int = 1,
+    repeats: int = 1,
 ) -> list[dict]:
     """Build (or reuse) the synthetic experiment, or read the existing one at `uri` (n_cells and n_genes are
     then its own), measure every (loader, workers) case, print the table. `cells_per_read` sets both
     loaders' read size (default: ours CHUNK_SIZE x BUFFER_CHUNKS, tiledbsoma-ml its io_batch_size).
+
+    `group_buffers` is ours only (data.group_buffers). `repeats` runs every case that many times, interleaved
+    (tiledbsoma-ml, ours, tiledbsoma-ml, ours, ...); each of our records' ratio is to tiledbsoma-ml's record
+    of the same repeat and worker count.
 
     isolate=False measures in this process (saves a process start and numba JIT per case, for tests); the
     main peak RSS is then the whole run's, not a case's own.
@@ -463,6 +497,8 @@ def run_loader_bench(
         raise ConfigError(
             f"--cells-per-read must be a positive multiple of {CHUNK_SIZE} (the shuffle chunk), got {cells_per_read}"
         )
+    if group_buffers < 1 or repeats < 1:
+        raise ConfigError(f"--group-buffers and --repeats must be >= 1, got {group_buffers} and {repeats}")
     timing = timing or Timing()
     run_case = _measure_in_fresh_process if isolate else measure
     host = machine()
@@ -496,17 +532,31 @@ def run_loader_bench(
             BASELINE: cells_per_read or TILEDBSOMA_ML_IO_BATCH,
         }
         settings = {
-            OURS: {"buffer_chunks": reads[OURS] // CHUNK_SIZE, "cells_per_read": reads[OURS]},
+            OURS: {
+                "buffer_chunks": reads[OURS] // CHUNK_SIZE,
+                "cells_per_read": reads[OURS],
+                "group_buffers": group_buffers,
+            },
             BASELINE: {"io_batch_size": reads[BASELINE], "cells_per_read": reads[BASELINE]},
         }
-        cases = [(w, loader) for w in workers for loader in (BASELINE, OURS)]
+        cases = [(r, w, loader) for r in range(repeats) for w in workers for loader in (BASELINE, OURS)]
         records = []
-        for num_workers, loader in tqdm(cases, desc="measure loaders", unit="case"):
-            result = run_case(loader, data, batch_size, seed, num_workers, timing, codes_by_joinid, reads)
+        for repeat, num_workers, loader in tqdm(cases, desc="measure loaders", unit="case"):
+            load_start = _load_1m()
+            result = run_case(
+                loader, data, batch_size, seed, num_workers, timing, codes_by_joinid, reads, group_buffers
+            )
+            cells = int(result["batch_type_counts"].sum())
             records.append(
                 {
                     "loader": loader,
+                    "repeat": repeat,
                     "num_workers": num_workers,
+                    "load_avg_1m_start": load_start,
+                    "load_avg_1m_end": _load_1m(),
+                    "main_cpu_s": result["main_cpu_s"],
+                    "workers_cpu_s": result["workers_cpu_s"],
+                    "cpu_s_per_1k_cells": 1000 * (result["main_cpu_s"] + result["workers_cpu_s"]) / cells,
                     "cells_per_s": result["cells_per_s"],
                     "peak_rss_mb": result["peak_rss_mb"],
                     "workers_peak_rss_mb": result["workers_peak_rss_mb"],
@@ -518,10 +568,10 @@ def run_loader_bench(
                     **common,
                 }
             )
-        baseline = {r["num_workers"]: r["cells_per_s"] for r in records if r["loader"] == BASELINE}
+        baseline = {(r["repeat"], r["num_workers"]): r["cells_per_s"] for r in records if r["loader"] == BASELINE}
         for r in records:
             if r["loader"] == OURS:
-                r["ratio_vs_tiledbsoma_ml"] = r["cells_per_s"] / baseline[r["num_workers"]]
+                r["ratio_vs_tiledbsoma_ml"] = r["cells_per_s"] / baseline[r["repeat"], r["num_workers"]]
         reference = random_permutation_counts(codes_by_joinid, batch_size, seed, n_types)
         records.append(
             {
@@ -560,8 +610,31 @@ def run_loader_bench(
     )
     print("shuffle TV = mean total-variation distance of batch vs global cell-type composition (lower is better)\n")
     print(_format_table(records))
+    print()
+    for line in _ratio_summary(records):
+        print(line)
     write_records(records, json_path)
     return records
+
+
+def _load_1m() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def _ratio_summary(records: list[dict]) -> list[str]:
+    """One line per worker count: ours / tiledbsoma-ml in each repeat, their median, and the CPU per 1k cells."""
+    lines = []
+    ours = [r for r in records if r["loader"] == OURS]
+    for workers in dict.fromkeys(r["num_workers"] for r in ours):
+        mine = [r for r in ours if r["num_workers"] == workers]
+        theirs = [r for r in records if r["loader"] == BASELINE and r["num_workers"] == workers]
+        ratios = [r["ratio_vs_tiledbsoma_ml"] for r in mine]
+        cpu = np.median([r["cpu_s_per_1k_cells"] for r in theirs]) / np.median([r["cpu_s_per_1k_cells"] for r in mine])
+        lines.append(
+            f"ours / tiledbsoma-ml at {workers} workers: {', '.join(f'{x:.2f}x' for x in ratios)} (median "
+            f"{np.median(ratios):.2f}x; CPU s per 1k cells, median: tiledbsoma-ml / ours = {cpu:.2f}x)"
+        )
+    return lines
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -584,6 +657,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"cells per read of both loaders (default: ours {CHUNK_SIZE * BUFFER_CHUNKS:,}, tiledbsoma-ml's default)"
     )
     parser.add_argument("--cells-per-read", type=int, default=None, help=read_help)
+    group_help = (
+        "ours only (data.group_buffers): buffers each of our loader processes reads per group, as that many reads "
+        "of about one buffer each (default: 1)"
+    )
+    parser.add_argument("--group-buffers", type=int, default=1, help=group_help)
+    repeats_help = "run the cases this many times, interleaved, and print each pair's ratio and the median (default: 1)"
+    parser.add_argument("--repeats", type=int, default=1, help=repeats_help)
+    timing = Timing()
+    parser.add_argument(
+        "--warmup-batches", type=int, default=timing.warmup_batches, help="batches discarded before the clock starts"
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=timing.measure_s, help="measured window of each case, in seconds"
+    )
     add_overwrite(parser, "the records file at --json")
     parser.set_defaults(handle=handle)
 
@@ -598,8 +685,13 @@ def handle(args: argparse.Namespace) -> None:
             f"--uri {args.uri} is not a folder; pass a SOMA experiment (scldm-scale prepare) or a Census root "
             "(scldm-scale synthetic-census), or leave --uri out to measure a synthetic experiment"
         )
+    if args.warmup_batches < 0 or not args.seconds > 0:
+        raise ConfigError(
+            f"--warmup-batches must be >= 0 and --seconds > 0, got {args.warmup_batches} and {args.seconds}"
+        )
     claim_records(args.json, args.overwrite)
     workers = parse_ints(args.workers, "--workers")
+    timing = Timing(warmup_batches=args.warmup_batches, measure_s=args.seconds, max_batches=Timing.max_batches)
     run_loader_bench(
         args.cells,
         args.genes,
@@ -608,6 +700,9 @@ def handle(args: argparse.Namespace) -> None:
         args.json,
         args.dir,
         args.seed,
+        timing=timing,
         uri=args.uri,
         cells_per_read=args.cells_per_read,
+        group_buffers=args.group_buffers,
+        repeats=args.repeats,
     )

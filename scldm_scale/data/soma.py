@@ -11,17 +11,23 @@ Shuffling is scatter-gather, and the global order is a function of (seed, epoch)
    waits at an epoch's end) and reads whole buffers but for the two at its range's ends. The buffers are
    drawn from all over the experiment, and each epoch deals other cells to each rank (tiledbsoma-ml 0.1.0
    instead gives each rank one fixed contiguous block, in the same order every epoch);
-5. a rank reads its buffers in groups of n (its number of DataLoader workers, 1 without): worker w reads the
-   group's cells in the w-th of n contiguous ranges of cell positions (equal shares), the next group in a
-   background thread while it hands out the current one. A read of cells scattered over an experiment costs
+5. a rank reads its buffers in groups of n x k (n its number of DataLoader workers, 1 without; k =
+   `group_buffers`, 1 by default): worker w reads the group's cells in the w-th of n contiguous ranges of cell
+   positions (equal shares), as k TileDB reads of about one buffer each (its range cut in k), the next group
+   in a background thread while it hands out the current one. A read of cells scattered over an experiment costs
    the tiles it touches, and on the Census layout (tiles of 2,048 genes by hundreds of cells) chunks
    scattered over the whole experiment touch nearly all of them: split by range, the n workers decompress
    each tile once instead of n times (reading whole buffers each), and a worker's read costs about 1/n of
    one over the whole range (measured on 200,000 x 36,000: 16,384 cells from all of it 9 s of CPU, from half
-   5.4 s, from a quarter 3 s). Every worker sends its part of every batch as CSR rows (~1.5 MB for 128 cells
-   at ~1.5k expressed genes, where the dense (cells, genes) target at 36,000 genes is 18 MB, whose pages cost
-   more than its collation); the DataLoader takes them in turn, and the consumer joins the parts and
-   collates. The stream does not depend on the number of workers.
+   5.4 s, from a quarter 3 s). With k > 1 a group covers k times the cells and each read a range k times
+   narrower, so a read still costs about its range's tiles: the CPU per cell falls about k-fold while a group
+   holds a sizeable share of the experiment (a few hundred thousand cells; on the full Census a group's
+   scattered chunks rarely share a tile and k changes little), at the memory of k buffers' CSR rows (plus k
+   more being read) per worker instead of one; a TileDB read stays about one buffer. Every worker sends its
+   part of every batch as CSR rows (~1.5 MB for 128 cells at ~1.5k expressed genes, where the dense (cells,
+   genes) target at 36,000 genes is 18 MB, whose pages cost more than its collation); the DataLoader takes
+   them in turn, and the consumer joins the parts and collates. The stream does not depend on the number of
+   workers.
 
 The state (epoch, batches consumed, seed, ranks, the units left when the epoch's current rank layout
 began) resumes the stream exactly, with any number of workers and with another number of ranks: the
@@ -387,16 +393,17 @@ class _Stream(IterableDataset):
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="soma-read") as pool:
 
             def submit(job):
-                return pool.submit(ld.cells.read, job[1]) if len(job[1]) else None
+                pieces = [p for p in np.array_split(job[1], ld.group_buffers) if len(p)]
+                return (pieces, pool.submit(lambda: [ld.cells.read(p) for p in pieces])) if pieces else None
 
             job = next(jobs)
             pending = submit(job)
             while True:
-                block = pending.result() if pending is not None else None
-                (epoch, block_positions, wanted), job = job, next(jobs)
+                pieces, blocks = (pending[0], pending[1].result()) if pending is not None else ([], [])
+                (epoch, _positions, wanted), job = job, next(jobs)
                 pending = submit(job)
                 for position, cells in wanted:
-                    yield (epoch, position), _take_rows(block, np.searchsorted(block_positions, cells), cells)
+                    yield (epoch, position), _take_from_pieces(blocks, pieces, cells)
 
 
 def _take_rows(block: sp.csr_matrix | None, rows: np.ndarray, positions: np.ndarray) -> _Rows:
@@ -410,6 +417,16 @@ def _take_rows(block: sp.csr_matrix | None, rows: np.ndarray, positions: np.ndar
     np.cumsum(lengths, out=indptr[1:])
     take = np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])
     return _Rows(block.data[take], block.indices[take], indptr, (len(rows), block.shape[1]), positions)
+
+
+def _take_from_pieces(blocks: list[sp.csr_matrix], pieces: list[np.ndarray], cells: np.ndarray) -> _Rows:
+    """The rows of `cells` (sorted) from the blocks read for `pieces` (sorted, ascending, disjoint positions)."""
+    parts = []
+    for block, piece in zip(blocks, pieces, strict=True):
+        mine = cells[(cells >= piece[0]) & (cells <= piece[-1])]
+        if len(mine):
+            parts.append(_take_rows(block, np.searchsorted(piece, mine), mine))
+    return _merge_parts(parts) if parts else _take_rows(None, cells, cells)
 
 
 def _merge_parts(parts: list[_Rows]) -> _Rows:
@@ -451,7 +468,13 @@ class SomaBatches:
         world_size: int | None = None,
         policy: TokenPolicy = EXPRESSED_ONLY,
         decode_genes: int | None = None,
+        group_buffers: int = 1,
     ):
+        if group_buffers < 1:
+            raise DataError(
+                f"data.group_buffers must be >= 1 (buffers a loader process reads a group), got {group_buffers}"
+            )
+        self.group_buffers = group_buffers
         self.policy = policy
         self.decode_genes = decode_genes
         self.cells = cells
@@ -509,17 +532,19 @@ class SomaBatches:
         """This worker's reads of the epoch from stream position `skip` on, as (sorted positions to read,
         [(stream position, the batch's cells among them, sorted)] for every batch of the group read).
 
-        The runs of units in one buffer are taken n_workers at a time. Of each such group, worker w reads the
-        cells in the w-th of n_workers contiguous ranges of cell positions (equal shares of the group's cells),
-        so no two workers decompress the same tiles. On a layout whose tiles span many cells (the Census: 2,048
-        genes by hundreds of cells) a read of cells scattered over the whole experiment touches nearly every
-        tile: n workers each reading a whole buffer would decompress it all n times.
+        The runs of units in one buffer are taken n_workers x group_buffers at a time. Of each such group,
+        worker w reads the cells in the w-th of n_workers contiguous ranges of cell positions (equal shares of
+        the group's cells), so no two workers decompress the same tiles. On a layout whose tiles span many cells
+        (the Census: 2,048 genes by hundreds of cells) a read of cells scattered over the whole experiment
+        touches nearly every tile: n workers each reading a whole buffer would decompress it all n times.
+        (_Stream cuts a worker's range into group_buffers reads.)
         """
         order, units, runs = self._runs(epoch, skip)
         runs = [(first, stop) for first, stop in runs if first < stop]
         jobs = []
-        for g in range(0, len(runs), n_workers):
-            first, stop = runs[g][0], runs[min(g + n_workers, len(runs)) - 1][1]
+        per_group = n_workers * self.group_buffers
+        for g in range(0, len(runs), per_group):
+            first, stop = runs[g][0], runs[min(g + per_group, len(runs)) - 1][1]
             batches = [np.sort(cells) for cells in order.batches(units[first:stop])]
             group = np.sort(np.concatenate(batches))
             mine = group[len(group) * worker // n_workers : len(group) * (worker + 1) // n_workers]

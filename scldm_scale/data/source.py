@@ -127,6 +127,7 @@ def open_train_cells(
         cfg.num_workers,
         policy=TokenPolicy(cfg.gene_tokens, cfg.n_zero_tokens),
         decode_genes=decode_genes,
+        group_buffers=cfg.group_buffers,
     )
 
     def ordered() -> Iterator[CellBatch]:

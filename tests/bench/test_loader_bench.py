@@ -80,13 +80,28 @@ def test_loader_bench_reads_a_census_shaped_experiment_at_its_full_vocabulary(tm
     write_synthetic_census(root, n_cells=600, n_genes=300, n_datasets=3, median_library=200)
     timing = Timing(warmup_batches=1, measure_s=0.5, max_batches=4)
     bench = {"timing": timing, "isolate": False, "uri": str(root), "cells_per_read": 256}
-    records = run_loader_bench(0, 0, 32, [0], None, None, 0, **bench)
-    by_loader = {r["loader"]: r for r in records}
+    records = run_loader_bench(0, 0, 32, [0], None, None, 0, **bench, group_buffers=2, repeats=2)
     for r in records:
         assert (r["experiment"], r["x_layer"], r["n_cells"], r["n_genes"]) == (str(root), "raw", 600, 300)
-    for name in ("scldm_scale", "tiledbsoma_ml"):
-        assert by_loader[name]["n_batches_measured"] >= 1 and 0.0 <= by_loader[name]["shuffle_score"] <= 1.0
-        assert by_loader[name]["cells_per_read"] == 256
+    measured = [r for r in records if r["loader"] != "random_permutation"]
+    # Two repeats, interleaved: tiledbsoma-ml then ours, twice; each ratio is to its own repeat's baseline.
+    assert [(r["repeat"], r["loader"]) for r in measured] == [
+        (0, "tiledbsoma_ml"),
+        (0, "scldm_scale"),
+        (1, "tiledbsoma_ml"),
+        (1, "scldm_scale"),
+    ]
+    for baseline, ours in (measured[0:2], measured[2:4]):
+        assert ours["ratio_vs_tiledbsoma_ml"] == pytest.approx(ours["cells_per_s"] / baseline["cells_per_s"])
+    for r in measured:
+        assert r["n_batches_measured"] >= 1 and 0.0 <= r["shuffle_score"] <= 1.0
+        assert r["cells_per_read"] == 256
+        assert r["main_cpu_s"] > 0 and r["workers_cpu_s"] == 0  # no workers: all CPU is the measuring process's
+        assert r["cpu_s_per_1k_cells"] == pytest.approx(1000 * r["main_cpu_s"] / (32 * r["n_batches_measured"]))
+    by_loader = {r["loader"]: r for r in records}
     assert by_loader["scldm_scale"]["buffer_chunks"] == 4 and by_loader["tiledbsoma_ml"]["io_batch_size"] == 256
+    assert by_loader["scldm_scale"]["group_buffers"] == 2
     with pytest.raises(ConfigError, match="--cells-per-read must be a positive multiple of 64"):
         run_loader_bench(0, 0, 32, [0], None, None, 0, **{**bench, "cells_per_read": 100})
+    with pytest.raises(ConfigError, match="--group-buffers and --repeats must be >= 1"):
+        run_loader_bench(0, 0, 32, [0], None, None, 0, **bench, group_buffers=0)

@@ -262,6 +262,42 @@ def test_joined_parts_collate_to_the_in_process_batches(train_cells, monkeypatch
             torch.testing.assert_close(batch.conditions["cell_type"], want.conditions["cell_type"], rtol=0, atol=0)
 
 
+def test_group_buffers_reads_more_buffers_per_group_in_narrower_reads_with_the_same_stream(
+    train_cells, soma_experiment, monkeypatch
+):
+    # data.group_buffers=k: groups of n_workers x k buffers, each worker's range read as k TileDB reads.
+    # The stream is the same batches as k=1 (the global order does not depend on it), with 0 and 2 workers.
+    marker = soma_experiment.marker_column
+    reads = []
+    monkeypatch.setattr(train_cells, "read", _recording(train_cells.read, reads))
+    in_process = _loader(train_cells, group_buffers=3)
+    got = _take(in_process, in_process.limit(0) + 3, marker)
+    # 14 buffers an epoch in groups of 3 (the last of 2): 3 reads a group, each a third of its cells.
+    first_group = np.sort(np.concatenate(in_process.order(0).batches(np.arange(12))))
+    assert [len(r) for r in reads[:3]] == [24, 24, 24]
+    np.testing.assert_array_equal(np.concatenate(reads[:3]), first_group)
+    reference = _loader(train_cells)
+    want = _take(reference, len(got), marker)
+    assert [b.tolist() for b in got] == [b.tolist() for b in want]
+    loader = _loader(train_cells, num_workers=2, group_buffers=2)
+    _assert_workers_read_disjoint_ranges(loader, 2)
+    assert len(loader.reads(0, 0, 0, 2)) == -(-14 // 4)  # groups of 2 workers x 2 buffers
+    joined = _joined(loader, 2, monkeypatch)
+    assert [_joinids(b, marker).tolist() for b in joined] == [b.tolist() for b in want[: loader.limit(0)]]
+    with pytest.raises(DataError, match="data.group_buffers must be >= 1"):
+        _loader(train_cells, group_buffers=0)
+    with pytest.raises(ConfigError, match="data.group_buffers must be >= 1"):
+        load_config(None, ["data.group_buffers=0"])
+
+
+def _recording(read, calls: list):
+    def recorded(positions):
+        calls.append(np.asarray(positions))
+        return read(positions)
+
+    return recorded
+
+
 def test_workers_split_a_lone_buffer_and_yield_equal_items_per_epoch(train_cells, monkeypatch):
     # One buffer holds the whole split: 1 run per epoch. Both workers still read (each its range of it) and
     # yield one item per batch, so the DataLoader, which takes items from its workers in turn, never waits on
