@@ -43,6 +43,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numba
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -163,7 +164,6 @@ class SomaCells:
         var_joinids = var["soma_joinid"].to_numpy(dtype=np.int64)[self.alignment.columns]
         self._column_of_var = np.full(int(var["soma_joinid"].max()) + 1, -1, dtype=np.int64)
         self._column_of_var[var_joinids] = np.arange(len(var_joinids))
-        self._identity_columns = bool(np.array_equal(self._column_of_var, np.arange(len(self._column_of_var))))
         self._exp = self._handle = None
 
     def __getstate__(self) -> dict:
@@ -183,40 +183,63 @@ class SomaCells:
         x = self._exp.ms[self.spec.measurement].X[self.spec.layer]
         # result_order="auto": asking TileDB for row-major order makes the read ~4x slower.
         table = x.read(coords=(joinids,)).tables().concat()
-        read_joinids = table["soma_dim_0"].to_numpy()
-        var_ids = table["soma_dim_1"].to_numpy()
-        data = table["soma_data"].to_numpy().astype(np.float32)  # a writable copy (arrow buffers are read-only)
-        if self._identity_columns and var_ids.max(initial=0) < len(self._column_of_var):
-            cols = var_ids  # every gene of the experiment is read, in vocabulary order
-        else:
-            cols = np.full(len(var_ids), -1, dtype=np.int64)
-            in_range = var_ids < len(self._column_of_var)  # genes appended after the vocabulary was read
-            cols[in_range] = self._column_of_var[var_ids[in_range]]
-            keep = cols >= 0
-            read_joinids, cols, data = read_joinids[keep], cols[keep], data[keep]
-        shape = (len(positions), len(self.decode_gene_ids))
-        if np.all(read_joinids[1:] >= read_joinids[:-1]):
-            # TileDB's native order is row-major for the usual tiling: the triples already are CSR rows,
-            # and each requested cell's row starts where its joinid first appears.
-            indptr = np.r_[np.searchsorted(read_joinids, joinids), len(read_joinids)]
-            block = sp.csr_matrix((data, cols, indptr), shape=shape)
-            block.sum_duplicates()  # sorts a row's columns if needed (one checking pass when they are)
-        else:
-            rows = _rows_of(joinids, read_joinids)
-            block = sp.csr_matrix((data, (rows, cols)), shape=shape)  # COO -> CSR in O(nnz), duplicates summed
-        block.eliminate_zeros()  # once per block, so collating its batches needs no copy
-        block.sort_indices()
+        # Views of the Arrow columns (no copies): the kernel writes the block's arrays and nothing else.
+        indptr, indices, data, canonical = _csr_from_triples(
+            table["soma_dim_0"].to_numpy(),
+            table["soma_dim_1"].to_numpy(),
+            table["soma_data"].to_numpy(),
+            joinids,
+            self._column_of_var,
+        )
+        block = sp.csr_matrix((data, indices, indptr), shape=(len(positions), len(self.decode_gene_ids)))
+        if not canonical:  # a row's columns out of order or repeated: sort them and sum repeats
+            block.sum_duplicates()
         return block
 
 
-def _rows_of(joinids: np.ndarray, read_joinids: np.ndarray) -> np.ndarray:
-    """The row (index into sorted `joinids`) of each read joinid."""
-    span = int(joinids[-1] - joinids[0]) + 1
-    if span > 16 * len(joinids):  # sparse over a large range (a filtered Census): binary search
-        return np.searchsorted(joinids, read_joinids)
-    row_of = np.empty(span, dtype=np.int64)  # else a dense lookup table: a gather is ~3x faster
-    row_of[joinids - joinids[0]] = np.arange(len(joinids))
-    return row_of[read_joinids - joinids[0]]
+@numba.njit(cache=True, nogil=True)
+def _csr_from_triples(read_joinids, var_ids, values, joinids, column_of_var):
+    """A read's (soma_dim_0, soma_dim_1, soma_data) triples, in any order, as CSR arrays: rows = the sorted
+    `joinids`, columns = column_of_var[var joinid] (-1: not in the vocabulary, dropped), zeros dropped, float32.
+
+    Two passes (count per row, then scatter) writing only the block's own arrays: on this VM fresh pages cost
+    more than the arithmetic, and the numpy/scipy route (row lookup, int32 index copies, COO -> CSR) wrote
+    ~3x the memory, ~2-4 s of CPU per 16,384-cell Census read against ~0.3 s here. canonical: every row's
+    columns strictly increase (TileDB's order within a row follows the gene tiles, so they do).
+    """
+    n_rows, n_var = len(joinids), len(column_of_var)
+    first = joinids[0] if n_rows else 0
+    span = joinids[-1] - first + 1 if n_rows else 0
+    dense = span <= 16 * n_rows  # a lookup table over the joinid range, else binary search (a sparse filter)
+    row_of = np.full(span if dense else 0, -1, dtype=np.int64)
+    if dense:
+        for r in range(n_rows):
+            row_of[joinids[r] - first] = r
+    counts = np.zeros(n_rows + 1, dtype=np.int64)
+    for i in range(len(values)):
+        g = var_ids[i]
+        if values[i] == 0 or g < 0 or g >= n_var or column_of_var[g] < 0:
+            continue
+        counts[(row_of[read_joinids[i] - first] if dense else np.searchsorted(joinids, read_joinids[i])) + 1] += 1
+    indptr = np.cumsum(counts)
+    fill = indptr[:-1].copy()
+    indices = np.empty(indptr[-1], dtype=np.int32)
+    data = np.empty(indptr[-1], dtype=np.float32)
+    for i in range(len(values)):
+        g = var_ids[i]
+        if values[i] == 0 or g < 0 or g >= n_var or column_of_var[g] < 0:
+            continue
+        r = row_of[read_joinids[i] - first] if dense else np.searchsorted(joinids, read_joinids[i])
+        k = fill[r]
+        indices[k] = column_of_var[g]
+        data[k] = values[i]
+        fill[r] = k + 1
+    canonical = True
+    for r in range(n_rows):
+        for k in range(indptr[r] + 1, indptr[r + 1]):
+            if indices[k] <= indices[k - 1]:
+                canonical = False
+    return indptr, indices, data, canonical
 
 
 def read_anndata(spec: SomaSpec):

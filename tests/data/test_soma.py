@@ -92,6 +92,31 @@ def test_batches_equal_collate_of_the_source_rows(train_cells, soma_experiment):
 # --- the shuffle plan (pure functions) -----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("spread", [1, 100])  # joinids dense in their range (lookup table) or sparse (search)
+def test_csr_from_triples_matches_scipy_in_any_order_dropping_zeros_and_genes_outside_the_vocabulary(spread):
+    rng = np.random.default_rng(0)
+    joinids = np.sort(rng.choice(40 * spread, size=30, replace=False)).astype(np.int64)
+    dense = rng.poisson(0.5, size=(30, 12)).astype(np.float32)  # zeros among the stored values too
+    rows, var = np.nonzero(np.ones_like(dense))
+    column_of_var = np.array([0, 1, -1, 2, 3, 4, 5, 6, -1, 7], dtype=np.int64)  # var 2, 8 and 10, 11 are dropped
+    order = rng.permutation(len(rows))  # TileDB's order: gene tile by gene tile, so rows repeat
+    values = dense[rows, var][order]
+    indptr, indices, data, canonical = soma._csr_from_triples(
+        joinids[rows][order], var[order].astype(np.int64), values, joinids, column_of_var
+    )
+    block = sp.csr_matrix((data, indices, indptr), shape=(30, 8))
+    assert not canonical  # shuffled: a row's columns arrive out of order
+    block.sum_duplicates()
+    kept = np.flatnonzero(column_of_var >= 0)
+    want = sp.csr_matrix(dense[:, kept])
+    assert (block != want).nnz == 0 and block.nnz == want.nnz  # no stored zeros
+    in_order = np.lexsort((var, rows))
+    *_, canonical = soma._csr_from_triples(
+        joinids[rows][in_order], var[in_order].astype(np.int64), dense[rows, var][in_order], joinids, column_of_var
+    )
+    assert canonical
+
+
 def test_epoch_chunks_are_a_permutation_of_contiguous_chunks():
     n_cells, chunk_size = 317, 8  # not a multiple: the last chunk holds 5 cells
     chunks = epoch_chunks(n_cells, chunk_size, seed=0, epoch=0)
