@@ -659,10 +659,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cells-per-read", type=int, default=None, help=read_help)
     group_help = (
         "ours only (data.group_buffers): buffers each of our loader processes reads per group, as that many reads "
-        "of about one buffer each (default: 1)"
+        "of about one buffer each"
     )
     parser.add_argument("--group-buffers", type=int, default=1, help=group_help)
-    repeats_help = "run the cases this many times, interleaved, and print each pair's ratio and the median (default: 1)"
+    repeats_help = "run the cases this many times, interleaved, and print each pair's ratio and the median"
     parser.add_argument("--repeats", type=int, default=1, help=repeats_help)
     timing = Timing()
     parser.add_argument(

@@ -105,3 +105,20 @@ def test_loader_bench_reads_a_census_shaped_experiment_at_its_full_vocabulary(tm
         run_loader_bench(0, 0, 32, [0], None, None, 0, **{**bench, "cells_per_read": 100})
     with pytest.raises(ConfigError, match="--group-buffers and --repeats must be >= 1"):
         run_loader_bench(0, 0, 32, [0], None, None, 0, **bench, group_buffers=0)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--seconds", "0"], "--warmup-batches must be >= 0 and --seconds > 0"),
+        (["--warmup-batches", "-1"], "--warmup-batches must be >= 0 and --seconds > 0"),
+        (["--repeats", "0"], "--group-buffers and --repeats must be >= 1"),
+    ],
+)
+def test_bench_loader_refuses_bad_timing_and_repeats_in_one_line(flags, message, tmp_path, capsys):
+    from scldm_scale import cli
+
+    assert cli.main(["bench", "loader", "--cells", "300", "--genes", "20", "--dir", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())  # refused before building anything
