@@ -4,11 +4,14 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from scldm_test_helpers import synthetic_vae_args
 
+from scldm_scale import artifact
 from scldm_scale.config import ConfigError, VAEConfig, load_config
 from scldm_scale.data.batch import collate
 from scldm_scale.models.vae import SetVAE
-from scldm_scale.quickstart import QUICKSTART_CONFIG
+from scldm_scale.quickstart import QUICKSTART_CONFIG, WIDE_VAE_OVERRIDES
+from scldm_scale.train.stages import run_training
 
 N_GENES = 12
 TINY = dict(d_model=16, n_heads=2, n_cross_heads=2, n_layers=1, n_latent_tokens=4, latent_dim=8, mlp_ratio=2.0)
@@ -98,3 +101,14 @@ def test_encoder_warmup_freezes_the_encoder_for_its_training_passes_only():
 def test_a_negative_warmup_is_refused():
     with pytest.raises(ConfigError, match="model.encoder_warmup_steps must be >= 0"):
         load_config(QUICKSTART_CONFIG, ["model.encoder_warmup_steps=-1"])
+
+
+def test_a_gene_subset_vae_trains_with_the_wide_data_settings_and_reloads(synthetic_h5ad, tiny_overrides, tmp_path):
+    """The settings quickstart --data adds for subset steps, through the training stage: the warm-up counter and
+    the loadings travel in the artifact."""
+    extra = [*WIDE_VAE_OVERRIDES, "model.encoder_warmup_steps=2", "model.decode_genes=20", "train.max_steps=4"]
+    path = run_training(load_config(None, [*tiny_overrides, *synthetic_vae_args(synthetic_h5ad, tmp_path), *extra]))
+    vae = artifact.load(path, kind="vae").build_vae()
+    assert vae.cfg.latent_gene_path and vae.cfg.pooling_weights == "count"
+    assert int(vae.training_passes) == 4
+    assert vae.latent_gene_loadings.weight.abs().sum() > 0  # trained away from its zero start
