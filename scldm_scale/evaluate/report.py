@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from scldm_scale.evaluate.scvi_baseline import RECONSTRUCTION as SCVI_RECONSTRUCTION
 from scldm_scale.evaluate.scvi_baseline import scvi_section
 from scldm_scale.evaluate.suite import CEILING, GENERATED
@@ -99,6 +101,36 @@ def decomposition_table(records: list[dict], condition: str = "all") -> str | No
     return _table([*header, "VAE % of gap"], rows)
 
 
+# The metrics whose range over generation draws report.md shows (every record's mean is in metrics.json).
+DRAW_METRICS = ("mmd", "frechet", "c2st_accuracy", "one_nn_accuracy", "de_lfc_pearson", "de_top50_overlap")
+
+
+def draws_section(draws: list[list[dict]], seed: int) -> list[str]:
+    """The report's lines on several generation draws: how they were scored and, per method, the mean and
+    the range over the draws of the headline metrics (all conditions)."""
+    values: dict[tuple[str, str], list[float]] = {}
+    for records in draws:
+        for r in records:
+            if r["condition"] == "all" and r["metric"] in DRAW_METRICS:
+                values.setdefault((r["method"], r["metric"]), []).append(r["value"])
+    metrics = [m for m in DRAW_METRICS if any(k[1] == m for k in values)]
+    methods = list(dict.fromkeys(method for method, _ in values))
+
+    def cell(method: str, metric: str) -> str:
+        v = values.get((method, metric))
+        return "–" if not v else f"{_fmt(float(np.mean(v)))} ({_fmt(min(v))}–{_fmt(max(v))})"
+
+    return [
+        "",
+        f"## {len(draws)} generation draws",
+        f"Draw d was scored with seed {seed} + d: every method was drawn again with it (the noise floor's training "
+        "cells, the baselines' samples, the ceiling's NB draws, the metrics' subsamples and folds). Every value in "
+        "this report is the mean over the draws (each draw's records: metrics_draws.json); below, mean (min–max).",
+        "",
+        _table(["method", *metrics], [[m] + [cell(m, k) for k in metrics] for m in methods]),
+    ]
+
+
 def render(context: dict, records: list[dict], figures: dict[str, str]) -> str:
     """The whole report; `context` holds the inputs' description and what was skipped."""
     generation = [r for r in records if r["method"] not in ("reconstruction", SCVI_RECONSTRUCTION)]
@@ -118,6 +150,7 @@ def render(context: dict, records: list[dict], figures: dict[str, str]) -> str:
         "",
         summary_table(generation),
     ]
+    out += context.get("draws", [])
     decomposition = decomposition_table(generation)
     if decomposition:
         out += [

@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import anndata as ad
@@ -146,20 +147,74 @@ def _additive_shift(train: CellSet, real: CellSet, opts: EvalConfig, skipped: li
 
 def evaluate(
     real: ad.AnnData,
-    generated: ad.AnnData,
+    generated: ad.AnnData | Sequence[ad.AnnData],
     out_dir: str | Path,
     opts: EvalConfig,
     train: ad.AnnData | None = None,
 ) -> list[dict]:
-    """Every metric of the generated cells and the baselines against the real cells; writes the report."""
+    """Every metric of the generated cells and the baselines against the real cells; writes the report.
+
+    `generated` may be several draws of one model (a list): draw d is scored with seed `opts.seed + d`, so
+    every method is drawn again with it (the noise floor's training cells, the baselines' samples, the
+    ceiling's NB draws, the metrics' subsamples and folds), and metrics.json holds each record's mean over
+    the draws; metrics_draws.json holds every draw's records (with a "draw" field) and report.md their range.
+    """
+    draws = [generated] if isinstance(generated, ad.AnnData) else list(generated)
+    if not draws:
+        raise DataError("no generated cells to evaluate (give --generated at least once)")
     out = Path(out_dir)
+    per_draw, skipped = [], []
+    for d, cells in enumerate(draws):
+        scored = _score(real, cells, replace(opts, seed=opts.seed + d), train, f" (draw {d})" if len(draws) > 1 else "")
+        per_draw.append(scored)
+        skipped += scored["skipped"]
+    first = per_draw[0]
+    records = first["records"] if len(draws) == 1 else mean_records([p["records"] for p in per_draw])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(records, indent=1))
+    if len(draws) > 1:
+        every = [r | {"draw": d} for d, p in enumerate(per_draw) for r in p["records"]]
+        (out / "metrics_draws.json").write_text(json.dumps(every, indent=1))
+    figures = (
+        _figures(out, first["real"], first["methods"], first["features"], records, opts.seed) if opts.plots else {}
+    )
+    context = {
+        "inputs": _describe(first["aligned"], opts),
+        "preprocessing": _preprocessing_text(opts, first["have_train"]),
+        "skipped": list(dict.fromkeys(skipped)),
+    }
+    if len(draws) > 1:
+        context["draws"] = report.draws_section([p["records"] for p in per_draw], opts.seed)
+    (out / "report.md").write_text(report.render(context, records, figures))
+    log.info("wrote %s, %s and %d figures", out / "metrics.json", out / "report.md", len(figures))
+    return records
+
+
+def mean_records(draws: list[list[dict]]) -> list[dict]:
+    """Each (metric, condition, method) record's mean over the draws that have it, in the first draw's order
+    (then any the first lacks); NaN values are left out of a mean, and a record with none is NaN."""
+    values: dict[tuple, list[float]] = {}
+    for records in draws:
+        for r in records:
+            values.setdefault((r["metric"], r["condition"], r["method"]), []).append(r["value"])
+    out = []
+    for (metric, condition, method), v in values.items():
+        finite = [x for x in v if np.isfinite(x)]
+        mean = float(np.mean(finite)) if finite else float("nan")
+        out.append({"metric": metric, "condition": condition, "method": method, "value": mean})
+    return out
+
+
+def _score(real: ad.AnnData, generated: ad.AnnData, opts: EvalConfig, train: ad.AnnData | None, draw: str) -> dict:
+    """One draw's records and what the figures and the report need of it; `draw` names it in messages."""
     _check_options(opts, train is not None)
     named = {"real": real, GENERATED: generated} | ({"train": train} if train is not None else {})
     for name, adata in named.items():
+        what = f"{name} cells{draw if name == GENERATED else ''}"
         if adata.n_obs < 2:
-            raise DataError(f"the {name} cells number {adata.n_obs}; evaluation needs at least 2")
+            raise DataError(f"the {what} number {adata.n_obs}; evaluation needs at least 2")
         # Generated counts may be non-integer (some models emit expected counts); real ones may not.
-        validate_counts(adata.X, f"{name} cells", allow_non_integer=name == GENERATED)
+        validate_counts(adata.X, what, allow_non_integer=name == GENERATED)
     recon = None
     if opts.vae_checkpoint:
         from scldm_scale.evaluate.reconstruction import reconstruction_of
@@ -190,17 +245,10 @@ def evaluate(
             {"metric": k, "condition": "all", "method": "reconstruction", "value": float(recon[k])}
             for k in ("nll_per_cell", "pearson_lognorm", "n_genes_missing")
         ]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(records, indent=1))
-    figures = _figures(out, real_set, methods, features, records, opts.seed) if opts.plots else {}
-    context = {
-        "inputs": _describe(aligned, opts),
-        "preprocessing": _preprocessing_text(opts, "train" in sets),
-        "skipped": skipped,
-    }
-    (out / "report.md").write_text(report.render(context, records, figures))
-    log.info("wrote %s, %s and %d figures", out / "metrics.json", out / "report.md", len(figures))
-    return records
+    return {
+        "records": records, "skipped": skipped, "real": real_set, "methods": methods, "features": features,
+        "aligned": aligned, "have_train": "train" in sets,
+    }  # fmt: skip
 
 
 def _figures(
@@ -288,7 +336,11 @@ def split_real(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`scldm-scale evaluate`; the options are views of `EvalConfig` and `HoldoutConfig`."""
     parser.add_argument("--real", required=True, help="real cells: .h5ad of counts or a SOMA experiment folder")
-    parser.add_argument("--generated", required=True, help="generated cells: .h5ad of counts")
+    generated_help = (
+        "generated cells: .h5ad of counts; repeatable for several draws of one model, each scored with --seed + its "
+        "position and metrics.json holding the means (default: required, given once)"
+    )
+    parser.add_argument("--generated", required=True, action="append", help=generated_help)
     train_help = (
         "real training cells: the baselines and the PCA are fitted on them (default: the train split of --real "
         "by --split-key; without that column, none: no baselines, the PCA fitted on --real)"
@@ -323,7 +375,7 @@ def handle(args: argparse.Namespace) -> None:
     train = read_cells(args.train, "train", args.layer) if args.train else None
     if train is None and (parts := split_real(real, args.split_key, combinations)) is not None:
         train, real = parts
-    generated = read_cells(args.generated, "generated")
+    generated = [read_cells(path, "generated") for path in args.generated]
     with staged(args.out) as out:
         evaluate(real, generated, out, opts, train=train)
     print(f"wrote {args.out}/metrics.json, report.md and the figures")

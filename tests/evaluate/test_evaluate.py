@@ -1,6 +1,7 @@
 """`scldm-scale evaluate` end to end on small NB cell sets: records, report, figures, baselines, errors."""
 
 import json
+from dataclasses import replace
 
 import anndata as ad
 import numpy as np
@@ -229,3 +230,35 @@ def test_additive_shift_needs_a_context_and_perturbation_pair(tmp_path):
     )
     with pytest.raises(DataError, match="control-value"):
         evaluate(real, real.copy(), tmp_path, bad_control, train=train)
+
+
+def test_several_draws_are_scored_each_with_its_own_seed_and_averaged(cells, tmp_path):
+    """Draw d is scored as a single evaluation with seed + d would score it; metrics.json holds the means."""
+    train, real, generated = cells
+    second = generated[::-1].copy()  # another draw: the same cells in another order move the seeded subsamples
+    x = np.asarray(second.X.todense() if sp.issparse(second.X) else second.X).copy()
+    x[:, 0] += 1  # and one gene differs, so the two draws' scores differ
+    second.X = sp.csr_matrix(x)
+    opts = EvalConfig(["cell_type"], baselines=("real_train_cells",), n_hvg=40, plots=False, seed=3)
+    evaluate(real, [generated, second], tmp_path / "both", opts, train=train)
+    evaluate(real, second, tmp_path / "single", replace(opts, seed=4), train=train)
+    both, single = _records(tmp_path / "both"), _records(tmp_path / "single")
+    assert all(set(r) == {"metric", "condition", "method", "value"} for r in both)
+    every = json.loads((tmp_path / "both" / "metrics_draws.json").read_text())
+    draw = [
+        [{k: r[k] for k in ("metric", "condition", "method", "value")} for r in every if r["draw"] == d] for d in (0, 1)
+    ]
+    assert draw[1] == single  # draw 1 is scored exactly as a single evaluation with seed 3 + 1
+    assert len(draw[0]) == len(both) == len(single)
+    for metric in ("mmd", "frechet", "c2st_accuracy", "de_lfc_pearson"):
+        for method in ("generated", "real_train_cells"):
+            values = [_value(d, metric, method) for d in draw]
+            assert _value(both, metric, method) == pytest.approx(np.mean(values), rel=1e-12)
+    assert _value(draw[0], "mmd") != _value(draw[1], "mmd")
+    # the noise floor is drawn again with each draw's seed
+    assert _value(draw[0], "mmd", "real_train_cells") != _value(draw[1], "mmd", "real_train_cells")
+    report = (tmp_path / "both" / "report.md").read_text()
+    assert "## 2 generation draws" in report and "seed 3 + d" in report
+    assert not (tmp_path / "single" / "metrics_draws.json").exists()
+    with pytest.raises(DataError, match="--generated"):
+        evaluate(real, [], tmp_path / "none", opts, train=train)
