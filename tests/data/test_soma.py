@@ -304,6 +304,10 @@ def test_group_buffers_reads_more_buffers_per_group_in_narrower_reads_with_the_s
     reference = _loader(train_cells)
     want = _take(reference, len(got), marker)
     assert [b.tolist() for b in got] == [b.tolist() for b in want]
+    # A checkpoint taken at k=1 resumes exactly under k=2 (k is not part of the order).
+    resumed = _loader(train_cells, group_buffers=2)
+    resumed.load_state_dict({**_loader(train_cells).state_dict(), "position": 7})
+    assert [b.tolist() for b in _take(resumed, 10, marker)] == [b.tolist() for b in want[7:17]]
     loader = _loader(train_cells, num_workers=2, group_buffers=2)
     _assert_workers_read_disjoint_ranges(loader, 2)
     assert len(loader.reads(0, 0, 0, 2)) == -(-14 // 4)  # groups of 2 workers x 2 buffers
