@@ -55,3 +55,33 @@ def test_an_environment_setting_wins(monkeypatch, name):
     monkeypatch.setenv(name, "65536")
     assert not host_memory.fix_mmap_threshold()
     assert not host_memory.keep_freed_blocks()
+
+
+@glibc_only
+def test_reading_soma_keeps_the_training_steps_pages(soma_experiment):
+    """Under "keep", a SOMA read between steps must not hand the steps' freed pages back to the OS: TileDB's
+    malloc_trim and its 1 GiB read buffers did (soma.TILEDB_CONFIG), and every step faulted them in again."""
+    import subprocess
+    import sys
+
+    code = f"""
+import resource, numpy as np, torch
+from scldm_scale import host_memory
+from scldm_scale.data.soma import SomaCells, SomaSpec
+assert host_memory.decoder_memory_policy(chunked=False) == "keep"
+cells = SomaCells(SomaSpec(uri={soma_experiment.uri!r}))
+a = torch.randn(64, 512, 64)  # 8 MiB; a step's 30 of them are 256 MiB of freed blocks
+def step():
+    saved = [a * 1.5 + 1 for _ in range(30)]  # held together, like the activations a backward pass needs
+    return float(sum(t[0, 0, 0] for t in saved))
+step(); cells.read(np.arange(50)); step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    cells.read(np.arange(50))
+    step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    faults_per_step = float(out.stdout.strip().splitlines()[-1])
+    assert faults_per_step < 2_000, faults_per_step  # 256 MiB of fresh pages would be ~65,000 faults

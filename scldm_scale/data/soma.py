@@ -36,6 +36,7 @@ units the old ranks had not consumed are split anew among the new ranks, in glob
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import signal
@@ -63,6 +64,11 @@ from scldm_scale.data.vocab import GeneVocabulary, align_genes
 from scldm_scale.world import rank_and_world_size
 
 MEASUREMENT = "RNA"
+# TileDB's defaults undo glibc's reuse of freed memory (host_memory.py): every query and context it destroys calls
+# malloc_trim, and its read buffers (1 GiB per column), freed at the heap's top, pass any trim threshold, so the
+# training step then faults in all its pages again: 22,000 page faults per step of the built-in quickstart's VAE
+# over SOMA against none over the same cells in memory. 256 MiB per column still reads 16,384 Census cells at once.
+TILEDB_CONFIG = {"sm.mem.malloc_trim": "false", "soma.init_buffer_bytes": str(256 << 20)}
 log = logging.getLogger(__name__)
 
 
@@ -81,6 +87,14 @@ class SomaSpec:
     condition_keys: list[str] = field(default_factory=list)
 
 
+@functools.cache
+def soma_context():
+    """This process's TileDB context for reading (TILEDB_CONFIG); one per process, sharing TileDB's caches."""
+    import tiledbsoma
+
+    return tiledbsoma.SOMATileDBContext(tiledb_config=TILEDB_CONFIG)
+
+
 def open_experiment(spec: SomaSpec):
     """The Experiment to read: a SOMA experiment, or the `homo_sapiens`-style one inside a Census."""
     if spec.census:
@@ -88,9 +102,9 @@ def open_experiment(spec: SomaSpec):
 
         try:
             if spec.uri:
-                census = cellxgene_census.open_soma(uri=spec.uri)
+                census = cellxgene_census.open_soma(uri=spec.uri, tiledb_config=TILEDB_CONFIG)
             else:
-                census = cellxgene_census.open_soma(census_version=spec.census_version)
+                census = cellxgene_census.open_soma(census_version=spec.census_version, tiledb_config=TILEDB_CONFIG)
         except Exception as err:  # network errors, missing collections, ...
             where = spec.uri or f"census_version={spec.census_version}"
             raise DataError(f"cannot open the Census at {where}: {err}") from None
@@ -102,7 +116,7 @@ def open_experiment(spec: SomaSpec):
     import tiledbsoma
 
     try:
-        exp = tiledbsoma.Experiment.open(spec.uri)
+        exp = tiledbsoma.Experiment.open(spec.uri, context=soma_context())
     except Exception as err:  # tiledbsoma raises DoesNotExistError, SOMAError, ...
         raise DataError(
             f"cannot open SOMA experiment {spec.uri}: {err}; create one with `scldm-scale prepare`"
