@@ -444,7 +444,7 @@ def validate(cfg: Config) -> Config:
     if cfg.model.pooling_weights != "uniform" and cfg.model.attention_backend != "torch":
         raise ConfigError(
             f"model.pooling_weights={cfg.model.pooling_weights} needs model.attention_backend=torch (SDPA with a key "
-            "bias)"
+            "bias); for the Triton kernels set model.pooling_weights=uniform"
         )
     if cfg.model.fold_pooling and cfg.model.attention_backend != "triton":
         raise ConfigError("model.fold_pooling=true needs model.attention_backend=triton (it is a kernel of its own)")
