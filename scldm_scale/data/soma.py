@@ -64,11 +64,14 @@ from scldm_scale.data.vocab import GeneVocabulary, align_genes
 from scldm_scale.world import rank_and_world_size
 
 MEASUREMENT = "RNA"
-# TileDB's defaults undo glibc's reuse of freed memory (host_memory.py): every query and context it destroys calls
-# malloc_trim, and its read buffers (1 GiB per column), freed at the heap's top, pass any trim threshold, so the
-# training step then faults in all its pages again: 22,000 page faults per step of the built-in quickstart's VAE
-# over SOMA against none over the same cells in memory. 256 MiB per column still reads 16,384 Census cells at once.
-TILEDB_CONFIG = {"sm.mem.malloc_trim": "false", "soma.init_buffer_bytes": str(256 << 20)}
+# TileDB's defaults undo glibc's reuse of freed memory in the training process (host_memory.py): every query and
+# context it destroys calls malloc_trim, and its read buffers (1 GiB per column), freed at the heap's top, pass any
+# trim threshold, so the training step then faults in all its pages again: 22,000 page faults per step of the
+# built-in quickstart's VAE over SOMA against none over the same cells in memory. 256 MiB per column still reads
+# 16,384 Census cells at once. DataLoader workers run no step: they keep TileDB's trims (without, the two workers
+# of the 200k x 36k loader benchmark held 9.4 GB instead of 5.9).
+TILEDB_CONFIG = {"soma.init_buffer_bytes": str(256 << 20)}
+TRAINING_PROCESS_CONFIG = {"sm.mem.malloc_trim": "false"}
 log = logging.getLogger(__name__)
 
 
@@ -87,12 +90,17 @@ class SomaSpec:
     condition_keys: list[str] = field(default_factory=list)
 
 
+def tiledb_config() -> dict[str, str]:
+    """TileDB's settings for reads in this process: TILEDB_CONFIG, and no malloc_trim outside DataLoader workers."""
+    return TILEDB_CONFIG | ({} if get_worker_info() is not None else TRAINING_PROCESS_CONFIG)
+
+
 @functools.cache
 def soma_context():
-    """This process's TileDB context for reading (TILEDB_CONFIG); one per process, sharing TileDB's caches."""
+    """This process's TileDB context for reading; one per process, sharing TileDB's caches."""
     import tiledbsoma
 
-    return tiledbsoma.SOMATileDBContext(tiledb_config=TILEDB_CONFIG)
+    return tiledbsoma.SOMATileDBContext(tiledb_config=tiledb_config())
 
 
 def open_experiment(spec: SomaSpec):
@@ -102,9 +110,9 @@ def open_experiment(spec: SomaSpec):
 
         try:
             if spec.uri:
-                census = cellxgene_census.open_soma(uri=spec.uri, tiledb_config=TILEDB_CONFIG)
+                census = cellxgene_census.open_soma(uri=spec.uri, tiledb_config=tiledb_config())
             else:
-                census = cellxgene_census.open_soma(census_version=spec.census_version, tiledb_config=TILEDB_CONFIG)
+                census = cellxgene_census.open_soma(census_version=spec.census_version, tiledb_config=tiledb_config())
         except Exception as err:  # network errors, missing collections, ...
             where = spec.uri or f"census_version={spec.census_version}"
             raise DataError(f"cannot open the Census at {where}: {err}") from None
