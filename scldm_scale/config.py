@@ -195,6 +195,10 @@ class TrainConfig:
     precision: str = option("auto", choices=("auto", "bf16", "fp32"))
     device: str = "auto"
     num_threads: int | None = None
+    # glibc's treatment of the CPU decoder's freed blocks (host_memory.py): "auto" keeps them for a one-pass
+    # decoder and releases them for a chunked one (lower peak RSS, a page fault per touched page each step);
+    # "keep" or "release" forces one for the whole process.
+    host_memory: str = option("auto", choices=("auto", "keep", "release"))
     log_every: int = 50
     ckpt_dir: str = "runs/default"
     # Training checkpoints every N steps under ckpt_dir/<stage>/step-N (0: none until the end).

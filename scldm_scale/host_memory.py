@@ -19,6 +19,10 @@ so the decoder picks a policy the first time it runs on the CPU:
   steps: 52,000 page faults per VAE step there, 22,000 with this policy (40 steps, one thread, 2026-12-07:
   2.3-2.6 M faults and 4.8-6.0 s of system time vs 1.0 M and 2.5-3.0 s), the same peak RSS (1.0 GB).
 
+`train.host_memory=keep|release` sets either for the whole process instead (`choose_policy`): the quickstart's
+`--data` sizing keeps, as its chunked decoder of 9,216 genes a step spent more time in page faults than in
+arithmetic under "release" (30 VAE steps, 2 threads, idle, 2026-12-07: 44 s wall and 31 s of system time vs 23 s
+and 1 s, peak RSS 1.09 vs 1.48 GB).
 A chunked decoder's "release" replaces an earlier "keep" in the same process (its memory bound matters more);
 "keep" never replaces "release". Nothing is changed without glibc (there is no mallopt to call) or when the
 environment sets malloc's parameters itself (MALLOC_*_ variables or GLIBC_TUNABLES).
@@ -47,6 +51,7 @@ ENVIRONMENT_SETTINGS = (
 )
 
 _policy: str | None = None  # the policy this process set, if any
+_chosen = False  # set by train.host_memory (choose_policy): the decoder leaves it as it is
 
 
 def _mallopt(*settings: tuple[int, int]) -> bool:
@@ -80,12 +85,24 @@ def keep_freed_blocks() -> bool:
     return _mallopt((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD_BYTES))
 
 
+def choose_policy(policy: str) -> str | None:
+    """train.host_memory: "auto" leaves the choice to the decoder; "keep" / "release" set it for the whole
+    process, and the decoder then changes nothing. Returns the process's policy (None if none was set)."""
+    global _policy, _chosen
+    if policy == "auto":
+        return _policy
+    if (keep_freed_blocks if policy == "keep" else fix_mmap_threshold)():
+        _policy, _chosen = policy, True
+    return _policy
+
+
 def decoder_memory_policy(chunked: bool) -> str | None:
     """Set the policy of the decoder that is about to run on the CPU, once: "release" for a chunked decoder,
-    "keep" for a one-pass one unless "release" was set. Returns the process's policy (None if none was set)."""
+    "keep" for a one-pass one unless "release" was set, nothing when train.host_memory chose one. Returns the
+    process's policy (None if none was set)."""
     global _policy
     wanted = "release" if chunked else "keep"
-    if _policy == wanted or _policy == "release":
+    if _chosen or _policy == wanted or _policy == "release":
         return _policy
     if (fix_mmap_threshold if chunked else keep_freed_blocks)():
         _policy = wanted

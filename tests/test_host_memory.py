@@ -16,6 +16,7 @@ def fresh_policy(monkeypatch):
     """A process that has not set a policy yet, whose mallopt calls are recorded (and not made)."""
     calls = []
     monkeypatch.setattr(host_memory, "_policy", None)
+    monkeypatch.setattr(host_memory, "_chosen", False)
     monkeypatch.setattr(host_memory, "_mallopt", lambda *settings: calls.append(dict(settings)) or True)
     return calls
 
@@ -85,3 +86,11 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
     assert out.returncode == 0, out.stderr
     faults_per_step = float(out.stdout.strip().splitlines()[-1])
     assert faults_per_step < 2_000, faults_per_step  # 256 MiB of fresh pages would be ~65,000 faults
+
+
+def test_train_host_memory_sets_the_policy_for_the_process(fresh_policy):
+    assert host_memory.choose_policy("auto") is None and fresh_policy == []  # auto: the decoder decides
+    assert host_memory.choose_policy("keep") == "keep"
+    # a chunked decoder would take "release"; the chosen policy stays
+    assert host_memory.decoder_memory_policy(chunked=True) == "keep"
+    assert len(fresh_policy) == 1 and -4 in fresh_policy[0]  # M_MMAP_MAX set once, by the choice

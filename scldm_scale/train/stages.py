@@ -36,6 +36,7 @@ from scldm_scale.config import (
 from scldm_scale.data.batch import CellBatch, TokenPolicy
 from scldm_scale.data.dataset import ShuffledBatches
 from scldm_scale.data.source import open_train_cells
+from scldm_scale.host_memory import choose_policy
 from scldm_scale.models.dit import DiT
 from scldm_scale.models.library_size import LibrarySizeModel
 from scldm_scale.models.prior import FlowMatchingPrior, LatentBatch
@@ -64,6 +65,7 @@ def seed_everything(seed: int) -> None:
 def _set_threads(cfg: Config) -> None:
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
+    choose_policy(cfg.train.host_memory)  # how malloc treats freed blocks (host_memory.py)
 
 
 @torch.no_grad()
