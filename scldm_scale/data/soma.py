@@ -227,7 +227,9 @@ def _csr_from_triples(read_joinids, var_ids, values, joinids, column_of_var):
     Two passes (count per row, then scatter) writing only the block's own arrays: on this VM fresh pages cost
     more than the arithmetic, and the numpy/scipy route (row lookup, int32 index copies, COO -> CSR) wrote
     ~3x the memory, ~2-4 s of CPU per 16,384-cell Census read against ~0.3 s here. canonical: every row's
-    columns strictly increase (TileDB's order within a row follows the gene tiles, so they do).
+    columns strictly increase (TileDB's order within a row follows the gene tiles, so they do). The two passes
+    spell out the same filter and row lookup on purpose: as inlined njit helpers they ran 1.8x slower (24M
+    entries: 1.5 s vs 0.8 s).
     """
     n_rows, n_var = len(joinids), len(column_of_var)
     first = joinids[0] if n_rows else 0
