@@ -191,6 +191,10 @@ class TrainConfig:
     grad_clip: float = 10.0
     # EMA of the prior's weights, used for sampling.
     ema_decay: float = 0.999
+    # stage=ldm: each epoch draws the training latents with probability n^-x, n the training cells that share
+    # the cell's combination of condition values: 0 a plain shuffle, 1 every combination equally often. The
+    # VAE (unconditional) ignores it; a prior without conditions draws every cell alike.
+    balance_conditions: float = 0.0
     # "auto": bf16 autocast on CUDA devices that support it, fp32 elsewhere.
     precision: str = option("auto", choices=("auto", "bf16", "fp32"))
     device: str = "auto"
@@ -435,6 +439,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"prior.cond_drop_prob must be in [0, 1], got {cfg.prior.cond_drop_prob}")
     if cfg.train.batch_size <= 0:
         raise ConfigError(f"train.batch_size must be positive, got {cfg.train.batch_size}")
+    if not 0.0 <= cfg.train.balance_conditions <= 1.0:
+        raise ConfigError(
+            f"train.balance_conditions must be in [0, 1] (0: plain shuffle, 1: combinations equally often), "
+            f"got {cfg.train.balance_conditions}"
+        )
     if cfg.train.ckpt_every < 0 or cfg.train.keep_last < 1:
         raise ConfigError("train.ckpt_every must be >= 0 and train.keep_last >= 1")
     if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:

@@ -123,6 +123,8 @@ def test_d_model_not_divisible_by_heads():
         ("data.test_fraction=1.0", "data.test_fraction"),
         ("prior.cond_drop_prob=1.5", "prior.cond_drop_prob"),
         ("train.batch_size=0", "train.batch_size"),
+        ("train.balance_conditions=1.5", "train.balance_conditions"),
+        ("train.balance_conditions=-0.5", "train.balance_conditions"),
         ("train.max_steps=0", "train.max_steps"),
         ("optim.vae.betas=[0.9]", "optim.vae.betas"),
         ("sample.n_steps=0", "sample.n_steps"),

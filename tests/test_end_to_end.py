@@ -1,6 +1,7 @@
 """The whole pipeline with a tiny model: train both stages, generate through the CLI, run the quickstart."""
 
 import json
+import logging
 
 import anndata as ad
 import numpy as np
@@ -16,7 +17,7 @@ from scldm_scale.data.counts import DataError, load_builtin
 from scldm_scale.data.dataset import build_dataset
 from scldm_scale.data.prepare import prepare
 from scldm_scale.models.vae import SetVAE
-from scldm_scale.train.stages import run_training
+from scldm_scale.train.stages import condition_balance_weights, run_training
 
 STEPS = 6
 
@@ -200,6 +201,25 @@ def test_ldm_aligns_a_dataset_with_reordered_genes_to_the_vae(synthetic_run, syn
     # The same cells in the VAE's gene order encode to the same latents.
     torch.testing.assert_close(ldm.latent_mean, reference.latent_mean, rtol=0, atol=1e-5)
     torch.testing.assert_close(ldm.latent_std, reference.latent_std, rtol=0, atol=1e-5)
+
+
+def test_condition_balance_weights_even_out_the_combinations():
+    ids = {"cell_type": np.array([0] * 6 + [1] * 2 + [2] * 2), "donor": np.array([0] * 8 + [1] * 2)}
+    weights = condition_balance_weights(ids, 1.0)  # combinations (0,0) x6, (1,0) x2, (2,1) x2
+    np.testing.assert_allclose(weights, [1 / 6] * 6 + [1 / 2] * 4)
+    np.testing.assert_allclose(condition_balance_weights(ids, 0.5), [6**-0.5] * 6 + [2**-0.5] * 4)
+    assert condition_balance_weights(ids, 0.0) is None
+    assert condition_balance_weights({}, 1.0) is None  # an unconditional prior
+    assert condition_balance_weights({"cell_type": np.zeros(5, dtype=int)}, 1.0) is None  # one combination
+
+
+def test_ldm_trains_with_condition_balanced_draws(synthetic_run, synthetic_h5ad, tiny_overrides, tmp_path, caplog):
+    cfg = _ldm_cfg(synthetic_h5ad, synthetic_run["vae"], tmp_path, tiny_overrides)
+    cfg.train.balance_conditions = 1.0
+    with caplog.at_level(logging.INFO, logger="scldm_scale.train.stages"):
+        ldm = artifact.load(run_training(cfg))
+    assert "condition-balanced draws (train.balance_conditions=1)" in caplog.text
+    assert ldm.training["config"]["train"]["balance_conditions"] == 1.0
 
 
 def test_ldm_refuses_a_dataset_missing_vae_genes(synthetic_run, synthetic_h5ad, tiny_overrides, tmp_path):

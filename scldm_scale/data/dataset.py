@@ -131,6 +131,9 @@ class ShuffledBatches:
     another epoch draws anew, and a resumed run draws the same). The last incomplete global batch of
     each epoch is dropped (fixed shapes, equal steps on every rank); a set smaller than one global batch
     gives smaller batches.
+    With `weights` (one per item, not all zero), an epoch is len(idx) draws with replacement, item i with
+    probability weights[i] / sum(weights), from the same (seed, epoch) generator: ranks, steps and resume
+    behave as without.
     rank / world_size default to this process's (`scldm_scale.world`).
     """
 
@@ -142,9 +145,16 @@ class ShuffledBatches:
         seed: int,
         rank: int | None = None,
         world_size: int | None = None,
+        weights: np.ndarray | None = None,
     ):
         self.batch_fn = batch_fn
         self.idx = np.asarray(idx)
+        self.p = None
+        if weights is not None:
+            w = np.asarray(weights, dtype=np.float64)
+            if w.shape != self.idx.shape or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+                raise ValueError(f"weights must be {len(self.idx)} finite values >= 0, not all zero")
+            self.p = w / w.sum()
         self.rank, self.world_size = rank_and_world_size(rank, world_size)
         if len(self.idx) < self.world_size:
             raise DataError(f"{len(self.idx)} items cannot be shared among {self.world_size} ranks")
@@ -163,7 +173,9 @@ class ShuffledBatches:
         if self.position + step > len(self.idx):
             self.epoch += 1
             self.position = 0
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.idx))
+        rng = np.random.default_rng([self.seed, self.epoch])
+        n = len(self.idx)
+        order = rng.permutation(n) if self.p is None else rng.choice(n, n, p=self.p)
         start = self.position + self.rank * self.batch_size
         chunk = self.idx[np.sort(order[start : start + self.batch_size])]
         self.position += step

@@ -240,11 +240,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--genes", type=int, default=33_000, help="genes (Ensembl-like ids, symbols in feature_name)")
     parser.add_argument("--cell-types", type=int, default=6, help="cell types (obs cell_type)")
     parser.add_argument("--donors", type=int, default=3, help="donors (obs donor)")
-    library_help = "median library size; realised totals clipped to [1,200, 16,000] before NB noise (default: 3000)"
+    library_help = "median library size; realised totals clipped to [1,200, 16,000] before NB noise"
     parser.add_argument("--median-library", type=float, default=3000.0, help=library_help)
-    marker_help = "sd of the log shift of each cell type's marker genes: smaller is harder to tell apart (default: 1.5)"
+    marker_help = "sd of the log shift of each cell type's marker genes: smaller is harder to tell apart"
     parser.add_argument("--marker-sd", type=float, default=1.5, help=marker_help)
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
     add_overwrite(parser, "the .h5ad at --out")
     parser.set_defaults(handle=handle)
 

@@ -213,6 +213,26 @@ def train_vae(cfg: Config, dist_info: Dist, on_step: Callable | None = None) -> 
     return _finish(cfg, trainer, skeleton, history)
 
 
+def condition_balance_weights(condition_ids: dict[str, np.ndarray], power: float) -> np.ndarray | None:
+    """Each cell's draw weight n^-power, n the cells sharing its combination of condition values; None (a plain
+    shuffle) for power 0 or a single combination, where every cell would weigh the same."""
+    if power == 0.0 or not condition_ids:
+        return None
+    ids = np.stack([np.asarray(v) for v in condition_ids.values()], axis=1)  # (N, K)
+    _, combination, counts = np.unique(ids, axis=0, return_inverse=True, return_counts=True)
+    if len(counts) == 1:
+        return None
+    weights = counts[combination.reshape(-1)].astype(np.float64) ** -power  # (N,)
+    shares = np.bincount(combination.reshape(-1), weights=weights) / weights.sum()
+    log.info(
+        "LDM: condition-balanced draws (train.balance_conditions=%g): %d combinations, %.1f%%-%.1f%% of the draws "
+        "each (%.1f%%-%.1f%% of the cells)",
+        power, len(counts), 100 * shares.min(), 100 * shares.max(),
+        100 * counts.min() / counts.sum(), 100 * counts.max() / counts.sum(),
+    )  # fmt: skip
+    return weights
+
+
 def train_ldm(cfg: Config, dist_info: Dist, on_step: Callable | None = None) -> Path:
     device = dist_info.device
     vae_model = artifact.load(cfg.train.vae_checkpoint, kind="vae")
@@ -240,7 +260,8 @@ def train_ldm(cfg: Config, dist_info: Dist, on_step: Callable | None = None) -> 
     n_params = sum(p.numel() for p in dit.parameters()) / 1e6
     log.info("LDM: DiT with %.2fM parameters on %d latents", n_params, len(latents))
     # Latents fit in memory (N x M x L floats), so the prior shuffles them in memory; ranks take slices.
-    batches = ShuffledBatches(latent_batch, np.arange(len(latents)), cfg.train.batch_size, cfg.seed)
+    weights = condition_balance_weights(cells.condition_ids, cfg.train.balance_conditions)
+    batches = ShuffledBatches(latent_batch, np.arange(len(latents)), cfg.train.batch_size, cfg.seed, weights=weights)
     skeleton = LDMArtifact(
         vae=vae_model,
         prior_config=cfg.prior,

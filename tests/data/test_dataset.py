@@ -185,6 +185,49 @@ def test_state_dict_resumes_the_identical_stream():
         np.testing.assert_array_equal(next(resumed), want)
 
 
+def _weighted(weights: np.ndarray, seed: int = 7, rank: int | None = None, world_size: int | None = None):
+    idx = np.arange(100, 100 + len(weights))
+    return ShuffledBatches(lambda chunk, _epoch: chunk.copy(), idx, 5, seed, rank, world_size, weights=weights)
+
+
+def test_weighted_epochs_draw_items_in_proportion_to_their_weights():
+    weights = np.array([8.0] * 2 + [1.0] * 18)  # two items hold 16 / 34 of the mass
+    stream = _weighted(weights)
+    seen = np.concatenate([next(stream) for _ in range(4 * 500)])  # 500 epochs of 4 batches
+    share_heavy = np.isin(seen, [100, 101]).mean()
+    assert abs(share_heavy - 16 / 34) < 0.02
+
+
+def test_zero_weight_items_are_never_drawn_and_bad_weights_are_refused():
+    weights = np.ones(20)
+    weights[:5] = 0.0
+    stream = _weighted(weights)
+    seen = np.concatenate([next(stream) for _ in range(40)])
+    assert not np.isin(seen, np.arange(100, 105)).any()
+    for bad in (np.zeros(20), np.ones(19), -np.ones(20), np.full(20, np.nan)):
+        with pytest.raises(ValueError, match="weights must be 20 finite values"):
+            ShuffledBatches(lambda chunk, _epoch: chunk, np.arange(20), 5, 0, 0, 1, weights=bad)
+
+
+def test_weighted_stream_resumes_identically_and_ranks_split_the_global_batch():
+    weights = np.linspace(0.1, 3.0, 23)
+    reference = _weighted(weights)
+    expected = [next(reference) for _ in range(13)]
+    stream = _weighted(weights)
+    for _ in range(6):
+        next(stream)
+    resumed = _weighted(weights, seed=99)
+    resumed.load_state_dict(stream.state_dict())
+    for want in expected[6:]:
+        np.testing.assert_array_equal(next(resumed), want)
+    # Two ranks of batch 5 draw, between them, the same items as one process of batch 10.
+    single = ShuffledBatches(lambda c, _e: c.copy(), np.arange(100, 123), 10, 7, 0, 1, weights=weights)
+    ranks = [_weighted(weights, rank=r, world_size=2) for r in (0, 1)]
+    for _ in range(5):
+        together = np.sort(np.concatenate([next(r) for r in ranks]))
+        np.testing.assert_array_equal(together, next(single))
+
+
 def test_batches_are_built_by_batch_fn(counts_adata):
     adata = counts_adata(n_cells=30, n_genes=12)
     ds = build_dataset(adata, _cfg())
