@@ -18,8 +18,11 @@ from scldm_scale.quickstart import (
     QUICKSTART_CONFIG,
     DataShape,
     Machine,
+    MIN_SUBSET_GENES,
+    OWN_DATA_VAE_STEPS,
     StepTimes,
     measure_steps,
+    own_data_choices,
     size_run,
 )
 
@@ -97,10 +100,10 @@ def test_small_data_decodes_every_gene_for_the_configs_steps():
 
 
 def test_whole_transcriptome_decodes_a_subset_and_fits_the_memory():
-    chosen = _sized(DataShape(n_cells=400, n_genes=33_000, nnz=400 * 800), LAPTOP, LOADED)
+    chosen = _sized(DataShape(n_cells=400, n_genes=33_000, nnz=400 * 800), LAPTOP, LOADED, *own_data_choices([]))
     n_decoded = int(chosen["model.decode_genes"])
-    assert n_decoded % DECODE_GENES_STEP == 0 and DECODE_GENES_STEP <= n_decoded < 33_000
-    assert 50 <= int(chosen["optim.vae.max_steps"]) <= 600
+    assert n_decoded % DECODE_GENES_STEP == 0 and MIN_SUBSET_GENES <= n_decoded < 33_000
+    assert 50 <= int(chosen["optim.vae.max_steps"]) <= OWN_DATA_VAE_STEPS
     # Subset steps start from data offsets: the latent's linear path, count pooling, a frozen-encoder warm-up.
     assert chosen["model.latent_gene_path"] == "true" and chosen["model.pooling_weights"] == "count"
     assert int(chosen["model.encoder_warmup_steps"]) == round(ENCODER_WARMUP_SHARE * int(chosen["optim.vae.max_steps"]))
@@ -110,9 +113,10 @@ def test_whole_transcriptome_decodes_a_subset_and_fits_the_memory():
 
 def test_sizing_scales_with_the_machine_and_the_data():
     shape = DataShape(n_cells=400, n_genes=33_000, nnz=400 * 800)
-    slow, fast = _sized(shape, LAPTOP, LOADED), _sized(shape, LAPTOP, UNLOADED)
-    assert int(fast["model.decode_genes"]) > int(slow["model.decode_genes"])
-    assert int(fast["optim.vae.max_steps"]) == 600 > int(slow["optim.vae.max_steps"])
+    own = own_data_choices(["cell_type"])
+    slow, fast = _sized(shape, LAPTOP, LOADED, *own), _sized(shape, LAPTOP, UNLOADED, *own)
+    assert int(fast["model.decode_genes"]) > int(slow["model.decode_genes"]) == MIN_SUBSET_GENES  # the floor
+    assert int(fast["optim.vae.max_steps"]) == OWN_DATA_VAE_STEPS > int(slow["optim.vae.max_steps"])
     assert int(fast["ldm:optim.ldm.max_steps"]) > int(slow["ldm:optim.ldm.max_steps"])
     # A tiny memory shrinks the batch to the floor, not below it.
     assert _sized(shape, Machine(2, GIB // 4))["train.batch_size"] == str(BATCH_RANGE[0])
