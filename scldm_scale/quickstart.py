@@ -216,9 +216,9 @@ def size_run(
 
     The VAE trains with the config's optim.vae.max_steps when decoding every gene fits the time; otherwise
     each step decodes a subset of genes (model.decode_genes), as many as keep those steps within the time,
-    and fewer steps only when the smallest subset (MIN_SUBSET_GENES) still does not fit. The VAE counts its own saved
-    activations (models/cost.py); its decoder runs in automatic chunks (model.decode_chunk_genes), so no
-    step holds a (cells, genes, width) tensor.
+    and fewer steps only when the smallest subset (MIN_SUBSET_GENES) still does not fit. The VAE counts its
+    own saved activations (models/cost.py); its decoder runs in automatic chunks (model.decode_chunk_genes),
+    so no step holds a (cells, genes, width) tensor.
     """
     from scldm_scale.plan import build_vae
 
