@@ -265,6 +265,23 @@ class SampleConfig:
         "prior.cond_dropout=joint, else compositional",
         choices=("auto", "compositional", "joint"),
     )
+    guidance_interval: list[float] = option(
+        [0.0, 1.0],
+        "the ODE times LO,HI (t: 0 = noise, 1 = data) where the guidance weights apply; outside them every weight "
+        "is 1 (plain conditioning, one model call a step); 0,1 guides the whole path",
+    )
+
+
+def check_guidance_interval(interval: Sequence[float], where: str) -> tuple[float, float]:
+    """(lo, hi) of a guidance interval, checked: two numbers with 0 <= lo < hi <= 1; else a ConfigError
+    naming `where`."""
+    values = list(interval)
+    if len(values) != 2 or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        raise ConfigError(f"{where} takes two times LO,HI between 0 (noise) and 1 (data), e.g. 0,0.5; got {values}")
+    lo, hi = float(values[0]), float(values[1])
+    if not 0.0 <= lo < hi <= 1.0:
+        raise ConfigError(f"{where} must satisfy 0 <= LO < HI <= 1 (t: 0 = noise, 1 = data); got {lo},{hi}")
+    return lo, hi
 
 
 BASELINES = ("real_train_cells", "independent_nb", "scvi", "additive_shift")
@@ -465,6 +482,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("train.init_on_meta=true needs train.strategy=fsdp (it shards the model as it is built)")
     if cfg.train.grad_accum_steps < 1:
         raise ConfigError(f"train.grad_accum_steps must be >= 1, got {cfg.train.grad_accum_steps}")
+    check_guidance_interval(cfg.sample.guidance_interval, "sample.guidance_interval")
     if cfg.sample.n_steps < 1 or cfg.sample.batch_size < 1:
         raise ConfigError(
             f"sample.n_steps and sample.batch_size must be >= 1, got {cfg.sample.n_steps} and {cfg.sample.batch_size}"
@@ -671,6 +689,14 @@ def parse_ints(text: str, flag: str) -> list[int]:
         return [int(item) for item in comma_separated(text)]
     except ValueError:
         raise ConfigError(f"{flag} expects comma-separated integers, e.g. 2048,8192; got {text!r}") from None
+
+
+def parse_floats(text: str, flag: str) -> list[float]:
+    """'0,0.5' from `flag` -> [0.0, 0.5]; anything else is a ConfigError naming `flag`."""
+    try:
+        return [float(item) for item in comma_separated(text)]
+    except ValueError:
+        raise ConfigError(f"{flag} expects comma-separated numbers, e.g. 0,0.5; got {text!r}") from None
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +21,16 @@ from tqdm.auto import tqdm
 
 from scldm_scale import artifact
 from scldm_scale.artifact import CheckpointError, LDMArtifact
-from scldm_scale.config import Config, ConfigError, SampleConfig, add_option, from_flags, parse_pairs
+from scldm_scale.config import (
+    Config,
+    ConfigError,
+    SampleConfig,
+    add_option,
+    check_guidance_interval,
+    from_flags,
+    parse_floats,
+    parse_pairs,
+)
 from scldm_scale.data.batch import LabelEncoder
 from scldm_scale.data.vocab import GeneVocabulary
 from scldm_scale.models.dit import DiT
@@ -86,13 +95,32 @@ class Generator:
             )
         return mode
 
-    def velocity(self, ids: dict[str, torch.Tensor], weights: dict[str, float], mode: str):
+    def velocity(
+        self,
+        ids: dict[str, torch.Tensor],
+        weights: dict[str, float],
+        mode: str,
+        interval: tuple[float, float] = (0.0, 1.0),
+    ):
         """The guided velocity field (x, t) -> v for cells of condition ids (key -> (n,)), `mode` resolved.
-        joint takes one weight for all keys: the largest of `weights`."""
-        if mode == "joint":
-            joint_weight = max(weights.values()) if weights else 0.0
-            return make_guided_velocity_fn(self.dit, ids, joint_weight, self.dit.null_ids, mode="joint")
-        return make_guided_velocity_fn(self.dit, ids, weights, self.dit.null_ids)
+        joint takes one weight for all keys: the largest of `weights`. The weights apply at the times t in
+        `interval` (checked by `check_guidance_interval`); at other times every weight is 1, which costs one
+        model call (the NULL branch drops out)."""
+        guided = _guided_velocity(self.dit, ids, weights, mode)
+        lo, hi = interval
+        if (lo, hi) == (0.0, 1.0) or all(w == 1.0 for w in weights.values()):
+            return guided
+        plain = _guided_velocity(self.dit, ids, dict.fromkeys(weights, 1.0), mode)
+
+        def velocity_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            inside = (t >= lo) & (t <= hi)  # (B,)
+            if bool(inside.all()):
+                return guided(x, t)
+            if not bool(inside.any()):
+                return plain(x, t)
+            return torch.where(inside.reshape(-1, *[1] * (x.ndim - 1)), guided(x, t), plain(x, t))
+
+        return velocity_fn
 
     def _check(self, labels: dict[str, np.ndarray], guidance: dict[str, float]) -> None:
         for key in list(labels) + list(guidance):
@@ -131,6 +159,7 @@ class Generator:
         ids = {k: torch.from_numpy(self.encoders[k].encode(v)).to(self.device) for k, v in labels.items()}
         weights = {k: guidance.get(k, sampler.guidance) for k in labels}
         mode = self.resolve_guidance_mode(sampler.guidance_mode)
+        interval = check_guidance_interval(sampler.guidance_interval, "sample.guidance_interval")
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
         library = np.empty(n_cells)
@@ -149,7 +178,7 @@ class Generator:
         for start in range(0, n_cells, sampler.batch_size):
             stop = min(start + sampler.batch_size, n_cells)
             chunk_ids = {k: v[start:stop] for k, v in ids.items()}
-            velocity = self.velocity(chunk_ids, weights, mode)
+            velocity = self.velocity(chunk_ids, weights, mode, interval)
             noise = torch.randn(stop - start, m, latent_dim, device=self.device)
             x = integrate(_counted(velocity, bar), noise, sampler.method, sampler.n_steps, sampler.atol, sampler.rtol)
             z = x * self.latent_std + self.latent_mean  # (n, M, L)
@@ -162,6 +191,13 @@ class Generator:
         """NB (or Gaussian) counts of every gene for latents z (n, M, L), drawn a chunk of genes at a time."""
         distribution = self.vae.distribution(z, genes, library_size)  # (n, G) parameters, decoded in chunks
         return draw_counts(self.vae, distribution, library_size)
+
+
+def _guided_velocity(dit: DiT, ids: dict[str, torch.Tensor], weights: dict[str, float], mode: str):
+    if mode == "joint":
+        joint_weight = max(weights.values()) if weights else 0.0
+        return make_guided_velocity_fn(dit, ids, joint_weight, dit.null_ids, mode="joint")
+    return make_guided_velocity_fn(dit, ids, weights, dit.null_ids)
 
 
 def draw_counts(vae: SetVAE, distribution: tuple[torch.Tensor, ...], library_size: torch.Tensor) -> sp.csr_matrix:
@@ -225,6 +261,7 @@ def generate(
         "checkpoint": str(model if not isinstance(model, LDMArtifact) else model.source or "in-memory model"),
         "guidance": {k: float(v) for k, v in (guidance or {}).items()},
         "guidance_mode": gen.resolve_guidance_mode(sampler.guidance_mode),
+        "guidance_interval": [float(v) for v in sampler.guidance_interval],
         "sampler": sampler.method,
         "n_steps": sampler.n_steps,
         "seed": seed,
@@ -245,6 +282,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, SampleConfig, "method", "--sampler")
     add_option(parser, SampleConfig, "n_steps", "--steps")
     add_option(parser, SampleConfig, "guidance_mode")
+    interval_help = next(f for f in fields(SampleConfig) if f.name == "guidance_interval").metadata["help"]
+    parser.add_argument("--guidance-interval", default="0,1", metavar="LO,HI", help=interval_help)
     add_option(parser, Config, "seed")
     parser.add_argument("--device", default="cpu", help="torch device of the models")
     parser.add_argument("--out", required=True, help="output .h5ad")
@@ -261,7 +300,9 @@ def handle(args: argparse.Namespace) -> None:
         raise ConfigError(f"--steps must be >= 1, got {args.n_steps}")
     # Checked before sampling, so a bad --out fails now rather than after the whole run.
     claim_output(args.out, "the generated .h5ad", "--out", args.overwrite, folder=False)
-    sampler = from_flags(SampleConfig, args)
+    interval = parse_floats(args.guidance_interval, "--guidance-interval")
+    check_guidance_interval(interval, "--guidance-interval")
+    sampler = from_flags(SampleConfig, args, guidance_interval=interval)
     adata = generate(args.checkpoint, [(condition, args.n_cells)], guidance, sampler, args.seed, args.device)
     with staged(args.out) as target:
         adata.write_h5ad(target)

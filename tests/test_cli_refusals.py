@@ -208,6 +208,16 @@ ROWS = [
         GEN + " --steps 0 --out {out}.h5ad",
         "--steps must be >= 1",
     ),
+    _row(
+        "generate-guidance-interval-reversed",
+        GEN + " --guidance-interval 0.5,0.2 --out {out}.h5ad",
+        "--guidance-interval must satisfy 0 <= LO < HI <= 1",
+    ),
+    _row(
+        "generate-guidance-interval-not-numbers",
+        GEN + " --guidance-interval early --out {out}.h5ad",
+        "--guidance-interval expects comma-separated numbers",
+    ),
     # --- evaluate ---
     _row(
         "evaluate-missing-real",

@@ -77,3 +77,31 @@ def test_guidance_mode_resolves_against_the_dropout_the_prior_was_trained_with()
         resolve(gen("one_at_a_time"), "joint")
     with pytest.raises(ConfigError, match="prior.cond_dropout=joint"):
         resolve(gen("joint"), "compositional")
+
+
+def test_guidance_interval_guides_inside_and_conditions_plainly_outside():
+    import pytest
+
+    from scldm_scale.config import ConfigError, check_guidance_interval
+
+    n_classes = {"cell_type": 3}
+    dit = _random_dit(n_classes)
+    gen = SimpleNamespace(dit=dit)
+    x = torch.randn(4, 3, 4)
+    ids = {"cell_type": torch.tensor([0, 1, 2, 1])}
+    null = {"cell_type": torch.full((4,), 3)}
+    weights = {"cell_type": 2.0}
+    field = Generator.velocity(gen, ids, weights, "compositional", (0.0, 0.5))
+    with torch.no_grad():
+        for t in (torch.full((4,), 0.2), torch.full((4,), 0.5), torch.full((4,), 0.8)):
+            v_null, v_type = dit(x, t, null), dit(x, t, ids)
+            expected = v_null + 2.0 * (v_type - v_null) if t[0] <= 0.5 else v_type
+            torch.testing.assert_close(field(x, t), expected)
+        mixed = torch.tensor([0.1, 0.9, 0.4, 0.6])  # per-cell times: each row follows its own t
+        v_null, v_type = dit(x, mixed, null), dit(x, mixed, ids)
+        inside = (mixed <= 0.5).reshape(-1, 1, 1)
+        torch.testing.assert_close(field(x, mixed), torch.where(inside, v_null + 2.0 * (v_type - v_null), v_type))
+    assert check_guidance_interval([0, 0.5], "x") == (0.0, 0.5)
+    for bad in ([0.5, 0.5], [0.6, 0.2], [-0.1, 1.0], [0.0, 1.5], [0.5], [0.0, 0.2, 0.4]):
+        with pytest.raises(ConfigError, match="x "):
+            check_guidance_interval(bad, "x")
