@@ -84,7 +84,9 @@ def test_cli_generate_writes_counts_labels_genes_and_settings(run, tmp_path, cap
     out = tmp_path / "generated.h5ad"
     key, value = run["key"], run["value"]
     argv = ["generate", str(run["ldm"]), "--n-cells", "12", "--condition", f"{key}={value}", "--cfg", f"{key}=2.0"]
-    code = main([*argv, "--sampler", "euler", "--steps", "3", "--seed", "5", "--out", str(out)])
+    code = main(
+        [*argv, "--sampler", "euler", "--steps", "3", "--seed", "5", "--guidance-interval", "0,0.5", "--out", str(out)]
+    )
     assert code == 0
     assert f"wrote 12 cells x {run['n_genes']} genes" in capsys.readouterr().out
     generated = ad.read_h5ad(out)
@@ -99,6 +101,7 @@ def test_cli_generate_writes_counts_labels_genes_and_settings(run, tmp_path, cap
     assert settings["checkpoint"] == str(run["ldm"])
     assert dict(settings["guidance"]) == {key: 2.0}
     assert settings["guidance_mode"] == "compositional"
+    assert list(settings["guidance_interval"]) == [0.0, 0.5]
     assert settings["sampler"] == "euler"
     assert settings["n_steps"] == 3
     assert settings["seed"] == 5
