@@ -283,7 +283,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, SampleConfig, "n_steps", "--steps")
     add_option(parser, SampleConfig, "guidance_mode")
     interval_help = next(f for f in fields(SampleConfig) if f.name == "guidance_interval").metadata["help"]
-    parser.add_argument("--guidance-interval", default="0,1", metavar="LO,HI", help=interval_help)
+    # Parsed in `handle` (a ConfigError names the flag); the dest differs from the field so from_flags skips it.
+    parser.add_argument(
+        "--guidance-interval", dest="guidance_interval_text", default="0,1", metavar="LO,HI", help=interval_help
+    )
     add_option(parser, Config, "seed")
     parser.add_argument("--device", default="cpu", help="torch device of the models")
     parser.add_argument("--out", required=True, help="output .h5ad")
@@ -300,7 +303,7 @@ def handle(args: argparse.Namespace) -> None:
         raise ConfigError(f"--steps must be >= 1, got {args.n_steps}")
     # Checked before sampling, so a bad --out fails now rather than after the whole run.
     claim_output(args.out, "the generated .h5ad", "--out", args.overwrite, folder=False)
-    interval = parse_floats(args.guidance_interval, "--guidance-interval")
+    interval = parse_floats(args.guidance_interval_text, "--guidance-interval")
     check_guidance_interval(interval, "--guidance-interval")
     sampler = from_flags(SampleConfig, args, guidance_interval=interval)
     adata = generate(args.checkpoint, [(condition, args.n_cells)], guidance, sampler, args.seed, args.device)
