@@ -268,7 +268,7 @@ class SampleConfig:
     guidance_interval: list[float] = option(
         [0.0, 1.0],
         "the ODE times LO,HI (t: 0 = noise, 1 = data) where the guidance weights apply; outside them every weight "
-        "is 1 (plain conditioning, one model call a step); 0,1 guides the whole path",
+        "is 1 (with one condition key: plain conditioning, one model call); 0,1 guides the whole path",
     )
 
 

@@ -104,8 +104,8 @@ class Generator:
     ):
         """The guided velocity field (x, t) -> v for cells of condition ids (key -> (n,)), `mode` resolved.
         joint takes one weight for all keys: the largest of `weights`. The weights apply at the times t in
-        `interval` (checked by `check_guidance_interval`); at other times every weight is 1, which costs one
-        model call (the NULL branch drops out)."""
+        `interval` (checked by `check_guidance_interval`); at other times every weight is 1 (with one condition
+        key the NULL branch then drops out: one model call)."""
         guided = _guided_velocity(self.dit, ids, weights, mode)
         lo, hi = interval
         if (lo, hi) == (0.0, 1.0) or all(w == 1.0 for w in weights.values()):
