@@ -646,7 +646,7 @@ def add_option(parser: argparse.ArgumentParser, section: type, name: str, *flags
         view |= {"type": str, "metavar": "VALUE"}
     elif kind is list:
         # Shown and parsed as the command line spells it (argparse passes a text default through `type`).
-        view |= {"type": comma_separated, "default": ",".join(default), "metavar": "A,B"}
+        view |= {"type": comma_separated, "default": ",".join(map(str, default)), "metavar": "A,B"}
     elif spec.metadata.get("choices"):
         view |= {"type": kind, "choices": spec.metadata["choices"]}
     else:
@@ -685,18 +685,19 @@ def parse_pairs(items: Sequence[str], flag: str, cast: Callable[[str], Any] = st
 
 def parse_ints(text: str, flag: str) -> list[int]:
     """'2048,8192' from `flag` -> [2048, 8192]; anything else is a ConfigError naming `flag`."""
-    try:
-        return [int(item) for item in comma_separated(text)]
-    except ValueError:
-        raise ConfigError(f"{flag} expects comma-separated integers, e.g. 2048,8192; got {text!r}") from None
+    return _parse_numbers(text, flag, int, "integers, e.g. 2048,8192")
 
 
 def parse_floats(text: str, flag: str) -> list[float]:
     """'0,0.5' from `flag` -> [0.0, 0.5]; anything else is a ConfigError naming `flag`."""
+    return _parse_numbers(text, flag, float, "numbers, e.g. 0,0.5")
+
+
+def _parse_numbers(text: str, flag: str, cast: Callable[[str], Any], expected: str) -> list:
     try:
-        return [float(item) for item in comma_separated(text)]
+        return [cast(item) for item in comma_separated(text)]
     except ValueError:
-        raise ConfigError(f"{flag} expects comma-separated numbers, e.g. 0,0.5; got {text!r}") from None
+        raise ConfigError(f"{flag} expects comma-separated {expected}; got {text!r}") from None
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -282,11 +282,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, SampleConfig, "method", "--sampler")
     add_option(parser, SampleConfig, "n_steps", "--steps")
     add_option(parser, SampleConfig, "guidance_mode")
-    interval_help = next(f for f in fields(SampleConfig) if f.name == "guidance_interval").metadata["help"]
     # Parsed in `handle` (a ConfigError names the flag); the dest differs from the field so from_flags skips it.
-    parser.add_argument(
-        "--guidance-interval", dest="guidance_interval_text", default="0,1", metavar="LO,HI", help=interval_help
-    )
+    add_option(parser, SampleConfig, "guidance_interval", dest="guidance_interval_text", type=str, metavar="LO,HI")
     add_option(parser, Config, "seed")
     parser.add_argument("--device", default="cpu", help="torch device of the models")
     parser.add_argument("--out", required=True, help="output .h5ad")
