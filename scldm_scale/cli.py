@@ -144,9 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     process_entry = argv is None  # main([...]) in a test or a notebook keeps the caller's thread settings
     argv = sys.argv[1:] if argv is None else argv
     try:
-        return _run(argv, process_entry)
+        code = _run(argv, process_entry)
     except KeyboardInterrupt as err:  # Ctrl-C while modules load or arguments parse, before the command runs
-        return _report(err, "scldm-scale: ", "--debug" in argv)
+        code = _report(err, "scldm-scale: ", "--debug" in argv)
+    # A process that ran a process group ends without interpreter finalization, which a collective's
+    # worker thread can abort (distributed.end_process); `distributed` is only imported if a command used it.
+    distributed = sys.modules.get("scldm_scale.train.distributed")
+    if process_entry and distributed is not None and distributed.started_a_group():
+        distributed.end_process(code)
+    return code
 
 
 def _run(argv: list[str], process_entry: bool) -> int:

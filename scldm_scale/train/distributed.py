@@ -8,9 +8,12 @@ process uses the GPU of its LOCAL_RANK; data sharding uses the global RANK.
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -19,6 +22,8 @@ from scldm_scale.config import ConfigError, TrainConfig
 from scldm_scale.world import get_world_size
 
 log = logging.getLogger(__name__)
+
+_started_here = False  # setup() started a process group in this process (see end_process)
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,7 @@ class Dist:
 
 def setup(cfg: TrainConfig, device: torch.device) -> Dist:
     """Start the process group the strategy needs (a 1-process group when run without torchrun)."""
+    global _started_here
     world_size = get_world_size()
     if cfg.strategy == "single":
         if world_size > 1:
@@ -57,6 +63,7 @@ def setup(cfg: TrainConfig, device: torch.device) -> Dist:
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30), **kwargs)
+        _started_here = True
         log.info("rank %d/%d: %s process group on %s", dist.get_rank(), dist.get_world_size(), backend, device)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
@@ -71,6 +78,31 @@ def teardown(ok: bool) -> None:
     if ok:
         dist.barrier()
     dist.destroy_process_group()
+
+
+def started_a_group() -> bool:
+    """Whether setup() started a process group in this process (ended or not)."""
+    return _started_here
+
+
+def end_process(code: int) -> NoReturn:
+    """Exit with `code` after flushing everything, without Python's interpreter finalization.
+
+    A gloo or NCCL group keeps C++ worker threads for as long as anything (a device mesh, a DeepSpeed
+    engine, a barrier's record of earlier work) holds it, and destroy_process_group does not join them.
+    A worker that drops the last reference to a tensor while the interpreter finalizes takes the GIL, is
+    unwound by pthread_exit and aborts the whole process: SIGABRT, "terminate called without an active
+    exception", a non-zero exit after the run finished and saved (pytorch/pytorch#38228, #190489; rare,
+    commoner on a loaded machine). multiprocessing's children end the same way, with os._exit.
+    """
+    gc.collect()  # groups and engines held only by reference cycles go now, their threads joined
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more to say on it
+            pass
+    os._exit(code)
 
 
 def barrier() -> None:

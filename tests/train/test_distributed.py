@@ -462,6 +462,41 @@ def test_an_exception_on_one_rank_stops_every_rank(train_args, tmp_path):
     assert [r["step"] for r in _records(tmp_path / "run")] == [1]
 
 
+END_PROCESS = """
+import atexit
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from scldm_scale.config import TrainConfig
+from scldm_scale.train import distributed
+
+out = Path(sys.argv[1])
+distributed.setup(TrainConfig(strategy="ddp", device="cpu"), torch.device("cpu"))  # a group of one
+atexit.register(lambda: (out / "finalized").write_text("atexit ran"))
+logging.basicConfig(filename=out / "log.txt", level=logging.INFO)
+logging.getLogger("check").info("logged")
+print("printed", end="")  # stdout is a pipe: block-buffered until flushed
+distributed.teardown(True)
+distributed.end_process(3)
+"""
+
+
+def test_a_process_that_ran_a_group_ends_flushed_with_its_code_and_without_finalizing(tmp_path):
+    """What the CLI does after a run under a process group: nothing said is lost, the exit status is the
+    command's, and interpreter finalization (where gloo's threads can abort the process) never starts."""
+    script = tmp_path / "end.py"
+    script.write_text(END_PROCESS)
+    argv = [sys.executable, str(script), str(tmp_path)]
+    proc = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "printed"
+    assert "logged" in (tmp_path / "log.txt").read_text()
+    assert not (tmp_path / "finalized").exists()
+
+
 # --- the 1B preset under FSDP meta-device initialisation --------------------------------------------------
 
 # 100 genes keep the preset above 1e9 parameters (1,007,653,029; the gene embedding is 2048 per gene).
@@ -497,6 +532,7 @@ report = {
 with open(f"{out}/rank{dist_info.rank}.json", "w") as f:
     json.dump(report, f)
 distributed.teardown(True)
+distributed.end_process(0)  # as the CLI ends a process that ran a group
 """
 
 
@@ -591,6 +627,7 @@ for name in train_cfgs:
     report[name] = row
 (out / f"rank{dist_info.rank}.json").write_text(json.dumps(report))
 distributed.teardown(True)
+distributed.end_process(0)  # as the CLI ends a process that ran a group
 """
 
 
