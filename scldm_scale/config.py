@@ -19,6 +19,7 @@ defaults, for one, live in `SampleConfig` and nowhere else). `parse_pairs`, `par
 from __future__ import annotations
 
 import argparse
+import math
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -245,15 +246,23 @@ class TrainConfig:
     peak_tflops: float | None = None
 
 
-SAMPLERS = ("euler", "heun", "dopri5")
+SAMPLERS = ("euler", "heun", "dopri5", "sde")
 
 
 @dataclass
 class SampleConfig:
     """How cells are generated: the ODE solver from noise to latents, and guidance (`models/sampling.py`)."""
 
-    method: str = option("heun", "ODE solver (dopri5: adaptive)", choices=SAMPLERS)
-    n_steps: int = option(50, "solver steps of euler and heun (heun costs 2 model calls per step)")
+    method: str = option(
+        "heun",
+        "ODE solver (dopri5: adaptive), or sde: Euler-Maruyama on an SDE with the ODE's marginals (sample.sde_noise)",
+        choices=SAMPLERS,
+    )
+    n_steps: int = option(50, "solver steps of euler, heun and sde (heun costs 2 model calls per step)")
+    sde_noise: float = option(
+        1.0,
+        "noise level e of method=sde: drift v - e (x - t v), diffusion sqrt(2 e (1 - t)); 0 is the euler ODE",
+    )
     atol: float = option(1e-5, "absolute tolerance of dopri5")
     rtol: float = option(1e-5, "relative tolerance of dopri5")
     batch_size: int = option(1024, "cells per ODE solve")
@@ -282,6 +291,13 @@ def check_guidance_interval(interval: Sequence[float], where: str) -> tuple[floa
     if not 0.0 <= lo < hi <= 1.0:
         raise ConfigError(f"{where} must satisfy 0 <= LO < HI <= 1 (t: 0 = noise, 1 = data); got {lo},{hi}")
     return lo, hi
+
+
+def check_sde_noise(value: float, where: str) -> float:
+    """The SDE sampler's noise level, checked: a finite number >= 0; else a ConfigError naming `where`."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{where} must be a finite number >= 0 (0: no noise, the euler ODE); got {value!r}")
+    return float(value)
 
 
 BASELINES = ("real_train_cells", "independent_nb", "scvi", "additive_shift")
@@ -483,6 +499,7 @@ def validate(cfg: Config) -> Config:
     if cfg.train.grad_accum_steps < 1:
         raise ConfigError(f"train.grad_accum_steps must be >= 1, got {cfg.train.grad_accum_steps}")
     check_guidance_interval(cfg.sample.guidance_interval, "sample.guidance_interval")
+    check_sde_noise(cfg.sample.sde_noise, "sample.sde_noise")
     if cfg.sample.n_steps < 1 or cfg.sample.batch_size < 1:
         raise ConfigError(
             f"sample.n_steps and sample.batch_size must be >= 1, got {cfg.sample.n_steps} and {cfg.sample.batch_size}"

@@ -27,6 +27,7 @@ from scldm_scale.config import (
     SampleConfig,
     add_option,
     check_guidance_interval,
+    check_sde_noise,
     from_flags,
     parse_floats,
     parse_pairs,
@@ -160,6 +161,7 @@ class Generator:
         weights = {k: guidance.get(k, sampler.guidance) for k in labels}
         mode = self.resolve_guidance_mode(sampler.guidance_mode)
         interval = check_guidance_interval(sampler.guidance_interval, "sample.guidance_interval")
+        check_sde_noise(sampler.sde_noise, "sample.sde_noise")
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
         library = np.empty(n_cells)
@@ -170,7 +172,8 @@ class Generator:
         m, latent_dim = self.vae.latent_shape
         genes = torch.arange(len(self.genes), device=self.device)
         # dopri5 is adaptive: its number of model evaluations is unknown in advance.
-        evals_per_batch = {"euler": sampler.n_steps, "heun": 2 * sampler.n_steps}.get(sampler.method)
+        steps = sampler.n_steps
+        evals_per_batch = {"euler": steps, "sde": steps, "heun": 2 * steps}.get(sampler.method)
         n_batches = -(-n_cells // sampler.batch_size)
         total = evals_per_batch * n_batches if evals_per_batch else None
         bar = tqdm(total=total, desc="generate", unit="eval", disable=not progress, dynamic_ncols=True)
@@ -180,7 +183,15 @@ class Generator:
             chunk_ids = {k: v[start:stop] for k, v in ids.items()}
             velocity = self.velocity(chunk_ids, weights, mode, interval)
             noise = torch.randn(stop - start, m, latent_dim, device=self.device)
-            x = integrate(_counted(velocity, bar), noise, sampler.method, sampler.n_steps, sampler.atol, sampler.rtol)
+            x = integrate(
+                _counted(velocity, bar),
+                noise,
+                sampler.method,
+                sampler.n_steps,
+                sampler.atol,
+                sampler.rtol,
+                sde_noise=sampler.sde_noise,
+            )
             z = x * self.latent_std + self.latent_mean  # (n, M, L)
             size = torch.from_numpy(library[start:stop]).float().to(self.device)
             blocks.append(self._sample_counts(z, genes, size))
@@ -264,6 +275,7 @@ def generate(
         "guidance_interval": [float(v) for v in sampler.guidance_interval],
         "sampler": sampler.method,
         "n_steps": sampler.n_steps,
+        **({"sde_noise": float(sampler.sde_noise)} if sampler.method == "sde" else {}),
         "seed": seed,
         # JSON text: h5ad cannot store a list of dicts.
         "requests": json.dumps([{"condition": c, "n_cells": n} for c, n in requests]),
@@ -281,6 +293,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg", action="append", default=[], metavar="KEY=WEIGHT", help=cfg_help)
     add_option(parser, SampleConfig, "method", "--sampler")
     add_option(parser, SampleConfig, "n_steps", "--steps")
+    add_option(parser, SampleConfig, "sde_noise")
     add_option(parser, SampleConfig, "guidance_mode")
     # Parsed in `handle` (a ConfigError names the flag); the dest differs from the field so from_flags skips it.
     add_option(parser, SampleConfig, "guidance_interval", dest="guidance_interval_text", type=str, metavar="LO,HI")
@@ -302,6 +315,7 @@ def handle(args: argparse.Namespace) -> None:
     claim_output(args.out, "the generated .h5ad", "--out", args.overwrite, folder=False)
     interval = parse_floats(args.guidance_interval_text, "--guidance-interval")
     check_guidance_interval(interval, "--guidance-interval")
+    check_sde_noise(args.sde_noise, "--sde-noise")
     sampler = from_flags(SampleConfig, args, guidance_interval=interval)
     adata = generate(args.checkpoint, [(condition, args.n_cells)], guidance, sampler, args.seed, args.device)
     with staged(args.out) as target:

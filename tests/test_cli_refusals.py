@@ -218,6 +218,11 @@ ROWS = [
         GEN + " --guidance-interval early --out {out}.h5ad",
         "--guidance-interval expects comma-separated numbers",
     ),
+    _row(
+        "generate-negative-sde-noise",
+        GEN + " --sampler sde --sde-noise -1 --out {out}.h5ad",
+        "--sde-noise must be a finite number >= 0",
+    ),
     # --- evaluate ---
     _row(
         "evaluate-missing-real",

@@ -128,6 +128,7 @@ def test_d_model_not_divisible_by_heads():
         ("train.max_steps=0", "train.max_steps"),
         ("optim.vae.betas=[0.9]", "optim.vae.betas"),
         ("sample.n_steps=0", "sample.n_steps"),
+        ("sample.sde_noise=-0.5", "sample.sde_noise"),
     ],
 )
 def test_out_of_range_values_name_the_key(override, key):

@@ -108,14 +108,18 @@ def test_cli_generate_writes_counts_labels_genes_and_settings(run, tmp_path, cap
     assert json.loads(settings["requests"]) == [{"condition": {key: value}, "n_cells": 12}]
 
 
-def test_generation_is_reproducible_for_a_seed(synthetic_run, tmp_path):
+@pytest.mark.parametrize("sampler", [["--sampler", "euler"], ["--sampler", "sde", "--sde-noise", "0.5"]])
+def test_generation_is_reproducible_for_a_seed(synthetic_run, tmp_path, sampler):
     args = ["generate", str(synthetic_run["ldm"]), "--n-cells", "8", "--condition", "cell_type=type_0"]
-    args += ["--sampler", "euler", "--steps", "2"]
+    args += [*sampler, "--steps", "2"]
     for name, seed in [("a", "1"), ("b", "1"), ("c", "2")]:
         assert main([*args, "--seed", seed, "--out", str(tmp_path / f"{name}.h5ad")]) == 0
-    a, b, c = (ad.read_h5ad(tmp_path / f"{n}.h5ad").X.toarray() for n in "abc")
-    np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, c)
+    a, b, c = (ad.read_h5ad(tmp_path / f"{n}.h5ad") for n in "abc")
+    np.testing.assert_array_equal(a.X.toarray(), b.X.toarray())
+    assert not np.array_equal(a.X.toarray(), c.X.toarray())
+    settings = a.uns["generation"]
+    assert settings["sampler"] == sampler[1]
+    assert settings.get("sde_noise") == (0.5 if sampler[1] == "sde" else None)
 
 
 def test_cli_generate_unknown_condition_value_lists_the_known_ones(synthetic_run, tmp_path, capsys):

@@ -1,10 +1,13 @@
-"""ODE samplers for the linear interpolant and classifier-free guidance over several conditions.
+"""ODE and SDE samplers for the linear interpolant and classifier-free guidance over several conditions.
 
 What is unusual here:
 - Time runs from t0 = 0 (noise) to t1 = 1 (data), SiT's convention (see `transport.py`).
 - Euler and Heun are fixed-step and honour `n_steps` (the reference ignored its configured steps);
   Heun always applies its corrector, also on the last step, so it costs 2·n_steps evaluations.
-  dopri5 is adaptive (torchdiffeq) and ignores `n_steps`. The defaults (Heun, 50 steps, atol = rtol = 1e-5,
+  dopri5 is adaptive (torchdiffeq) and ignores `n_steps`. sde is Euler-Maruyama on the SDE that keeps the
+  interpolant's marginals (SiT's, with diffusion g(t)^2 = 2e(1 - t)): for x_t = t x1 + (1 - t) x0, x0 ~ N(0, I),
+  the score is -(x - t v)/(1 - t), so the drift v + g^2/2 * score = v - e (x - t v) stays bounded up to t = 1;
+  its last step adds no noise. e = 0 is the Euler ODE, step for step. The defaults (Heun, 50 steps, atol = rtol = 1e-5,
   the published dopri5 tolerances) are `config.SampleConfig`'s, as they are for the CLI and the YAML.
 - Guidance evaluates every branch it needs (NULL, one per condition, or all conditions) in ONE model
   call on a batch concatenated along dim 0, because the model is a transformer. It is written as
@@ -13,12 +16,13 @@ What is unusual here:
 - Nothing here switches off autograd; wrap sampling in torch.no_grad() at the call site.
 """
 
+import math
 from collections.abc import Callable, Mapping
 
 import torch
 from torchdiffeq import odeint
 
-from scldm_scale.config import SAMPLERS, ConfigError, SampleConfig
+from scldm_scale.config import SAMPLERS, ConfigError, SampleConfig, check_sde_noise
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Conditions = Mapping[str, torch.Tensor | int]
@@ -37,14 +41,17 @@ def integrate(
     rtol: float = SampleConfig.rtol,
     t0: float = 0.0,
     t1: float = 1.0,
+    sde_noise: float = SampleConfig.sde_noise,
 ) -> torch.Tensor:
-    """Solve dx/dt = velocity_fn(x, t) from x(t0) = x_init (B, ...) and return x(t1).
+    """Solve dx/dt = velocity_fn(x, t) from x(t0) = x_init (B, ...) and return x(t1); method "sde" draws
+    x(t1) from the SDE with the same marginals instead (noise from torch's global generator).
 
-    `velocity_fn` receives t as a (B,) tensor. `n_steps` is used by euler and heun, `atol`/`rtol` by
-    dopri5 only.
+    `velocity_fn` receives t as a (B,) tensor. `n_steps` is used by euler, heun and sde, `atol`/`rtol` by
+    dopri5 only, `sde_noise` by sde only.
     """
     if method not in SAMPLERS:
         raise ConfigError(f"unknown ODE method {method!r}; valid methods are {', '.join(SAMPLERS)}")
+    noise_level = check_sde_noise(sde_noise, "sde_noise")
     batch = x_init.shape[0]
 
     def times(t: float | torch.Tensor) -> torch.Tensor:
@@ -66,6 +73,10 @@ def integrate(
         v_now = velocity_fn(x, times(t_now))
         if method == "euler":
             x = x + dt * v_now
+        elif method == "sde":
+            x = x + dt * (v_now - noise_level * (x - t_now * v_now))
+            if i < n_steps - 1:
+                x = x + math.sqrt(2.0 * noise_level * (1.0 - t_now) * dt) * torch.randn_like(x)
         else:  # heun: Euler predictor, trapezoidal corrector
             v_next = velocity_fn(x + dt * v_now, times(t_next))
             x = x + 0.5 * dt * (v_now + v_next)

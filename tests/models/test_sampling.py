@@ -107,6 +107,39 @@ def test_exact_mixture_field_transports_noise_to_mixture(method, n_steps):
         assert ((std / STDS[i] - 1).abs() < 0.1).all(), (i, std)
 
 
+@pytest.mark.parametrize("sde_noise", [0.5, 2.0])
+def test_sde_with_the_exact_field_draws_the_mixture(sde_noise):
+    # The score is -(x - t v)/(1 - t) for this interpolant: a wrong sign or scale in the drift's correction
+    # changes the spread by far more than the tolerance (e = 2 with the sign flipped diverges).
+    torch.manual_seed(0)
+    noise = torch.randn(4000, 2, dtype=torch.float64)
+    samples = integrate(_mixture_velocity, noise, method="sde", n_steps=400, sde_noise=sde_noise)
+    for i, (weight, mean, std) in enumerate(_mixture_statistics(samples, MEANS)):
+        assert abs(weight - WEIGHTS[i].item()) < 0.05
+        assert (mean - MEANS[i]).abs().max() < 0.1
+        assert ((std / STDS[i] - 1).abs() < 0.1).all(), (i, std)
+
+
+def test_sde_is_seeded_stochastic_and_euler_without_noise():
+    x_init = torch.randn(64, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    euler = integrate(_mixture_velocity, x_init, method="euler", n_steps=20)
+    torch.testing.assert_close(
+        integrate(_mixture_velocity, x_init, method="sde", n_steps=20, sde_noise=0.0), euler, rtol=0, atol=0
+    )
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        draws.append(integrate(_mixture_velocity, x_init, method="sde", n_steps=20, sde_noise=1.0))
+    torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)
+    assert (draws[0] - euler).abs().mean() > 0.05  # the noise was added
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf")])
+def test_sde_noise_must_be_finite_and_not_negative(bad):
+    with pytest.raises(ValueError, match="sde_noise must be a finite number >= 0"):
+        integrate(_mixture_velocity, torch.zeros(2, 2), method="sde", n_steps=4, sde_noise=bad)
+
+
 class _TimeMLP(nn.Module):
     def __init__(self, width: int = 64):
         super().__init__()
