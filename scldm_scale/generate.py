@@ -161,7 +161,6 @@ class Generator:
         weights = {k: guidance.get(k, sampler.guidance) for k in labels}
         mode = self.resolve_guidance_mode(sampler.guidance_mode)
         interval = check_guidance_interval(sampler.guidance_interval, "sample.guidance_interval")
-        check_sde_noise(sampler.sde_noise, "sample.sde_noise")
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
         library = np.empty(n_cells)
