@@ -7,8 +7,9 @@ An artifact is a folder that loads without running any pickle:
                         library-size model, how the encoder tokenises a cell, provenance, training history,
                         evaluation numbers; human-readable
     model.safetensors   the weights under plain module names: `vae.*`; an ldm adds `prior.*` (the weights as
-                        trained), `prior_ema.*` (the EMA weights, used for sampling) and the latent
-                        standardisation `latent.mean` / `latent.std`
+                        trained), `prior_ema.*` (the EMA weights, used for sampling), the latent
+                        standardisation `latent.mean` / `latent.std` and `library.weight`, the library
+                        size's fit on the latent (models from before it lack it; generation says so)
     README.md           the model card
 
 An ldm artifact holds its VAE, so generation needs nothing else. Weights that are one tensor under two
@@ -40,7 +41,7 @@ from scldm_scale.data.batch import LabelEncoder, TokenPolicy
 from scldm_scale.data.counts import DataError
 from scldm_scale.data.vocab import GeneVocabulary
 from scldm_scale.models.dit import DiT
-from scldm_scale.models.library_size import LibrarySizeModel
+from scldm_scale.models.library_size import LatentLibrarySize, LibrarySizeModel
 from scldm_scale.models.vae import SetVAE
 
 FORMAT = "scldm-scale-model"
@@ -185,6 +186,7 @@ class LDMArtifact:
     latent_std: torch.Tensor  # (M, L)
     prior_weights: dict[str, torch.Tensor]  # DiT state dict as trained
     prior_ema_weights: dict[str, torch.Tensor]  # DiT state dict of the EMA (empty when trained without one)
+    library_from_latent: LatentLibrarySize | None = None  # None in models written before it existed
     provenance: Provenance = field(default_factory=Provenance)
     training: dict = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)
@@ -227,6 +229,8 @@ class LDMArtifact:
 
     def _sections(self) -> dict:
         prior = {"config": json_ready(self.prior_config.__dict__), "n_classes": dict(self.n_classes)}
+        if self.library_from_latent is not None:
+            prior["library_from_latent"] = self.library_from_latent.state_dict()
         return {**self.vae._sections(), "prior": prior}
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -236,6 +240,7 @@ class LDMArtifact:
             **_prefixed("prior_ema.", self.prior_ema_weights),
             "latent.mean": self.latent_mean,
             "latent.std": self.latent_std,
+            **({"library.weight": self.library_from_latent.weight} if self.library_from_latent is not None else {}),
         }
 
     def _ties(self) -> dict[str, str]:
@@ -247,12 +252,26 @@ class LDMArtifact:
         for name in ("latent.mean", "latent.std"):
             if name not in tensors:
                 raise CheckpointError(f"{where}: {WEIGHTS_FILE} lacks {name!r}; export the model again")
+        library_from_latent = None
+        if "library_from_latent" in prior:
+            if "library.weight" not in tensors:
+                raise CheckpointError(
+                    f"{where}: {CONFIG_FILE} has a library_from_latent fit but {WEIGHTS_FILE} lacks 'library.weight'; "
+                    "export the model again"
+                )
+            if tensors["library.weight"].shape != tensors["latent.mean"].shape:
+                raise CheckpointError(
+                    f"{where}: 'library.weight' has shape {tuple(tensors['library.weight'].shape)}, the latent "
+                    f"{tuple(tensors['latent.mean'].shape)}; export the model again"
+                )
+            library_from_latent = LatentLibrarySize.from_state(prior["library_from_latent"], tensors["library.weight"])
         return cls(
             vae=VAEArtifact._from(sections, tensors, {}, where),
             prior_config=section_from_dict(PriorConfig, prior["config"], f"{where} prior config"),
             n_classes={k: int(v) for k, v in prior["n_classes"].items()},
             latent_mean=tensors["latent.mean"],
             latent_std=tensors["latent.std"],
+            library_from_latent=library_from_latent,
             prior_weights=_unprefixed("prior.", tensors),
             prior_ema_weights=_unprefixed("prior_ema.", tensors),
             **common,

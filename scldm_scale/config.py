@@ -276,6 +276,13 @@ class SampleConfig:
         "prior.cond_dropout=joint, else compositional",
         choices=("auto", "compositional", "joint"),
     )
+    library_size: str = option(
+        "auto",
+        "each generated cell's library size: latent (log-normal around a linear fit on the cell's latent, made when "
+        "the prior was trained: depth and profile agree), condition (log-normal per condition value, independent of "
+        "the latent), auto: latent for a model that has the fit, else condition (models written before it)",
+        choices=("auto", "latent", "condition"),
+    )
     guidance_interval: list[float] = option(
         [0.0, 1.0],
         "the ODE times LO,HI (t: 0 = noise, 1 = data) where the guidance weights apply; outside them every weight "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,11 +36,13 @@ from scldm_scale.config import (
 from scldm_scale.data.batch import LabelEncoder
 from scldm_scale.data.vocab import GeneVocabulary
 from scldm_scale.models.dit import DiT
-from scldm_scale.models.library_size import LibrarySizeModel
+from scldm_scale.models.library_size import LatentLibrarySize, LibrarySizeModel
 from scldm_scale.models.sampling import integrate, make_guided_velocity_fn
 from scldm_scale.models.vae import SetVAE
 from scldm_scale.outputs import add_overwrite, claim_output, staged
 from scldm_scale.world import resolve_device
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # imported in to_anndata: Generator.sample runs without anndata (bench gpu on a bare GPU machine)
     import anndata as ad
@@ -59,6 +62,7 @@ class Generator:
     guidance_mode: str  # the prior's own: "joint" if trained with prior.cond_dropout=joint, else "compositional"
     device: torch.device
     cond_dropout: str = "independent"  # prior.cond_dropout of its training: which guidance branches it learned
+    library_from_latent: LatentLibrarySize | None = None  # the library size's fit on the latent (newer models)
 
     @classmethod
     def from_artifact(cls, model: LDMArtifact | str | Path, device: str = "cpu", use_ema: bool = True) -> Generator:
@@ -78,6 +82,7 @@ class Generator:
             guidance_mode=model.guidance_mode,
             device=device_,
             cond_dropout=model.prior_config.cond_dropout,
+            library_from_latent=model.library_from_latent,
         )
 
     def resolve_guidance_mode(self, requested: str) -> str:
@@ -95,6 +100,19 @@ class Generator:
                 "--guidance-mode auto (or retrain the prior with prior.cond_dropout=independent, which learns both)"
             )
         return mode
+
+    def resolve_library_size(self, requested: str) -> str:
+        """Where a sampler's `library_size` takes the cells' library sizes from ("auto": latent when the model has
+        the fit). "latent" from a model without the fit is refused."""
+        if requested == "auto":
+            return "latent" if self.library_from_latent is not None else "condition"
+        if requested == "latent" and self.library_from_latent is None:
+            raise ConfigError(
+                "library size latent (--library-size, sample.library_size): this model has no library-size fit on "
+                "the latent (its prior was trained before scldm-scale fitted one); use --library-size condition, or "
+                "retrain the prior (stage=ldm) to get the fit"
+            )
+        return requested
 
     def velocity(
         self,
@@ -145,7 +163,8 @@ class Generator:
 
         Cells with different values share one ODE solve (the condition ids are per cell); every key in
         `labels` is guided with its weight in `guidance` (default `sampler.guidance`); with no labels the
-        cells come from the unconditional (all-NULL) prior and the global library-size fit. `sampler`
+        cells come from the unconditional (all-NULL) prior. Library sizes follow `sampler.library_size`: drawn
+        given each cell's latent, or per condition value (the global fit with no labels). `sampler`
         (default: SampleConfig()) chooses the ODE solver and the cells per solve. The VAE decodes each solve's
         cells a chunk of genes at a time (model.decode_chunk_genes), and the counts are drawn and made sparse
         chunk by chunk: no dense cells x genes array is formed beyond one solve's per-gene parameters.
@@ -161,13 +180,19 @@ class Generator:
         weights = {k: guidance.get(k, sampler.guidance) for k in labels}
         mode = self.resolve_guidance_mode(sampler.guidance_mode)
         interval = check_guidance_interval(sampler.guidance_interval, "sample.guidance_interval")
+        library_mode = self.resolve_library_size(sampler.library_size)
+        if library_mode != sampler.library_size:
+            log.info("library sizes: %s (sample.library_size=auto)", library_mode)
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
-        library = np.empty(n_cells)
-        combos = list(zip(*labels.values(), strict=True)) if labels else [()] * n_cells
-        for combo in dict.fromkeys(combos):
-            rows = np.array([c == combo for c in combos])
-            library[rows] = self.library_size.sample(int(rows.sum()), dict(zip(labels, combo, strict=True)), rng)
+        if library_mode == "latent":
+            library_noise = rng.standard_normal(n_cells)  # the fit's residuals; the sizes follow each latent
+        else:
+            library = np.empty(n_cells)
+            combos = list(zip(*labels.values(), strict=True)) if labels else [()] * n_cells
+            for combo in dict.fromkeys(combos):
+                rows = np.array([c == combo for c in combos])
+                library[rows] = self.library_size.sample(int(rows.sum()), dict(zip(labels, combo, strict=True)), rng)
         m, latent_dim = self.vae.latent_shape
         genes = torch.arange(len(self.genes), device=self.device)
         # dopri5 is adaptive: its number of model evaluations is unknown in advance.
@@ -192,7 +217,10 @@ class Generator:
                 sde_noise=sampler.sde_noise,
             )
             z = x * self.latent_std + self.latent_mean  # (n, M, L)
-            size = torch.from_numpy(library[start:stop]).float().to(self.device)
+            if library_mode == "latent":
+                size = self.library_from_latent.sample(x, library_noise[start:stop])  # (n,)
+            else:
+                size = torch.from_numpy(library[start:stop]).float().to(self.device)  # (n,)
             blocks.append(self._sample_counts(z, genes, size))
         bar.close()
         return sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, len(self.genes)), dtype=np.int32)
@@ -275,6 +303,7 @@ def generate(
         "sampler": sampler.method,
         "n_steps": sampler.n_steps,
         **({"sde_noise": float(sampler.sde_noise)} if sampler.method == "sde" else {}),
+        "library_size": gen.resolve_library_size(sampler.library_size),
         "seed": seed,
         # JSON text: h5ad cannot store a list of dicts.
         "requests": json.dumps([{"condition": c, "n_cells": n} for c, n in requests]),
@@ -294,6 +323,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, SampleConfig, "n_steps", "--steps")
     add_option(parser, SampleConfig, "sde_noise")
     add_option(parser, SampleConfig, "guidance_mode")
+    add_option(parser, SampleConfig, "library_size")
     # Parsed in `handle` (a ConfigError names the flag); the dest differs from the field so from_flags skips it.
     add_option(parser, SampleConfig, "guidance_interval", dest="guidance_interval_text", type=str, metavar="LO,HI")
     add_option(parser, Config, "seed")

@@ -30,7 +30,7 @@ from scldm_scale.config import Config, PriorConfig, VAEConfig, to_dict
 from scldm_scale.data.batch import LabelEncoder, TokenPolicy, collate
 from scldm_scale.data.vocab import GeneVocabulary
 from scldm_scale.models.dit import DiT
-from scldm_scale.models.library_size import LibrarySizeModel
+from scldm_scale.models.library_size import LatentLibrarySize, LibrarySizeModel
 from scldm_scale.models.vae import SetVAE
 from scldm_scale.train.export import from_legacy
 
@@ -157,6 +157,30 @@ def test_ldm_round_trip_keeps_prior_ema_latents_and_its_vae(tmp_path):
     vae = loaded.build_vae()
     for key, value in model.vae.weights.items():
         assert torch.equal(vae.state_dict()[key], value), key
+
+
+def test_ldm_round_trip_keeps_the_library_fit_on_the_latent_and_refuses_it_half_written(tmp_path):
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    model, _ = _ldm_artifact()
+    assert artifact.load(model.save(tmp_path / "without"), kind="ldm").library_from_latent is None  # older models
+    fit = LatentLibrarySize(torch.randn_like(model.latent_mean), 7.5, 0.2, 3.0, 0.6, 40, (6.0, 9.0))
+    path = replace(model, library_from_latent=fit).save(tmp_path / "with")
+    loaded = artifact.load(path, kind="ldm").library_from_latent
+    assert torch.equal(loaded.weight, fit.weight)
+    assert (loaded.bias, loaded.std, loaded.alpha, loaded.loo_r2, loaded.n_cells, loaded.log_range) == (
+        7.5, 0.2, 3.0, 0.6, 40, (6.0, 9.0)
+    )  # fmt: skip
+    tensors = load_file(path / WEIGHTS_FILE)
+    weight = tensors.pop("library.weight")
+    save_file(tensors, path / WEIGHTS_FILE)
+    with pytest.raises(CheckpointError, match="lacks 'library.weight'; export the model again"):
+        artifact.load(path)
+    save_file({**tensors, "library.weight": weight[:1]}, path / WEIGHTS_FILE)
+    with pytest.raises(CheckpointError, match="'library.weight' has shape"):
+        artifact.load(path)
 
 
 def test_the_model_card_code_runs(tmp_path):

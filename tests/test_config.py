@@ -99,6 +99,7 @@ def test_wrong_type_message_says_it_is_a_type_error():
         ("model.input_embedding=sum", "model.input_embedding", "scale, concat"),
         ("prior.cond_dropout=always", "prior.cond_dropout", "independent, one_at_a_time, joint"),
         ("sample.method=rk4", "sample.method", "euler, heun, dopri5"),
+        ("sample.library_size=sampled", "sample.library_size", "auto, latent, condition"),
     ],
 )
 def test_invalid_choice_lists_the_valid_ones(override, key, choices):

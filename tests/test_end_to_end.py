@@ -122,6 +122,55 @@ def test_generation_is_reproducible_for_a_seed(synthetic_run, tmp_path, sampler)
     assert settings.get("sde_noise") == (0.5 if sampler[1] == "sde" else None)
 
 
+def test_the_prior_fits_the_library_size_on_the_training_latents(synthetic_run):
+    ldm = artifact.load(synthetic_run["ldm"], kind="ldm")
+    fit = ldm.library_from_latent
+    # The VAE's global log-normal was fitted on the same training cells: their mean and spread of log L.
+    mean, std = ldm.vae.library_size.params({})
+    assert fit.weight.shape == ldm.latent_mean.shape and fit.n_cells == 96  # the h5ad source's 80% train split
+    # Standardised training latents have mean zero, so the intercept is the training cells' mean log size.
+    assert fit.bias == pytest.approx(mean, abs=1e-3)
+    assert 0 < fit.std <= std * 1.05
+    assert fit.log_range[0] < mean < fit.log_range[1]
+
+
+def test_library_sizes_follow_the_latent_fit_or_the_condition_and_are_recorded(synthetic_run, tmp_path, capsys):
+    from dataclasses import replace
+
+    from scldm_scale.config import SampleConfig
+    from scldm_scale.generate import Generator
+    from scldm_scale.models.library_size import LatentLibrarySize
+
+    ldm = artifact.load(synthetic_run["ldm"], kind="ldm")
+    labels = {"cell_type": np.array(["type_0"] * 300, dtype=object)}
+    sampler = SampleConfig(method="euler", n_steps=2, library_size="latent")
+    for total in (40.0, 2000.0):  # a fit with no slope and no noise: every cell's library size is `total`
+        log_total = float(np.log(total))
+        no_slope = torch.zeros_like(ldm.latent_mean)
+        flat = LatentLibrarySize(no_slope, log_total, 0.0, 1.0, 0.0, 10, (log_total, log_total))
+        gen = Generator.from_artifact(replace(ldm, library_from_latent=flat))
+        counts = gen.sample(300, labels, sampler=sampler, progress=False)
+        assert counts.sum(axis=1).mean() == pytest.approx(total, rel=0.1)  # NB means sum to the library size
+    args = ["generate", "--n-cells", "6", "--condition", "cell_type=type_0", "--steps", "2", "--seed", "3"]
+    drawn = {}
+    for mode in ("auto", "latent", "condition"):
+        out = tmp_path / f"{mode}.h5ad"
+        assert main([args[0], str(synthetic_run["ldm"]), *args[1:], "--library-size", mode, "--out", str(out)]) == 0
+        drawn[mode] = ad.read_h5ad(out)
+        assert drawn[mode].uns["generation"]["library_size"] == ("condition" if mode == "condition" else "latent")
+    np.testing.assert_array_equal(drawn["auto"].X.toarray(), drawn["latent"].X.toarray())
+    assert not np.array_equal(drawn["latent"].X.toarray(), drawn["condition"].X.toarray())
+    # A model written before the fit existed: auto takes the condition's fit and says so; latent is refused.
+    old = replace(ldm, library_from_latent=None).save(tmp_path / "old-model")
+    assert main([args[0], str(old), *args[1:], "--out", str(tmp_path / "old.h5ad")]) == 0
+    assert ad.read_h5ad(tmp_path / "old.h5ad").uns["generation"]["library_size"] == "condition"
+    capsys.readouterr()
+    code = main([args[0], str(old), *args[1:], "--library-size", "latent", "--out", str(tmp_path / "never.h5ad")])
+    assert code == 2
+    assert "no library-size fit on the latent" in capsys.readouterr().err
+    assert not (tmp_path / "never.h5ad").exists()
+
+
 def test_cli_generate_unknown_condition_value_lists_the_known_ones(synthetic_run, tmp_path, capsys):
     out = tmp_path / "never.h5ad"
     code = main(

@@ -38,7 +38,7 @@ from scldm_scale.data.dataset import ShuffledBatches
 from scldm_scale.data.source import open_train_cells
 from scldm_scale.host_memory import choose_policy
 from scldm_scale.models.dit import DiT
-from scldm_scale.models.library_size import LibrarySizeModel
+from scldm_scale.models.library_size import LatentLibrarySize, LibrarySizeModel
 from scldm_scale.models.prior import FlowMatchingPrior, LatentBatch
 from scldm_scale.models.vae import SetVAE
 from scldm_scale.outputs import add_overwrite, check_writable
@@ -69,15 +69,19 @@ def _set_threads(cfg: Config) -> None:
 
 
 @torch.no_grad()
-def encode_latents(vae: SetVAE, batches: Iterator[CellBatch], device: torch.device) -> torch.Tensor:
-    """Posterior-mean latents (N, M, L) of the cells of an ordered batch stream, in fp32 on the CPU."""
+def encode_latents(
+    vae: SetVAE, batches: Iterator[CellBatch], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior-mean latents (N, M, L) of the cells of an ordered batch stream, in fp32 on the CPU, and the
+    library sizes (N,) the VAE was given for them."""
     vae.eval()
-    out = []
+    latents, library_sizes = [], []
     for batch in batches:
+        library_sizes.append(batch.library_size.float())
         batch = batch.to(device)
         z, _ = vae.encode(batch.gene_ids, batch.counts, batch.mask, sample=False)
-        out.append(z.float().cpu())
-    return torch.cat(out)
+        latents.append(z.float().cpu())
+    return torch.cat(latents), torch.cat(library_sizes)
 
 
 def _run_checkpoints(cfg: Config, stage: str, architecture: tuple[str, ...]) -> dict:
@@ -245,9 +249,14 @@ def train_ldm(cfg: Config, dist_info: Dist, on_step: Callable | None = None) -> 
         )
     cells = open_train_cells(cfg.data, cfg.train.batch_size, cfg.seed, vocabulary=vae_model.genes, encoders=encoders)
     # Every rank encodes the train cells (the latent table is small: N x M x L floats) in the same order.
-    latents = encode_latents(vae, cells.ordered(), device)  # (N, M, L)
+    latents, library_sizes = encode_latents(vae, cells.ordered(), device)  # (N, M, L), (N,)
     latent_mean, latent_std = latents.mean(0), latents.std(0).clamp_min(1e-6)  # (M, L) each
     standardised = (latents - latent_mean) / latent_std
+    library_from_latent = LatentLibrarySize.fit(standardised, library_sizes, seed=cfg.seed)
+    log.info(
+        "LDM: library size from the latent: leave-one-out R^2 %.2f of log library size (residual sd %.3f, %d cells)",
+        library_from_latent.loo_r2, library_from_latent.std, library_from_latent.n_cells,
+    )  # fmt: skip
     conditions = {k: torch.from_numpy(v) for k, v in cells.condition_ids.items()}
 
     def latent_batch(rows: np.ndarray, _epoch: int) -> LatentBatch:
@@ -268,6 +277,7 @@ def train_ldm(cfg: Config, dist_info: Dist, on_step: Callable | None = None) -> 
         n_classes=n_classes,
         latent_mean=latent_mean,
         latent_std=latent_std,
+        library_from_latent=library_from_latent,
         prior_weights={},
         prior_ema_weights={},
         training={"config": to_dict(cfg)},
