@@ -112,24 +112,28 @@ class LatentLibrarySize:
         if not bool((sizes > 0).all()):
             raise ValueError("library sizes must be positive (a cell with no counts has no latent to speak of)")
         shape = latents.shape[1:]
-        x = latents.reshape(latents.shape[0], -1).double()  # (N, D)
+        x = latents.reshape(latents.shape[0], -1)  # (N, D), the caller's dtype; blocks go to float64 one at a time
         y = sizes.log()  # (N,)
         if x.shape[0] > MAX_FIT_CELLS:
             keep = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:MAX_FIT_CELLS]
             x, y = x[keep], y[keep]
         n = x.shape[0]
-        x_mean, y_mean = x.mean(0), y.mean()
-        eigenvalues, basis = torch.linalg.eigh((x - x_mean).T @ (x - x_mean))  # (D,), (D, D)
+        blocks = [slice(start, start + chunk) for start in range(0, n, chunk)]
+        x_mean = sum(x[b].double().sum(0) for b in blocks) / n  # (D,)
+        y_mean = y.mean()
+        gram = sum((x[b].double() - x_mean).T @ (x[b].double() - x_mean) for b in blocks)  # (D, D)
+        moment = sum((x[b].double() - x_mean).T @ (y[b] - y_mean) for b in blocks)  # (D,)
+        eigenvalues, basis = torch.linalg.eigh(gram)  # (D,), (D, D)
         eigenvalues = eigenvalues.clamp_min(0.0)
         alphas = RIDGE_GRID * n  # (A,)
         shrink = 1.0 / (eigenvalues[:, None] + alphas[None, :])  # (D, A)
-        target = basis.T @ ((x - x_mean).T @ (y - y_mean))  # (D,) the response in the eigenbasis
+        target = basis.T @ moment  # (D,) the response in the eigenbasis
         loo_sq = torch.zeros(len(alphas), dtype=torch.float64)
-        for start in range(0, n, chunk):
-            proj = (x[start : start + chunk] - x_mean) @ basis  # (c, D)
+        for b in blocks:
+            proj = (x[b].double() - x_mean) @ basis  # (c, D)
             fitted = proj @ (shrink * target[:, None])  # (c, A) in-sample predictions minus y_mean
             leverage = proj.square() @ shrink + 1.0 / n  # (c, A) diagonal of the hat matrix, intercept included
-            residual = (y[start : start + chunk, None] - y_mean - fitted) / (1.0 - leverage)  # (c, A)
+            residual = (y[b, None] - y_mean - fitted) / (1.0 - leverage)  # (c, A) leave-one-out residuals
             loo_sq += residual.square().sum(0)
         loo_mse = loo_sq / n  # (A,)
         best = int(loo_mse.argmin())
