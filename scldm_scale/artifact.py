@@ -380,6 +380,13 @@ def model_card(artifact: Artifact, name: str) -> str:
             f"| prior | DiT, {n_prior / 1e6:.2f}M parameters; d_model {cfg.d_model}, {cfg.n_layers} layers; "
             f"{artifact.guidance_mode} guidance |"
         )
+        fit = artifact.library_from_latent
+        lines.append(
+            f"| library size | drawn given the latent: leave-one-out R^2 {fit.loo_r2:.2f} of log library size, "
+            f"residual sd {fit.std:.3f} ({fit.n_cells} training cells) |"
+            if fit is not None
+            else "| library size | per-condition log-normal (no fit on the latent: a model from before it existed) |"
+        )
     genes = ", ".join(vae.genes.ids[:5]) + (", ..." if len(vae.genes) > 5 else "")
     named = " (ids and names)" if vae.genes.names is not None else " (ids)"
     lines += [

@@ -173,6 +173,7 @@ def test_ldm_round_trip_keeps_the_library_fit_on_the_latent_and_refuses_it_half_
     assert (loaded.bias, loaded.std, loaded.alpha, loaded.loo_r2, loaded.n_cells, loaded.log_range) == (
         7.5, 0.2, 3.0, 0.6, 40, (6.0, 9.0)
     )  # fmt: skip
+    assert "drawn given the latent: leave-one-out R^2 0.60" in (path / "README.md").read_text()
     tensors = load_file(path / WEIGHTS_FILE)
     weight = tensors.pop("library.weight")
     save_file(tensors, path / WEIGHTS_FILE)
