@@ -134,6 +134,19 @@ def test_the_prior_fits_the_library_size_on_the_training_latents(synthetic_run):
     assert fit.log_range[0] < mean < fit.log_range[1]
 
 
+def test_the_library_fit_leaves_out_cells_without_counts_and_says_so(caplog):
+    from scldm_scale.train.stages import _fit_library_from_latent
+
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(50, 2, 3, generator=g)
+    sizes = torch.exp(6.0 + 0.3 * torch.randn(50, generator=g))
+    sizes[[3, 17]] = 0.0
+    with caplog.at_level(logging.WARNING, logger="scldm_scale.train.stages"):
+        fit = _fit_library_from_latent(latents, sizes, seed=0)
+    assert fit.n_cells == 48 and np.isfinite(fit.bias) and np.isfinite(fit.std)
+    assert "2 of 50 training cells have no counts over the model's genes" in caplog.text
+
+
 def test_library_sizes_follow_the_latent_fit_or_the_condition_and_are_recorded(synthetic_run, tmp_path, capsys):
     from dataclasses import replace
 

@@ -237,6 +237,18 @@ def condition_balance_weights(condition_ids: dict[str, np.ndarray], power: float
     return weights
 
 
+def _fit_library_from_latent(standardised: torch.Tensor, library_sizes: torch.Tensor, seed: int) -> LatentLibrarySize:
+    """The library size's fit on the standardised training latents; cells with no counts over the model's genes
+    (possible with a var_filter) carry no depth to learn from and are left out, with a warning."""
+    expressed = library_sizes > 0
+    if not bool(expressed.all()):
+        log.warning(
+            "LDM: %d of %d training cells have no counts over the model's genes; the library-size fit leaves them out",
+            int((~expressed).sum()), len(expressed),
+        )  # fmt: skip
+    return LatentLibrarySize.fit(standardised[expressed], library_sizes[expressed], seed=seed)
+
+
 def train_ldm(cfg: Config, dist_info: Dist, on_step: Callable | None = None) -> Path:
     device = dist_info.device
     vae_model = artifact.load(cfg.train.vae_checkpoint, kind="vae")
@@ -252,7 +264,7 @@ def train_ldm(cfg: Config, dist_info: Dist, on_step: Callable | None = None) -> 
     latents, library_sizes = encode_latents(vae, cells.ordered(), device)  # (N, M, L), (N,)
     latent_mean, latent_std = latents.mean(0), latents.std(0).clamp_min(1e-6)  # (M, L) each
     standardised = (latents - latent_mean) / latent_std
-    library_from_latent = LatentLibrarySize.fit(standardised, library_sizes, seed=cfg.seed)
+    library_from_latent = _fit_library_from_latent(standardised, library_sizes, cfg.seed)
     log.info(
         "LDM: library size from the latent: leave-one-out R^2 %.2f of log library size (residual sd %.3f, %d cells)",
         library_from_latent.loo_r2, library_from_latent.std, library_from_latent.n_cells,
