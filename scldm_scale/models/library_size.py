@@ -121,8 +121,12 @@ class LatentLibrarySize:
         blocks = [slice(start, start + chunk) for start in range(0, n, chunk)]
         x_mean = sum(x[b].double().sum(0) for b in blocks) / n  # (D,)
         y_mean = y.mean()
-        gram = sum((x[b].double() - x_mean).T @ (x[b].double() - x_mean) for b in blocks)  # (D, D)
-        moment = sum((x[b].double() - x_mean).T @ (y[b] - y_mean) for b in blocks)  # (D,)
+        gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)  # (D, D)
+        moment = torch.zeros(x.shape[1], dtype=torch.float64)  # (D,)
+        for block in blocks:
+            centred = x[block].double() - x_mean  # (c, D)
+            gram += centred.T @ centred
+            moment += centred.T @ (y[block] - y_mean)
         eigenvalues, basis = torch.linalg.eigh(gram)  # (D,), (D, D)
         eigenvalues = eigenvalues.clamp_min(0.0)
         alphas = RIDGE_GRID * n  # (A,)
