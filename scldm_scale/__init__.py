@@ -1,7 +1,8 @@
 """scldm-scale: single-cell latent diffusion models (a set VAE over genes + a DiT prior), trained at scale.
 
 The package, by floor (each imports only from the floors below it):
-- `config` (typed schemas), `world` (rank / world size), `hardware` (GPU peak FLOP/s and bandwidth);
+- `stopping` (Ctrl-C held back, the exit at once), `config` (typed schemas), `world` (rank / world size),
+  `hardware` (GPU peak FLOP/s and bandwidth);
 - `data/` (prepare -> SOMA loader, gene vocabulary, batches), `models/` (VAE, DiT, interpolant, samplers);
 - `artifact` (the exported model folder: config.json + model.safetensors + model card);
 - `train/` (one trainer over single / DDP / FSDP2 / DeepSpeed, training checkpoints, export);

@@ -8,7 +8,8 @@ module of the command being run is imported. Options that mirror a config field 
 Errors at this boundary (ConfigError, DataError, CheckpointError, raised where the problem is found)
 print one clear line (what is wrong and how to fix it) and exit with status 2, without a traceback; so
 does a file operation the system refuses (a full disk, a read-only file system, a missing permission).
-Ctrl-C prints one line and exits with 130. Anything else is a bug of scldm-scale: its traceback is
+Ctrl-C prints one line and exits with 130 (while torch and the command's module load, once they have
+loaded: stopping.py). Anything else is a bug of scldm-scale: its traceback is
 printed, followed by one line asking to report it. `--debug` (before or after the command) shows the
 traceback of every error, refusals included.
 """
@@ -24,9 +25,12 @@ import logging
 import sys
 import traceback
 
+from scldm_scale.stopping import DeferredInterrupt, end_process
+
 # File operations the system refuses for reasons outside scldm-scale: reported in one line, not as a bug.
 SYSTEM_REFUSALS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 REPORT_TO = "the scldm-scale issue tracker (the repository's Issues page)"
+INTERRUPTED = 130  # the exit status after Ctrl-C (SIGINT), as a shell reports a process it killed
 DEBUG_HELP = "show the full traceback of any error, refusals included"
 
 # "command" or "group command": (the function that declares its arguments, its one-line help)
@@ -147,17 +151,43 @@ def main(argv: list[str] | None = None) -> int:
         code = _run(argv, process_entry)
     except KeyboardInterrupt as err:  # Ctrl-C while modules load or arguments parse, before the command runs
         code = _report(err, "scldm-scale: ", "--debug" in argv)
-    # A process that ran a process group ends without interpreter finalization, which a collective's
-    # worker thread can abort (distributed.end_process); `distributed` is only imported if a command used it.
+    # After Ctrl-C, and after a process group ran, the process ends without interpreter finalization: it
+    # could turn 130 into a death by SIGINT (stopping.py), and a collective's worker thread can abort it
+    # (distributed.end_process). `distributed` is only imported if a command used it.
     distributed = sys.modules.get("scldm_scale.train.distributed")
     if process_entry and distributed is not None and distributed.started_a_group():
         distributed.end_process(code)
+    if process_entry and code == INTERRUPTED:
+        end_process(code)
     return code
 
 
 def _run(argv: list[str], process_entry: bool) -> int:
-    from scldm_scale.threads import use_free_cores
-    from scldm_scale.world import StopRequested, get_rank, get_world_size
+    # Ctrl-C while torch and the command's module load (seconds) is acted on once they have: raised inside
+    # their native imports it can crash or hang the process instead (stopping.py).
+    with DeferredInterrupt():
+        from scldm_scale.threads import use_free_cores
+        from scldm_scale.world import StopRequested, get_rank
+
+        args, name, tag = _load(argv)
+    try:
+        if process_entry:
+            use_free_cores(args.command)  # compute commands: torch threads from the cores free now (threads.py)
+        args.handle(args)
+    except StopRequested as stop:
+        if get_rank() == 0:
+            print(f"scldm-scale {name}: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except SystemExit:
+        raise
+    except BaseException as err:  # the boundary: every error ends in one line, or in a report
+        return _report(err, f"scldm-scale {name}: {tag}", args.debug)
+    return 0
+
+
+def _load(argv: list[str]) -> tuple[argparse.Namespace, str, str]:
+    """Import what the command needs and parse its arguments: (arguments, the command's name, the log tag)."""
+    from scldm_scale.world import get_rank, get_world_size
 
     # Under torchrun, rank 0 logs progress; every rank logs warnings and errors, tagged with its rank.
     tag = f"[rank {get_rank()}] " if get_world_size() > 1 else ""
@@ -174,19 +204,7 @@ def _run(argv: list[str], process_entry: bool) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     name = f"{args.command} {getattr(args, args.command)}" if args.command in GROUPS else args.command
-    try:
-        if process_entry:
-            use_free_cores(args.command)  # compute commands: torch threads from the cores free now (threads.py)
-        args.handle(args)
-    except StopRequested as stop:
-        if get_rank() == 0:
-            print(f"scldm-scale {name}: {stop}", file=sys.stderr)
-        return stop.exit_code
-    except SystemExit:
-        raise
-    except BaseException as err:  # the boundary: every error ends in one line, or in a report
-        return _report(err, f"scldm-scale {name}: {tag}", args.debug)
-    return 0
+    return args, name, tag
 
 
 def _report(err: BaseException, prefix: str, debug: bool) -> int:
@@ -195,7 +213,7 @@ def _report(err: BaseException, prefix: str, debug: bool) -> int:
         if debug:
             traceback.print_exception(err)
         print(f"{prefix}interrupted (Ctrl-C)", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     user_errors = _user_errors()
     refused = isinstance(err, user_errors) or (isinstance(err, OSError) and err.errno in SYSTEM_REFUSALS)
     if debug or not refused:

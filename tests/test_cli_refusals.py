@@ -462,6 +462,60 @@ def test_importing_the_cli_loads_no_torch():
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 
+def _cli_process(patch: str, folder: Path) -> subprocess.CompletedProcess:
+    """`scldm-scale train CONFIG` run as `python -m` (as `python -m scldm_scale` runs), with `patch` (Python,
+    `cli` in scope) applied before main(); SIGINT's default disposition for the child even when pytest runs
+    in the background with it ignored."""
+    import signal
+
+    (folder / "patched_cli.py").write_text(f"import sys\nfrom scldm_scale import cli\n{patch}\nsys.exit(cli.main())\n")
+    return subprocess.run(
+        [sys.executable, "-m", "patched_cli", "train", str(CONFIG)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=folder,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+def test_ctrl_c_while_modules_load_is_acted_on_once_they_have(tmp_path):
+    """Raised inside torch's or numpy's import, a KeyboardInterrupt could abort, hang or half-import them."""
+    patch = """
+import os, signal
+load = cli._load
+def interrupted_load(argv):
+    os.kill(os.getpid(), signal.SIGINT)  # arrives while loading
+    import torch  # noqa: F401
+    print("loaded", flush=True)
+    return load(argv)
+cli._load = interrupted_load
+"""
+    done = _cli_process(patch, tmp_path)
+    assert done.returncode == 130, done.stderr
+    assert done.stdout == "loaded\n"  # the loading went on to its end
+    assert done.stderr.strip().splitlines() == ["scldm-scale: interrupted (Ctrl-C)"]
+
+
+def test_ctrl_c_inside_code_run_by_exec_still_exits_130(tmp_path):
+    """CPython remembers an interrupt that passed through `exec` of a string (dataclasses build methods so) and
+    kills a `python -m` process with SIGINT at the end of finalization, after main() returned 130; the CLI
+    ends first."""
+    patch = """
+def interrupted_run(argv, process_entry):
+    exec("import os, signal; os.kill(os.getpid(), signal.SIGINT); import time; time.sleep(5)")
+cli._run = interrupted_run
+"""
+    done = _cli_process(patch, tmp_path)
+    assert done.returncode == 130, (done.returncode, done.stderr)
+    assert done.stderr.strip().splitlines() == ["scldm-scale: interrupted (Ctrl-C)"]
+    # without the CLI's ending, the same interrupt ends as a death by SIGINT
+    plain = _cli_process(
+        patch.replace("cli._run = interrupted_run", "cli._run = interrupted_run\ncli.end_process = sys.exit"), tmp_path
+    )
+    assert plain.returncode == -2, plain.returncode
+
+
 def test_ctrl_c_soon_after_start_exits_130_without_traceback(tmp_path):
     import signal
     import time

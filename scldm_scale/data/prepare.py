@@ -30,8 +30,6 @@ import argparse
 import logging
 import re
 import shutil
-import signal
-import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,6 +47,7 @@ from scldm_scale.data.genes import select_genes
 from scldm_scale.data.split import stratified_split
 from scldm_scale.data.vocab import GENE_ID_COLUMNS, GENE_NAME_COLUMNS, GeneVocabulary
 from scldm_scale.outputs import claim_output, staged
+from scldm_scale.stopping import DeferredInterrupt
 
 log = logging.getLogger(__name__)
 
@@ -338,35 +337,15 @@ def _write_experiment(
             between_chunks()
 
 
-class DeferredInterrupt:
-    """Ctrl-C while tiledbsoma writes, turned into a KeyboardInterrupt between chunks (seen with tiledbsoma
-    2.3: a KeyboardInterrupt raised inside its native calls can crash the process with a segfault, leaving
-    the partial behind; once TileDB has installed its own SIGINT handler, Ctrl-C cancels the running query
-    with "Query cancelled" instead). Inside the block SIGINT is recorded, `check()` (between chunks) or the
-    block's end raises KeyboardInterrupt, and a query TileDB cancelled becomes one, so the staged output is
-    removed as after any other failure."""
-
-    def __enter__(self) -> DeferredInterrupt:
-        self.received = False
-        in_main = threading.current_thread() is threading.main_thread()
-        # A process started to ignore SIGINT (nohup, a background job of a script) keeps ignoring it.
-        ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-        self.previous = signal.signal(signal.SIGINT, self._record) if in_main and not ignored else None
-        return self
-
-    def _record(self, signum, frame) -> None:
-        self.received = True
-
-    def check(self) -> None:
-        if self.received:
-            raise KeyboardInterrupt
+class TileDBWrites(DeferredInterrupt):
+    """Ctrl-C while tiledbsoma writes, raised between chunks (seen with tiledbsoma 2.3: a KeyboardInterrupt
+    raised inside its native calls can crash the process with a segfault, leaving the partial behind). Once
+    TileDB has installed its own SIGINT handler, Ctrl-C cancels the running query with "Query cancelled"
+    instead: that becomes a KeyboardInterrupt too, so the staged output is removed as after any other failure."""
 
     def __exit__(self, kind, error, trace) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-        if kind is None:
-            self.check()
-        elif issubclass(kind, Exception) and "Query cancelled" in str(error):
+        super().__exit__(kind, error, trace)
+        if kind is not None and issubclass(kind, Exception) and "Query cancelled" in str(error):
             raise KeyboardInterrupt from error
 
 
@@ -461,7 +440,7 @@ def prepare(
     obs[SPLIT_COLUMN] = stratified_split(strata, test_fraction, seed, val_fraction).astype(str)
     obs.index = obs.index.astype(str)
     try:
-        with staged(out) as exp, DeferredInterrupt() as interrupt:
+        with staged(out) as exp, TileDBWrites() as interrupt:
             if append:
                 shutil.copytree(out, exp)
             _write_experiment(exp, obs, var, x, rows, columns, allow_non_integer, append, interrupt.check)

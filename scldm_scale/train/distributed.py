@@ -8,16 +8,15 @@ process uses the GPU of its LOCAL_RANK; data sharding uses the global RANK.
 from __future__ import annotations
 
 import datetime
-import gc
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 
+from scldm_scale import stopping
 from scldm_scale.config import ConfigError, TrainConfig
 from scldm_scale.world import get_world_size
 
@@ -86,23 +85,17 @@ def started_a_group() -> bool:
 
 
 def end_process(code: int) -> NoReturn:
-    """Exit with `code` after flushing everything, without Python's interpreter finalization.
+    """Exit with `code` without Python's interpreter finalization (stopping.end_process).
 
     A gloo or NCCL group keeps C++ worker threads for as long as anything (a device mesh, a DeepSpeed
     engine, a barrier's record of earlier work) holds it, and destroy_process_group does not join them.
     A worker that drops the last reference to a tensor while the interpreter finalizes takes the GIL, is
     unwound by pthread_exit and aborts the whole process: SIGABRT, "terminate called without an active
     exception", a non-zero exit after the run finished and saved (pytorch/pytorch#38228, #190489; rare,
-    commoner on a loaded machine). multiprocessing's children end the same way, with os._exit.
+    commoner on a loaded machine). multiprocessing's children end the same way, with os._exit. The
+    collection first lets groups and engines held only by reference cycles go, their threads joined.
     """
-    gc.collect()  # groups and engines held only by reference cycles go now, their threads joined
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed or broken pipe: nothing more to say on it
-            pass
-    os._exit(code)
+    stopping.end_process(code)
 
 
 def barrier() -> None:

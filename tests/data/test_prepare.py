@@ -23,7 +23,7 @@ from scldm_test_helpers import dead_pid
 
 from scldm_scale.config import ConfigError
 from scldm_scale.data.counts import DataError
-from scldm_scale.data.prepare import DeferredInterrupt, prepare
+from scldm_scale.data.prepare import TileDBWrites, prepare
 from scldm_scale.data.soma import SomaSpec, read_anndata
 
 
@@ -657,15 +657,15 @@ def test_ctrl_c_while_tiledb_writes_is_raised_between_chunks():
     outer = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
-            with DeferredInterrupt() as interrupt:
+            with TileDBWrites() as interrupt:
                 os.kill(os.getpid(), signal.SIGINT)  # recorded, not raised inside the (native) write
                 interrupt.check()
         with pytest.raises(KeyboardInterrupt):
-            with DeferredInterrupt():
+            with TileDBWrites():
                 raise RuntimeError("[TileDB::Query] Error: Query cancelled.")  # TileDB's own SIGINT handler
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # started under nohup: SIGINT stays ignored
-        with DeferredInterrupt() as interrupt:
+        with TileDBWrites() as interrupt:
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
             os.kill(os.getpid(), signal.SIGINT)
             interrupt.check()
