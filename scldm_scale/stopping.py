@@ -9,10 +9,10 @@ segfault. Inside `DeferredInterrupt` SIGINT is only recorded; `check()` (between
 end raises the KeyboardInterrupt.
 
 `end_process(code)`: exit with `code` after flushing, without the interpreter's finalization. The CLI ends so
-after Ctrl-C: an interrupt that passed through code run by `exec` (dataclasses build their methods so, at
-import and later) is kept by CPython as "unhandled", and at the end of finalization it kills the process with
-SIGINT, turning the CLI's 130 into a death by signal, at random. And after a process group ran
-(train/distributed.py says why).
+after Ctrl-C: an interrupt that passed through a string run by `exec` (dataclasses build their methods so, at
+import and later) is kept by CPython as "unhandled" even when caught, and at the end of finalization it kills a
+`python -m` process with SIGINT, turning the CLI's 130 into a death by signal, now and then. And after a process
+group ran (train/distributed.py says why).
 
 Standard library only: the CLI uses it before any heavy module loads.
 """
