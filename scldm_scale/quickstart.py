@@ -2,7 +2,8 @@
 
 prepare (the cells into SOMA, fixed stratified split) -> train VAE -> train DiT prior -> generate as many
 cells of each condition combination as the real cells hold -> `evaluate` them beside the baselines ->
-report.json, metrics.json, report.md and the figures.
+report.json, metrics.json, report.md and the figures. `--draws N` generates N draws (seeds seed, seed + 1, ...)
+and scores them together: metrics.json holds the means, metrics_draws.json each draw.
 
 `--data cells.h5ad [--labels cell_type,donor]`: your raw counts (any input `prepare` reads), every gene
 kept; the labels become the conditions (none: an unconditional prior). The run is sized to the data and
