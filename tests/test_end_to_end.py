@@ -339,13 +339,15 @@ def test_vae_training_loss_decreases(synthetic_h5ad, tiny_overrides, tmp_path):
 
 
 def test_quickstart_writes_the_report(tmp_path, tiny_overrides):
+    # Two generation draws (the single draw runs in the --data and perturbation tests).
+    from scldm_scale.generate import generate
     from scldm_scale.quickstart import run_quickstart
 
     overrides = [*tiny_overrides, "train.max_steps=4", "sample.method=euler", "sample.n_steps=2"]
-    report = run_quickstart(tmp_path, overrides=overrides)
+    report = run_quickstart(tmp_path, overrides=overrides, draws=2)
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
-    assert on_disk["n_genes"] == 765
+    assert on_disk["n_genes"] == 765 and on_disk["draws"] == 2
     assert on_disk["n_train_cells"] + on_disk["n_real_cells"] == 700
     records = json.loads((tmp_path / "metrics.json").read_text())
     assert records == on_disk["metrics"]
@@ -362,40 +364,29 @@ def test_quickstart_writes_the_report(tmp_path, tiny_overrides):
     for figure in ("umap.png", "mean_var.png", "metric_by_condition.png"):
         assert f"]({figure})" in markdown and (tmp_path / figure).stat().st_size > 1000
 
-
-def test_quickstart_scores_several_generation_draws(tmp_path, tiny_overrides):
-    from scldm_scale.generate import generate
-
-    fast = ["train.max_steps=4", "sample.method=euler", "sample.n_steps=2"]
-    out = tmp_path / "qs"
-    assert main(["quickstart", "--out", str(out), "--draws", "2", *tiny_overrides, *fast]) == 0
-    report = json.loads((out / "report.json").read_text())
-    assert report["draws"] == 2
-    draws = [ad.read_h5ad(out / name) for name in ("generated.h5ad", "generated_draw1.h5ad")]
-    assert draws[0].n_obs == draws[1].n_obs == report["n_real_cells"]
-    assert (draws[0].X != draws[1].X).nnz > 0  # seeds 0 and 1
-    # Draw 1 is what `generate` gives with seed 0 + 1 for the same requests.
-    cfg = load_config(CONFIG_DIR / "quickstart.yaml", [*tiny_overrides, *fast])
-    counts = draws[1].obs["bulk_labels"].astype(str).value_counts(sort=False).sort_index()
+    # Draw 1 is what `generate` gives with seed 0 + 1 for the same requests, and differs from draw 0.
+    draw1 = ad.read_h5ad(tmp_path / "generated_draw1.h5ad")
+    assert (generated.X != draw1.X).nnz > 0
+    cfg = load_config(CONFIG_DIR / "quickstart.yaml", overrides)
+    counts = draw1.obs["bulk_labels"].astype(str).value_counts(sort=False).sort_index()
     requests = [({"bulk_labels": label}, int(n)) for label, n in counts.items()]
     guidance = {"bulk_labels": cfg.sample.guidance}
-    again = generate(report["checkpoints"]["ldm"], requests, guidance=guidance, sampler=cfg.sample, seed=1)
-    np.testing.assert_array_equal(again.X.toarray(), draws[1].X.toarray())
+    again = generate(on_disk["checkpoints"]["ldm"], requests, guidance=guidance, sampler=cfg.sample, seed=1)
+    np.testing.assert_array_equal(again.X.toarray(), draw1.X.toarray())
     # metrics.json is each record's mean over the two draws of metrics_draws.json.
-    every = json.loads((out / "metrics_draws.json").read_text())
+    every = json.loads((tmp_path / "metrics_draws.json").read_text())
     assert {r["draw"] for r in every} == {0, 1}
     by_key: dict[tuple, list[float]] = {}
     for r in every:
         by_key.setdefault((r["metric"], r["condition"], r["method"]), []).append(r["value"])
-    means = json.loads((out / "metrics.json").read_text())
     checked = 0
-    for r in means:
+    for r in records:
         values = by_key[(r["metric"], r["condition"], r["method"])]
         if len(values) == 2 and all(np.isfinite(values)):
             assert r["value"] == pytest.approx(np.mean(values)), r
             checked += 1
     assert checked > 50
-    assert "mean of 2 generation draws" in (out / "checkpoints" / "ldm-model" / "README.md").read_text()
+    assert "mean of 2 generation draws" in (tmp_path / "checkpoints" / "ldm-model" / "README.md").read_text()
 
 
 def test_quickstart_refuses_no_draws(tmp_path, capsys):

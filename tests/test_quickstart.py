@@ -51,9 +51,11 @@ def _quickstart(out, data, *extra: str, tiny_overrides) -> dict:
 
 @pytest.mark.parametrize("labels", [[], ["cell_type", "donor"]], ids=["unconditional", "labelled"])
 def test_quickstart_on_own_cells_writes_the_same_outputs(own_cells, tmp_path, tiny_overrides, labels, caplog):
-    extra = ["--labels", ",".join(labels)] if labels else []
+    extra = ["--labels", ",".join(labels)] if labels else ["--draws", "2"]
     with caplog.at_level("INFO", logger="scldm_scale.quickstart"):
         report = _quickstart(tmp_path, own_cells, *extra, tiny_overrides=tiny_overrides)
+    assert report["draws"] == (1 if labels else 2)
+    assert (tmp_path / "metrics_draws.json").exists() == (not labels)
     assert "quickstart sized to the data and the machine" in caplog.text
     assert report["dataset"] == "cells.h5ad" and report["condition_keys"] == labels
     assert report["n_genes"] == 300  # every gene kept
