@@ -512,7 +512,7 @@ def handle(args: argparse.Namespace) -> None:
         raise ConfigError("--labels names obs columns of --data; the built-in datasets have theirs in the config")
     if args.minutes <= 0:
         raise ConfigError(f"--minutes must be positive, got {args.minutes}")
-    if args.draws < 1:
+    if args.draws < 1:  # run_quickstart checks it too, but only after the folder below is cleared
         raise ConfigError(f"--draws must be at least 1, got {args.draws}")
     out = Path(args.out)
     claim_output(out, "a quickstart folder", "--out", args.overwrite, folder=True, marker="checkpoints")
@@ -524,8 +524,10 @@ def handle(args: argparse.Namespace) -> None:
         shutil.rmtree(out, ignore_errors=True)  # a quickstart cannot resume: leave no half-written folder
         raise
     print((Path(args.out) / "report.md").read_text())
-    more = f" (draw 0; draws 1-{args.draws - 1} in generated_drawD.h5ad, each scored in metrics_draws.json)"
+    draws = ""
+    if args.draws > 1:
+        draws = f" (draw 0; draws 1-{args.draws - 1} in generated_drawD.h5ad, each scored in metrics_draws.json)"
     print(
-        f"wrote {args.out}/generated.h5ad{more if args.draws > 1 else ''}, metrics.json, report.md, report.json and "
-        f"the figures in {report['timings']['total_s']:.0f} s"
+        f"wrote {args.out}/generated.h5ad{draws}, metrics.json, report.md, report.json and the figures "
+        f"in {report['timings']['total_s']:.0f} s"
     )
