@@ -407,5 +407,11 @@ def test_perturbation_demo_reports_the_unseen_pair_beside_its_baseline(tmp_path,
     assert {m for m, _ in unseen} == {"generated", "additive_shift", "reconstruction_ceiling"}
     assert unseen[("generated", "n_real_cells")] == unseen[("additive_shift", "n_cells")] == 100
     seen_methods = {r["method"] for r in report["metrics"] if r["condition"] == "seen"}
-    assert seen_methods == {"generated", "reconstruction_ceiling", "real_train_cells", "independent_nb"}
+    assert seen_methods == {
+        "generated",
+        "reconstruction_ceiling",
+        "train_reconstruction",
+        "real_train_cells",
+        "independent_nb",
+    }
     assert "| unseen | additive_shift |" in (tmp_path / "report.md").read_text()

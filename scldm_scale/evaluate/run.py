@@ -3,9 +3,10 @@ the same split, compute every metric, and write metrics.json, report.md and the 
 
 metrics.json is a list of records {"metric", "condition", "method", "value"}: `method` is "generated"
 for the file under evaluation, the baseline's name otherwise, "reconstruction_ceiling" for the real cells
-encoded, decoded and sampled by the VAE (with --vae-checkpoint; scored like every method), and
-"reconstruction" for the VAE's reconstruction figures; `condition` is "all", "key=value", "k1=v1, k2=v2",
-"seen" or "unseen".
+encoded, decoded and sampled by the VAE (with --vae-checkpoint; scored like every method),
+"train_reconstruction" for the noise floor's training cells through the VAE the same way (with
+--vae-checkpoint and --train), and "reconstruction" for the VAE's reconstruction figures; `condition` is
+"all", "key=value", "k1=v1, k2=v2", "seen" or "unseen".
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from scldm_scale.evaluate.suite import (
     CEILING,
     GENERATED,
     PREPROCESSING,
+    TRAIN_RECONSTRUCTION,
     CellSet,
     Features,
     Preprocessor,
@@ -103,6 +105,25 @@ def _noise_floor(train: CellSet, real: CellSet, opts: EvalConfig) -> tuple[CellS
         log.warning("only %d training cells are not in the noise floor; the PCA is fitted on all of them", len(rest))
         return floor, train
     return floor, train.subset(rest)
+
+
+def _train_reconstruction(opts: EvalConfig, real: ad.AnnData, train: ad.AnnData) -> ad.AnnData:
+    """The noise floor's training cells (the same rows: `matched_train_rows` with the same seed) encoded, decoded
+    and sampled through the VAE like the ceiling. The prior is trained to reproduce these cells' latents, so
+    this set is what a perfect prior would generate: generated - train_reconstruction is the prior's share, and
+    train_reconstruction - real_train_cells compares the same cells before and after the VAE. The ceiling
+    reconstructs the very cells it is scored against, which flatters the neighbour and distance metrics."""
+    from scldm_scale.evaluate.reconstruction import reconstruction_of
+
+    keys = opts.condition_keys
+    rows, _ = baselines.matched_train_rows(
+        CellSet.labels_of(train, keys, "train cells"), CellSet.labels_of(real, keys, "real cells"), opts.seed
+    )
+    # Rows repeat where a combination has fewer training cells than real ones: each repeat is its own NB draw.
+    cells = ad.AnnData(
+        X=train.X[rows], obs=train.obs.iloc[rows].set_axis([str(i) for i in range(len(rows))]), var=train.var
+    )
+    return reconstruction_of(opts.vae_checkpoint, cells, torch.device("cpu"), opts.seed)[1]
 
 
 def _additive_shift(train: CellSet, real: CellSet, opts: EvalConfig, skipped: list[str]) -> CellSet | None:
@@ -220,12 +241,16 @@ def _score(real: ad.AnnData, generated: ad.AnnData, opts: EvalConfig, train: ad.
         from scldm_scale.evaluate.reconstruction import reconstruction_of
 
         recon, named[CEILING] = reconstruction_of(opts.vae_checkpoint, real, torch.device("cpu"), opts.seed)
+        if train is not None:
+            named[TRAIN_RECONSTRUCTION] = _train_reconstruction(opts, real, train)
     aligned = align_genes(named, opts.intersect_genes)
     sets = {name: CellSet.from_anndata(a, opts.condition_keys, f"{name} cells") for name, a in aligned.items()}
     real_set, reference = sets["real"], sets.get("train", sets["real"])
     skipped: list[str] = []
     model_records: list[dict] = []
-    methods = {GENERATED: sets[GENERATED]} | ({CEILING: sets[CEILING]} if CEILING in sets else {})
+    methods = {GENERATED: sets[GENERATED]} | {
+        name: sets[name] for name in (CEILING, TRAIN_RECONSTRUCTION) if name in sets
+    }
     if "train" in sets:
         floor, reference = _noise_floor(sets["train"], real_set, opts)
         methods |= {"real_train_cells": floor} if floor is not None else {}

@@ -49,6 +49,9 @@ MIN_CELLS_NEIGHBOURS = 10
 GENERATED = "generated"
 # The real cells encoded, decoded and sampled through the VAE's head (evaluate/reconstruction.py).
 CEILING = "reconstruction_ceiling"
+# The noise floor's training cells, encoded, decoded and sampled the same way: what a prior that reproduced its
+# training latents exactly would generate (evaluate/run.py).
+TRAIN_RECONSTRUCTION = "train_reconstruction"
 
 
 @dataclass
@@ -60,12 +63,16 @@ class CellSet:
 
     @classmethod
     def from_anndata(cls, adata: ad.AnnData, keys: Sequence[str], what: str) -> CellSet:
+        return cls(sp.csr_matrix(adata.X, dtype=np.float64), cls.labels_of(adata, keys, what))
+
+    @staticmethod
+    def labels_of(adata: ad.AnnData, keys: Sequence[str], what: str) -> pd.DataFrame:
+        """One string column per condition key, one row per cell."""
         missing = [k for k in keys if k not in adata.obs]
         if missing:
             raise DataError(f"{what}: condition keys {missing} are not obs columns; obs has {list(adata.obs)}")
         # The explicit index keeps one row per cell when there are no condition keys.
-        labels = pd.DataFrame({k: adata.obs[k].astype(str).to_numpy() for k in keys}, index=pd.RangeIndex(adata.n_obs))
-        return cls(sp.csr_matrix(adata.X, dtype=np.float64), labels)
+        return pd.DataFrame({k: adata.obs[k].astype(str).to_numpy() for k in keys}, index=pd.RangeIndex(adata.n_obs))
 
     def subset(self, rows: np.ndarray) -> CellSet:
         return CellSet(self.counts[rows], self.labels.iloc[rows].reset_index(drop=True))

@@ -14,7 +14,7 @@ from scldm_scale.data.vocab import GeneVocabulary
 from scldm_scale.evaluate.metrics import mmd_rbf, normalize_log1p, pearson
 from scldm_scale.evaluate.reconstruction import StreamingPearson, reconstruction_metrics
 from scldm_scale.evaluate.run import evaluate
-from scldm_scale.evaluate.suite import CEILING, Preprocessor
+from scldm_scale.evaluate.suite import CEILING, TRAIN_RECONSTRUCTION, Preprocessor
 from scldm_scale.models.library_size import LibrarySizeModel
 from scldm_scale.models.vae import SetVAE
 
@@ -155,9 +155,37 @@ def test_evaluate_scores_the_ceiling_like_every_method_and_splits_the_gap(counts
     for c in ("all", *conditions):
         generated_metrics = {r["metric"] for r in records if r["method"] == "generated" and r["condition"] == c}
         assert {m for m, c_ in ceiling if c_ == c} == generated_metrics
+    # The floor's training cells through the VAE: the floor's conditions and cell counts, every metric.
+    target = {(r["metric"], r["condition"]): r["value"] for r in records if r["method"] == TRAIN_RECONSTRUCTION}
+    floor = {(r["metric"], r["condition"]): r["value"] for r in records if r["method"] == "real_train_cells"}
+    assert set(target) == set(floor)
+    assert all(target[("n_cells", c)] == floor[("n_cells", c)] for c in ("all", *conditions))
+    assert target[("mmd", "all")] > 2 * floor[("mmd", "all")]  # an untrained VAE's cells are far from real ones
     report = (tmp_path / "eval" / "report.md").read_text()
-    assert "| reconstruction_ceiling |" in report and "## Where the gap to the noise floor comes from" in report
+    assert "| reconstruction_ceiling |" in report and "| train_reconstruction |" in report
+    assert "## Where the gap to the noise floor comes from" in report
     row = next(line for line in report.splitlines() if line.startswith("| mmd |"))
     value = {(r["method"], r["metric"]): r["value"] for r in records if r["condition"] == "all"}
-    vae_share = value[(CEILING, "mmd")] - value[("real_train_cells", "mmd")]
-    assert f"| {vae_share:.4g} |" in row
+    vae_share = value[(TRAIN_RECONSTRUCTION, "mmd")] - value[("real_train_cells", "mmd")]
+    prior_share = value[("generated", "mmd")] - value[(TRAIN_RECONSTRUCTION, "mmd")]
+    assert f"| {vae_share:.4g} | {prior_share:.4g} |" in row
+
+
+def test_train_reconstruction_reconstructs_exactly_the_noise_floor_cells(counts_adata, tmp_path, monkeypatch):
+    """With a VAE that gives every cell back unchanged, the training cells through it are the noise floor's cells
+    themselves: every record of train_reconstruction equals the floor's (same rows, same metric seeds)."""
+    from scldm_scale.evaluate import reconstruction
+
+    def identity(checkpoint, adata, device, ceiling_seed=None):
+        return {"nll_per_cell": 0.0, "pearson_lognorm": 1.0, "n_genes_missing": 0}, adata.copy()
+
+    monkeypatch.setattr(reconstruction, "reconstruction_of", identity)
+    cells = counts_adata()
+    train, real, generated = cells[:96].copy(), cells[96:].copy(), cells[:24].copy()
+    opts = EvalConfig(["cell_type"], baselines=["real_train_cells"], n_hvg=40, plots=False, vae_checkpoint="unused")
+    records = evaluate(real, generated, tmp_path / "eval", opts, train=train)
+    by_method = {}
+    for r in records:
+        by_method.setdefault(r["method"], {})[(r["metric"], r["condition"])] = r["value"]
+    assert by_method[TRAIN_RECONSTRUCTION] == by_method["real_train_cells"]
+    assert by_method[TRAIN_RECONSTRUCTION] != by_method[CEILING]
