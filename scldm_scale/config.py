@@ -342,8 +342,8 @@ class EvalConfig:
     vae_checkpoint: str | None = option(
         None,
         "a vae or ldm model artifact folder: adds its reconstruction of the real cells and the "
-        "reconstruction_ceiling row, the real cells encoded, decoded and sampled, and with --train the "
-        "train_reconstruction row, the noise floor's training cells the same way (default: none)",
+        "reconstruction_ceiling row, the real cells encoded, decoded and sampled, and with training cells and the "
+        "real_train_cells baseline the train_reconstruction row, the noise floor's cells the same way (default: none)",
     )
     plots: bool = option(True, "draw the figures")
     de: bool = option(True, "score differential-expression recovery (one-vs-rest t-test per condition value)")

@@ -83,7 +83,11 @@ def reconstruction_metrics(
 
 
 def reconstruction_of(
-    checkpoint: str, adata: ad.AnnData, device: torch.device, ceiling_seed: int | None = None
+    checkpoint: str,
+    adata: ad.AnnData,
+    device: torch.device,
+    ceiling_seed: int | None = None,
+    what: str = "the real cells",
 ) -> tuple[dict, ad.AnnData | None]:
     """reconstruction_metrics of a vae or ldm model's VAE on the cells of an AnnData of raw counts, with
     n_genes_missing, and with `ceiling_seed` the reconstruction ceiling as an AnnData: the cells' obs, the
@@ -93,9 +97,10 @@ def reconstruction_of(
     Vocabulary genes the cells lack (a model trained on other data) are absent tokens for the encoder, and the
     scores are over the measured genes: their softmax and library size are over those genes, which is the
     likelihood of the counts of a gene subset given their total (the multinomial restricts to a subset).
+    `what` names the cells in error messages.
     """
     embedder = Embedder.from_artifact(checkpoint, device=str(device))
-    alignment = align_input(adata.var, embedder.genes, "the real cells", allow_missing_genes=True)
+    alignment = align_input(adata.var, embedder.genes, what, allow_missing_genes=True)
     counts = sp.csr_matrix(adata.X[:, alignment.columns], dtype=np.float32)
     split = np.full(adata.n_obs, "test")
     genes = [embedder.genes.ids[i] for i in alignment.positions]

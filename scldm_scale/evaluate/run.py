@@ -1,12 +1,12 @@
 """`scldm-scale evaluate`: read real, generated and (optionally) training cells, build the baselines on
 the same split, compute every metric, and write metrics.json, report.md and the figures.
 
-metrics.json is a list of records {"metric", "condition", "method", "value"}: `method` is "generated"
-for the file under evaluation, the baseline's name otherwise, "reconstruction_ceiling" for the real cells
-encoded, decoded and sampled by the VAE (with --vae-checkpoint; scored like every method),
-"train_reconstruction" for the noise floor's training cells through the VAE the same way (with
---vae-checkpoint and --train), and "reconstruction" for the VAE's reconstruction figures; `condition` is
-"all", "key=value", "k1=v1, k2=v2", "seen" or "unseen".
+metrics.json is a list of records {"metric", "condition", "method", "value"}: `method` is "generated" for the
+file under evaluation, the baseline's name otherwise, "reconstruction_ceiling" for the real cells encoded,
+decoded and sampled by the VAE (with --vae-checkpoint; scored like every method), "train_reconstruction" for
+the noise floor's training cells through the VAE the same way (with --vae-checkpoint, training cells and the
+real_train_cells baseline), and "reconstruction" for the VAE's reconstruction figures; `condition` is "all",
+"key=value", "k1=v1, k2=v2", "seen" or "unseen".
 """
 
 from __future__ import annotations
@@ -89,16 +89,33 @@ def _baseline_sets(
     return out
 
 
-def _noise_floor(train: CellSet, real: CellSet, opts: EvalConfig) -> tuple[CellSet | None, CellSet]:
-    """The real_train_cells baseline and the cells the preprocessing is fitted on.
+def _floor_rows(real: ad.AnnData, train: ad.AnnData, opts: EvalConfig) -> tuple[np.ndarray, pd.DataFrame] | None:
+    """The rows of the training cells that make the noise floor (the real cells' composition of condition
+    combinations) and their labels; None without the real_train_cells baseline. The floor and the
+    train_reconstruction row both take these rows."""
+    if "real_train_cells" not in opts.baselines:
+        return None
+    keys = opts.condition_keys
+    train_labels, real_labels = (
+        CellSet.labels_of(train, keys, "train cells"),
+        CellSet.labels_of(real, keys, "real cells"),
+    )
+    return baselines.matched_train_rows(train_labels, real_labels, opts.seed)
+
+
+def _noise_floor(
+    train: CellSet, floor_rows: tuple[np.ndarray, pd.DataFrame] | None, opts: EvalConfig
+) -> tuple[CellSet | None, CellSet]:
+    """The real_train_cells baseline (the training cells of `floor_rows`) and the cells the preprocessing is
+    fitted on.
 
     A PCA fitted on a set spreads that set along its noise directions more than any other set, so the
     noise-floor cells would look farther from the real cells than they are: they are kept out of the fit,
     which uses the remaining training cells (all of them when too few remain for the PCA).
     """
-    if "real_train_cells" not in opts.baselines:
+    if floor_rows is None:
         return None, train
-    rows, labels = baselines.matched_train_rows(train.labels, real.labels, opts.seed)
+    rows, labels = floor_rows
     floor = CellSet(train.counts[rows], labels)
     rest = np.setdiff1d(np.arange(len(train)), rows)
     if len(rest) <= 2 * opts.n_pcs:
@@ -107,23 +124,20 @@ def _noise_floor(train: CellSet, real: CellSet, opts: EvalConfig) -> tuple[CellS
     return floor, train.subset(rest)
 
 
-def _train_reconstruction(opts: EvalConfig, real: ad.AnnData, train: ad.AnnData) -> ad.AnnData:
-    """The noise floor's training cells (the same rows: `matched_train_rows` with the same seed) encoded, decoded
-    and sampled through the VAE like the ceiling. The prior is trained to reproduce these cells' latents, so
-    this set is what a perfect prior would generate: generated - train_reconstruction is the prior's share, and
-    train_reconstruction - real_train_cells compares the same cells before and after the VAE. The ceiling
-    reconstructs the very cells it is scored against, which flatters the neighbour and distance metrics."""
+def _train_reconstruction(opts: EvalConfig, train: ad.AnnData, rows: np.ndarray) -> ad.AnnData:
+    """The noise floor's training cells (its `rows`) encoded, decoded and sampled through the VAE like the
+    ceiling. When the training cells are the model's training split, the prior is trained to reproduce these
+    cells' latents, so this set is what a prior that reproduced them exactly would generate: generated -
+    train_reconstruction is the prior's share, and train_reconstruction - real_train_cells compares the same
+    cells before and after the VAE. The ceiling reconstructs the very cells it is scored against, which flatters
+    the neighbour and distance metrics."""
     from scldm_scale.evaluate.reconstruction import reconstruction_of
 
-    keys = opts.condition_keys
-    rows, _ = baselines.matched_train_rows(
-        CellSet.labels_of(train, keys, "train cells"), CellSet.labels_of(real, keys, "real cells"), opts.seed
-    )
     # Rows repeat where a combination has fewer training cells than real ones: each repeat is its own NB draw.
     cells = ad.AnnData(
         X=train.X[rows], obs=train.obs.iloc[rows].set_axis([str(i) for i in range(len(rows))]), var=train.var
     )
-    return reconstruction_of(opts.vae_checkpoint, cells, torch.device("cpu"), opts.seed)[1]
+    return reconstruction_of(opts.vae_checkpoint, cells, torch.device("cpu"), opts.seed, what="the train cells")[1]
 
 
 def _additive_shift(train: CellSet, real: CellSet, opts: EvalConfig, skipped: list[str]) -> CellSet | None:
@@ -236,13 +250,14 @@ def _score(real: ad.AnnData, generated: ad.AnnData, opts: EvalConfig, train: ad.
             raise DataError(f"the {what} number {adata.n_obs}; evaluation needs at least 2")
         # Generated counts may be non-integer (some models emit expected counts); real ones may not.
         validate_counts(adata.X, what, allow_non_integer=name == GENERATED)
+    floor_rows = None if train is None else _floor_rows(real, train, opts)
     recon = None
     if opts.vae_checkpoint:
         from scldm_scale.evaluate.reconstruction import reconstruction_of
 
         recon, named[CEILING] = reconstruction_of(opts.vae_checkpoint, real, torch.device("cpu"), opts.seed)
-        if train is not None:
-            named[TRAIN_RECONSTRUCTION] = _train_reconstruction(opts, real, train)
+        if floor_rows is not None:
+            named[TRAIN_RECONSTRUCTION] = _train_reconstruction(opts, train, floor_rows[0])
     aligned = align_genes(named, opts.intersect_genes)
     sets = {name: CellSet.from_anndata(a, opts.condition_keys, f"{name} cells") for name, a in aligned.items()}
     real_set, reference = sets["real"], sets.get("train", sets["real"])
@@ -252,7 +267,7 @@ def _score(real: ad.AnnData, generated: ad.AnnData, opts: EvalConfig, train: ad.
         name: sets[name] for name in (CEILING, TRAIN_RECONSTRUCTION) if name in sets
     }
     if "train" in sets:
-        floor, reference = _noise_floor(sets["train"], real_set, opts)
+        floor, reference = _noise_floor(sets["train"], floor_rows, opts)
         methods |= {"real_train_cells": floor} if floor is not None else {}
         methods |= _baseline_sets(sets["train"], real_set, opts, skipped, model_records)
     elif opts.baselines:

@@ -176,7 +176,7 @@ def test_train_reconstruction_reconstructs_exactly_the_noise_floor_cells(counts_
     themselves: every record of train_reconstruction equals the floor's (same rows, same metric seeds)."""
     from scldm_scale.evaluate import reconstruction
 
-    def identity(checkpoint, adata, device, ceiling_seed=None):
+    def identity(checkpoint, adata, device, ceiling_seed=None, what=None):
         return {"nll_per_cell": 0.0, "pearson_lognorm": 1.0, "n_genes_missing": 0}, adata.copy()
 
     monkeypatch.setattr(reconstruction, "reconstruction_of", identity)
@@ -189,3 +189,18 @@ def test_train_reconstruction_reconstructs_exactly_the_noise_floor_cells(counts_
         by_method.setdefault(r["method"], {})[(r["metric"], r["condition"])] = r["value"]
     assert by_method[TRAIN_RECONSTRUCTION] == by_method["real_train_cells"]
     assert by_method[TRAIN_RECONSTRUCTION] != by_method[CEILING]
+
+
+def test_no_train_reconstruction_without_the_noise_floor(counts_adata, tmp_path):
+    """train_reconstruction takes the noise floor's rows: without the real_train_cells baseline it is not drawn, so
+    real cells of a combination the training cells lack (nothing to draw a floor from) still evaluate."""
+    cells = counts_adata()  # cell i of type i % 3
+    types = cells.obs["cell_type"].to_numpy()
+    train = cells[types != types[2]].copy()
+    real = cells[types == types[2]].copy()
+    vae = _untrained_vae_artifact(cells, tmp_path / "vae-model")
+    opts = EvalConfig(["cell_type"], baselines=[], n_hvg=40, plots=False, de=False, vae_checkpoint=vae)
+    records = evaluate(real, real[:20].copy(), tmp_path / "eval", opts, train=train)
+    methods = {r["method"] for r in records}
+    assert CEILING in methods and TRAIN_RECONSTRUCTION not in methods
+    assert "## Where the gap to the noise floor comes from" not in (tmp_path / "eval" / "report.md").read_text()
