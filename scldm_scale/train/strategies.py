@@ -164,7 +164,8 @@ class Strategy:
         """Write this rank's part of the weights, optimizer and EMA under `folder` (every rank calls it)."""
         import torch.distributed.checkpoint as dcp
 
-        dcp.save(self._dcp_state(), checkpoint_id=str(folder / WEIGHTS))
+        with _single_process_dcp():
+            dcp.save(self._dcp_state(), checkpoint_id=str(folder / WEIGHTS))
 
     def check_resumable(self, folder: Path, saved_strategy: str, saved_world_size: int) -> None:
         """Raise CheckpointError unless `load` can read the step folder `saved_strategy` wrote on saved_world_size
@@ -182,7 +183,8 @@ class Strategy:
 
         state = self._dcp_state()
         try:
-            dcp.load(state, checkpoint_id=str(folder / WEIGHTS))
+            with _single_process_dcp():
+                dcp.load(state, checkpoint_id=str(folder / WEIGHTS))
         except (Exception, CheckpointException) as err:  # missing keys, shape mismatch, truncated files
             raise CheckpointError(f"{folder / WEIGHTS} cannot be loaded into this model: {dcp_failure(err)}") from None
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
@@ -398,6 +400,15 @@ class DeepSpeedStrategy(Strategy):
             for name, param in self.model.named_parameters(remove_duplicate=False):
                 state[name] = safe_get_full_fp32_param(param).detach().float().cpu().clone()
         return state if self.dist.is_main else None
+
+
+@contextlib.contextmanager
+def _single_process_dcp():
+    """DCP warns at every save and load without a process group that it assumes one process; a single-process
+    run is one by design, so that warning is silenced (and only that one)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
