@@ -40,6 +40,12 @@ ensure_venv() {
         exec {lock_fd}>&-
         return 0
     fi
+    # A .venv whose creation was interrupted (Ctrl-C during `python -m venv`) has an interpreter but no pip:
+    # it is created again rather than failing every later install.
+    if [[ -x "$VENV_PY" ]] && ! "$VENV_PY" -m pip --version >/dev/null 2>&1; then
+        _venv_log "$VENV has no working pip (an interrupted creation?); creating it again"
+        rm -rf "${VENV:?}/bin" "$VENV/lib" "$VENV/lib64" "$VENV/include" "$VENV/pyvenv.cfg"
+    fi
     if [[ ! -x "$VENV_PY" ]]; then
         local python="${PYTHON:-python3}"
         if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
