@@ -54,13 +54,18 @@ ensure_venv() {
             return 1
         fi
         _venv_log "creating $VENV with $("$python" --version 2>&1)"
-        "$python" -m venv "$VENV"
+        "$python" -m venv "$VENV" || { _venv_log "error: '$python -m venv $VENV' failed"; exec {lock_fd}>&-; return 1; }
     fi
     _venv_log "installing scldm-scale[test,dist,logging] into $VENV (first run or pyproject.toml changed; ~1-2 min)"
     rm -f "$VENV_STAMP"
     "$VENV_PY" -m pip install -q --upgrade pip \
         || _venv_log "warning: could not upgrade pip; continuing with $("$VENV_PY" -m pip --version)"
-    "$VENV_PY" -m pip install -e "${ROOT}[test,dist,logging]"
+    # Checked here, not left to the caller's `set -e`: a failed install must never get a stamp.
+    if ! "$VENV_PY" -m pip install -e "${ROOT}[test,dist,logging]"; then
+        _venv_log "error: installing scldm-scale into $VENV failed (pip's message above); rerun to retry"
+        exec {lock_fd}>&-
+        return 1
+    fi
     # umap-learn caches its compiled numba functions next to its sources; filling that cache now (~20 s)
     # spares the first report's UMAP the compile. A failure here costs only that time later.
     _venv_log "compiling umap-learn's numba cache for the reports' UMAP (~20 s)"

@@ -276,3 +276,28 @@ def test_deepspeed_keeps_the_users_strategy_and_refuses_a_bad_hostfile(tmp_path)
     (tmp_path / "empty").write_text("# no hosts yet\n")
     result = run("deepspeed.sh", "--hostfile", str(tmp_path / "empty"), "c.yaml")
     assert result.returncode == 2 and "HOSTNAME slots=GPUS" in result.stderr
+
+
+def test_venv_without_pip_from_an_interrupted_creation_is_created_again(tmp_path):
+    """A .venv with an interpreter but no pip (Ctrl-C during `python -m venv`) is rebuilt, not reused: its bin/ is
+    removed and PYTHON is asked to create it again (a stub here that records the call and fails)."""
+    (tmp_path / "launch").mkdir()
+    shutil.copy(LAUNCH / "_venv.sh", tmp_path / "launch")
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    broken = tmp_path / ".venv" / "bin"
+    broken.mkdir(parents=True)
+    (broken / "python").write_text("#!/bin/sh\necho 'No module named pip' >&2\nexit 1\n")
+    (broken / "python").chmod(0o755)
+    calls = tmp_path / "calls"
+    stub = tmp_path / "python3.11"
+    stub.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n[ "$1" = -c ] && exit 0\nexit 1\n')
+    stub.chmod(0o755)
+    script = f"source {tmp_path}/launch/_venv.sh && ensure_venv"
+    result = subprocess.run(
+        ["bash", "-c", script], env={**os.environ, "PYTHON": str(stub)}, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode != 0
+    assert "has no working pip" in result.stderr, result.stderr
+    assert not (broken / "python").exists()
+    assert f"-m venv {tmp_path}/.venv" in calls.read_text().splitlines()
+    assert not (tmp_path / ".venv" / ".scldm-install-stamp").exists()  # whatever the caller's `set -e`
