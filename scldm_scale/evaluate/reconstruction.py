@@ -83,7 +83,7 @@ def reconstruction_metrics(
 
 
 def reconstruction_of(
-    checkpoint: str,
+    checkpoint: str | Embedder,
     adata: ad.AnnData,
     device: torch.device,
     ceiling_seed: int | None = None,
@@ -97,9 +97,12 @@ def reconstruction_of(
     Vocabulary genes the cells lack (a model trained on other data) are absent tokens for the encoder, and the
     scores are over the measured genes: their softmax and library size are over those genes, which is the
     likelihood of the counts of a gene subset given their total (the multinomial restricts to a subset).
-    `what` names the cells in error messages.
+    `what` names the cells in error messages. `checkpoint` may be a VAE already read (Embedder), so that
+    several sets of cells are reconstructed with one read of the artifact.
     """
-    embedder = Embedder.from_artifact(checkpoint, device=str(device))
+    embedder = checkpoint
+    if not isinstance(embedder, Embedder):
+        embedder = Embedder.from_artifact(checkpoint, device=str(device))
     alignment = align_input(adata.var, embedder.genes, what, allow_missing_genes=True)
     counts = sp.csr_matrix(adata.X[:, alignment.columns], dtype=np.float32)
     split = np.full(adata.n_obs, "test")

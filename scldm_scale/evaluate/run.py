@@ -12,9 +12,10 @@ real_train_cells baseline), and "reconstruction" for the VAE's reconstruction fi
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from scldm_scale.data.counts import DataError, validate_counts
 from scldm_scale.data.holdout import combination_mask, describe, holdout_mask
 from scldm_scale.evaluate import baselines, plots, report
 from scldm_scale.evaluate.conditions import combination_labels
+from scldm_scale.evaluate.embed import Embedder
 from scldm_scale.evaluate.suite import (
     CEILING,
     GENERATED,
@@ -124,7 +126,7 @@ def _noise_floor(
     return floor, train.subset(rest)
 
 
-def _train_reconstruction(opts: EvalConfig, train: ad.AnnData, rows: np.ndarray) -> ad.AnnData:
+def _train_reconstruction(vae: Embedder, opts: EvalConfig, train: ad.AnnData, rows: np.ndarray) -> ad.AnnData:
     """The noise floor's training cells (its `rows`) encoded, decoded and sampled through the VAE like the
     ceiling. When the training cells are the model's training split, the prior is trained to reproduce these
     cells' latents, so this set is what a prior that reproduced them exactly would generate: generated -
@@ -137,7 +139,7 @@ def _train_reconstruction(opts: EvalConfig, train: ad.AnnData, rows: np.ndarray)
     cells = ad.AnnData(
         X=train.X[rows], obs=train.obs.iloc[rows].set_axis([str(i) for i in range(len(rows))]), var=train.var
     )
-    return reconstruction_of(opts.vae_checkpoint, cells, torch.device("cpu"), opts.seed, what="the train cells")[1]
+    return reconstruction_of(vae, cells, torch.device("cpu"), opts.seed, what="the train cells")[1]
 
 
 def _additive_shift(train: CellSet, real: CellSet, opts: EvalConfig, skipped: list[str]) -> CellSet | None:
@@ -199,8 +201,11 @@ def evaluate(
         raise DataError("no generated cells to evaluate (give --generated at least once)")
     out = Path(out_dir)
     per_draw, skipped = [], []
+    # The VAE is read once, when the first draw needs it (after that draw's cells are checked), for every draw.
+    vae = functools.cache(lambda: Embedder.from_artifact(opts.vae_checkpoint, device="cpu"))
     for d, cells in enumerate(draws):
-        scored = _score(real, cells, replace(opts, seed=opts.seed + d), train, f" (draw {d})" if len(draws) > 1 else "")
+        label = f" (draw {d})" if len(draws) > 1 else ""
+        scored = _score(real, cells, replace(opts, seed=opts.seed + d), train, label, vae)
         per_draw.append(scored)
         skipped += scored["skipped"]
     first = per_draw[0]
@@ -240,8 +245,16 @@ def mean_records(draws: list[list[dict]]) -> list[dict]:
     return out
 
 
-def _score(real: ad.AnnData, generated: ad.AnnData, opts: EvalConfig, train: ad.AnnData | None, draw: str) -> dict:
-    """One draw's records and what the figures and the report need of it; `draw` names it in messages."""
+def _score(
+    real: ad.AnnData,
+    generated: ad.AnnData,
+    opts: EvalConfig,
+    train: ad.AnnData | None,
+    draw: str,
+    vae: Callable[[], Embedder],
+) -> dict:
+    """One draw's records and what the figures and the report need of it; `draw` names it in messages, `vae`
+    gives opts.vae_checkpoint's VAE."""
     _check_options(opts, train is not None)
     named = {"real": real, GENERATED: generated} | ({"train": train} if train is not None else {})
     for name, adata in named.items():
@@ -255,9 +268,9 @@ def _score(real: ad.AnnData, generated: ad.AnnData, opts: EvalConfig, train: ad.
     if opts.vae_checkpoint:
         from scldm_scale.evaluate.reconstruction import reconstruction_of
 
-        recon, named[CEILING] = reconstruction_of(opts.vae_checkpoint, real, torch.device("cpu"), opts.seed)
+        recon, named[CEILING] = reconstruction_of(vae(), real, torch.device("cpu"), opts.seed)
         if floor_rows is not None:
-            named[TRAIN_RECONSTRUCTION] = _train_reconstruction(opts, train, floor_rows[0])
+            named[TRAIN_RECONSTRUCTION] = _train_reconstruction(vae(), opts, train, floor_rows[0])
     aligned = align_genes(named, opts.intersect_genes)
     sets = {name: CellSet.from_anndata(a, opts.condition_keys, f"{name} cells") for name, a in aligned.items()}
     real_set, reference = sets["real"], sets.get("train", sets["real"])

@@ -11,6 +11,7 @@ from scldm_scale.config import EvalConfig, VAEConfig
 from scldm_scale.data.batch import EXPRESSED_ONLY, LabelEncoder
 from scldm_scale.data.dataset import CellDataset
 from scldm_scale.data.vocab import GeneVocabulary
+from scldm_scale.evaluate.embed import Embedder
 from scldm_scale.evaluate.metrics import mmd_rbf, normalize_log1p, pearson
 from scldm_scale.evaluate.reconstruction import StreamingPearson, reconstruction_metrics
 from scldm_scale.evaluate.run import evaluate
@@ -180,6 +181,7 @@ def test_train_reconstruction_reconstructs_exactly_the_noise_floor_cells(counts_
         return {"nll_per_cell": 0.0, "pearson_lognorm": 1.0, "n_genes_missing": 0}, adata.copy()
 
     monkeypatch.setattr(reconstruction, "reconstruction_of", identity)
+    monkeypatch.setattr(Embedder, "from_artifact", lambda *args, **kwargs: "a VAE")  # nothing to read
     cells = counts_adata()
     train, real, generated = cells[:96].copy(), cells[96:].copy(), cells[:24].copy()
     opts = EvalConfig(["cell_type"], baselines=["real_train_cells"], n_hvg=40, plots=False, vae_checkpoint="unused")
