@@ -124,6 +124,10 @@ class VAEConfig:
     # at init, which already separates cell types with count pooling) is frozen while the decoder learns to
     # read it; a decoder that ignores the latent otherwise drives every cell's latent to the same point.
     encoder_warmup_steps: int = 0
+    # Each training forward pass hides every expressed gene's token from the encoder with this probability (a
+    # cell keeps at least one); the decoder still reconstructs every gene: a denoising, masked-input VAE.
+    # Evaluation, encoding for the prior and inference see every token.
+    encoder_token_dropout: float = 0.0
     # "nb": negative binomial on raw counts; "gaussian": Gaussian on log1p(counts / L * 1e4).
     likelihood: str = option("nb", choices=("nb", "gaussian"))
     # "gene": one learned inverse dispersion per gene; "cell": predicted per cell and gene.
@@ -496,6 +500,11 @@ def validate(cfg: Config) -> Config:
     if cfg.model.encoder_warmup_steps < 0:
         raise ConfigError(
             f"model.encoder_warmup_steps must be >= 0 (0: no warm-up), got {cfg.model.encoder_warmup_steps}"
+        )
+    if not 0.0 <= cfg.model.encoder_token_dropout < 1.0:
+        raise ConfigError(
+            f"model.encoder_token_dropout must be in [0, 1) (0: the encoder sees every token), "
+            f"got {cfg.model.encoder_token_dropout}"
         )
     if cfg.model.pooling_weights != "uniform" and cfg.model.attention_backend != "torch":
         raise ConfigError(

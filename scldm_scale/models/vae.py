@@ -260,9 +260,19 @@ class SetVAE(nn.Module):
         outside = n_tokens * (e + 1) + m * (2 * e + 4 * latent) + norm_and_head
         return ActivationProfile.from_blocks(blocks, outside, self.head.SAVED_FP32_PER_GENE * n_genes)
 
+    def encoder_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The tokens the encoder sees in this forward pass: all of them, or in training with
+        model.encoder_token_dropout = p each real token kept with probability 1 - p (torch's RNG, which training
+        checkpoints restore); a cell that would keep none keeps all of its tokens."""
+        p = self.cfg.encoder_token_dropout
+        if not self.training or p == 0.0:
+            return mask
+        kept = mask & (torch.rand(mask.shape, device=mask.device) >= p)
+        return torch.where(kept.any(dim=1, keepdim=True), kept, mask)
+
     def forward(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Training loss on a CellBatch: NLL summed over genes, mean over cells, plus weighted KL."""
-        z, kl = self.encode(batch.gene_ids, batch.counts, batch.mask)
+        z, kl = self.encode(batch.gene_ids, batch.counts, self.encoder_mask(batch.mask))
         if self.cfg.encoder_warmup_steps > 0 and self.training:
             if self.training_passes < self.cfg.encoder_warmup_steps:  # the encoder is frozen: no gradient reaches it
                 z, kl = z.detach(), None if kl is None else kl.detach()
