@@ -10,6 +10,11 @@ from pathlib import Path
 import torch
 
 
+# configs/quickstart.yaml's VAE hides random encoder tokens in training (model.encoder_token_dropout). Each rank draws
+# its own, so a run split over ranks gives the one-process loss curve only with the draw off.
+NO_TOKEN_DROPOUT = "model.encoder_token_dropout=0"
+
+
 def synthetic_vae_args(h5ad: Path, ckpt_dir: Path, metrics: Path | None = None) -> list[str]:
     """Overrides that train the VAE stage on the synthetic .h5ad (add tiny_overrides and the rest)."""
     args = ["stage=vae", "data.source=h5ad", f"data.path={h5ad}", "data.condition_keys=[cell_type]"]

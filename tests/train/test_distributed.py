@@ -22,7 +22,7 @@ import anndata as ad
 import numpy as np
 import pytest
 import torch
-from scldm_test_helpers import synthetic_vae_args
+from scldm_test_helpers import NO_TOKEN_DROPOUT, synthetic_vae_args
 
 from scldm_scale import artifact
 from scldm_scale.cli import main
@@ -130,7 +130,7 @@ def train_args(tiny_overrides, synthetic_h5ad):
 
     def args(run: Path, *extra: str) -> list[str]:
         vae = synthetic_vae_args(synthetic_h5ad, run, run / METRICS)
-        return ["train", QUICKSTART, *tiny_overrides, *vae, f"train.max_steps={STEPS}", *extra]
+        return ["train", QUICKSTART, *tiny_overrides, *vae, NO_TOKEN_DROPOUT, f"train.max_steps={STEPS}", *extra]
 
     return args
 

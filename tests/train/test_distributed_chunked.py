@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scldm_test_helpers import synthetic_vae_args
+from scldm_test_helpers import NO_TOKEN_DROPOUT, synthetic_vae_args
 
 from scldm_scale.cli import main
 from scldm_scale.config import CONFIG_DIR
@@ -30,7 +30,7 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER
 def _args(tiny_overrides, h5ad: Path, run: Path, *extra: str) -> list[str]:
     quickstart = str(CONFIG_DIR / "quickstart.yaml")
     return ["train", quickstart, *tiny_overrides, *synthetic_vae_args(h5ad, run, run / "metrics.jsonl"),
-            f"train.max_steps={STEPS}", *extra]  # fmt: skip
+            NO_TOKEN_DROPOUT, f"train.max_steps={STEPS}", *extra]  # fmt: skip
 
 
 def _curve(run: Path) -> dict[str, list[float]]:
