@@ -82,7 +82,8 @@ def test_every_cell_keeps_a_token_even_when_nearly_all_are_dropped():
 def test_evaluation_passes_see_every_token():
     dropping, plain = _twins(0.5)
     batch = _batch()
-    dropping.eval(), plain.eval()
+    dropping.eval()
+    plain.eval()
     with torch.no_grad():
         torch.testing.assert_close(dropping(batch)[0], plain(batch)[0])
         z_drop, _ = dropping.encode(batch.gene_ids, batch.counts, batch.mask)
